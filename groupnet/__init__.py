@@ -1,0 +1,39 @@
+"""groupnet: train and run an ensemble of K small networks as one fused model.
+
+Layout: K branches' activations are stacked along the channel axis, ``(N, K*C, H, W)`` and ``(N, K*F)``
+(see :mod:`groupnet.layout`). Grouped layers hold all K branches' weights and run them as one op.
+"""
+
+from groupnet import functional, layout, reference
+from groupnet.layout import branch_slice, repeat, stack, unstack
+from groupnet.modules import (
+    GroupedBatchNorm1d,
+    GroupedBatchNorm2d,
+    GroupedConv2d,
+    GroupedLayerNorm,
+    GroupedLinear,
+)
+from groupnet.reference import PerBranch, reference_of
+from groupnet.stacking import extract_branch, num_branches, stack_models
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "GroupedBatchNorm1d",
+    "GroupedBatchNorm2d",
+    "GroupedConv2d",
+    "GroupedLayerNorm",
+    "GroupedLinear",
+    "PerBranch",
+    "branch_slice",
+    "extract_branch",
+    "functional",
+    "layout",
+    "num_branches",
+    "reference",
+    "reference_of",
+    "repeat",
+    "stack",
+    "stack_models",
+    "unstack",
+]

@@ -1,0 +1,31 @@
+"""Helpers for building a grouped module from K plain modules and taking one back out."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from torch import nn
+
+
+def check_branch_modules(modules: Sequence[nn.Module], cls: type, config: Callable[[Any], tuple]) -> None:
+    """All K modules must be instances of ``cls`` with the same configuration (same shapes, same hyper-parameters)."""
+    if len(modules) == 0:
+        raise ValueError(f"from_modules needs at least one {cls.__name__}, got an empty list")
+    for k, m in enumerate(modules):
+        if type(m) is not cls:
+            raise TypeError(f"from_modules expects {cls.__name__} modules, module {k} is {type(m).__name__}")
+    ref = config(modules[0])
+    for k, m in enumerate(modules[1:], start=1):
+        if config(m) != ref:
+            raise ValueError(
+                f"from_modules: module {k} is configured as {config(m)}, module 0 as {ref}; all branches must match"
+            )
+    dev = {p.device for m in modules for p in m.parameters()} | {b.device for m in modules for b in m.buffers()}
+    if len(dev) > 1:
+        raise RuntimeError(f"from_modules: the modules live on several devices {sorted(map(str, dev))}")
+
+
+def check_branch_index(k: int, branches: int) -> None:
+    if not isinstance(k, int) or not 0 <= k < branches:
+        raise IndexError(f"branch index must be in [0, {branches}), got {k!r}")

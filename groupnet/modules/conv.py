@@ -1,0 +1,146 @@
+"""GroupedConv2d: K independent 2-d convolutions run as one grouped op."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from groupnet import _checks
+from groupnet.functional import _pair, grouped_conv2d
+from groupnet.modules._stack import check_branch_index, check_branch_modules
+
+
+class GroupedConv2d(nn.Module):
+    """K independent ``nn.Conv2d`` layers on a channel-stacked input ``(N, K*in_channels, H, W)``.
+
+    Sizes are per branch. ``weight`` is ``(K*out_channels, in_channels/groups, kh, kw)`` (branch k owns rows
+    ``[k*out_channels, (k+1)*out_channels)``), ``bias`` is ``(K*out_channels,)``. Each branch is initialised
+    exactly as ``nn.Conv2d`` initialises itself (same fan-in, same random stream as K convs built one after another).
+
+    Example:
+        >>> conv = GroupedConv2d(16, 32, 3, branches=4, padding=1)
+        >>> conv(torch.randn(8, 4 * 16, 32, 32)).shape
+        torch.Size([8, 128, 32, 32])
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int | tuple[int, int],
+        *,
+        branches: int,
+        stride: int | tuple[int, int] = 1,
+        padding: int | tuple[int, int] = 0,
+        dilation: int | tuple[int, int] = 1,
+        groups: int = 1,
+        bias: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        _checks.check_positive(in_channels=in_channels, out_channels=out_channels, branches=branches, groups=groups)
+        if in_channels % groups or out_channels % groups:
+            raise ValueError(
+                f"in_channels ({in_channels}) and out_channels ({out_channels}) must be divisible by groups ({groups})"
+            )
+        self.in_channels, self.out_channels, self.branches, self.groups = in_channels, out_channels, branches, groups
+        self.kernel_size = _pair(kernel_size, "kernel_size")
+        self.stride = _pair(stride, "stride")
+        self.padding = _pair(padding, "padding")
+        self.dilation = _pair(dilation, "dilation")
+        _checks.check_positive(kernel_size=min(self.kernel_size), stride=min(self.stride), dilation=min(self.dilation))
+        if min(self.padding) < 0:
+            raise ValueError(f"padding must be >= 0, got {self.padding}")
+        factory = {"device": device, "dtype": dtype}
+        self.weight = nn.Parameter(
+            torch.empty(branches * out_channels, in_channels // groups, *self.kernel_size, **factory)
+        )
+        self.bias = nn.Parameter(torch.empty(branches * out_channels, **factory)) if bias else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Initialise each branch as ``nn.Conv2d.reset_parameters`` would, branch after branch."""
+        fan_in = self.weight.shape[1] * self.kernel_size[0] * self.kernel_size[1]
+        bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0.0
+        c = self.out_channels
+        with torch.no_grad():
+            for k in range(self.branches):
+                nn.init.kaiming_uniform_(self.weight[k * c : (k + 1) * c], a=math.sqrt(5))
+                if self.bias is not None:
+                    nn.init.uniform_(self.bias[k * c : (k + 1) * c], -bound, bound)
+
+    def forward(self, x: Tensor) -> Tensor:
+        _checks.check_rank(x, 4, type(self).__name__)
+        _checks.check_channels(x.shape[1], self.branches, self.in_channels, type(self).__name__)
+        return grouped_conv2d(
+            x,
+            self.weight,
+            self.bias,
+            branches=self.branches,
+            stride=self.stride,
+            padding=self.padding,
+            dilation=self.dilation,
+            groups=self.groups,
+        )
+
+    def branch(self, k: int) -> nn.Conv2d:
+        """A plain ``nn.Conv2d`` holding a copy of branch k's weights."""
+        check_branch_index(k, self.branches)
+        conv = nn.Conv2d(
+            self.in_channels,
+            self.out_channels,
+            self.kernel_size,
+            self.stride,
+            self.padding,
+            self.dilation,
+            self.groups,
+            bias=self.bias is not None,
+            device=self.weight.device,
+            dtype=self.weight.dtype,
+        )
+        c = self.out_channels
+        with torch.no_grad():
+            conv.weight.copy_(self.weight[k * c : (k + 1) * c])
+            if self.bias is not None:
+                conv.bias.copy_(self.bias[k * c : (k + 1) * c])
+        return conv
+
+    @classmethod
+    def from_modules(cls, modules: Sequence[nn.Conv2d]) -> GroupedConv2d:
+        """Stack K ``nn.Conv2d`` of one configuration into a grouped conv (weights copied)."""
+        def config(m: nn.Conv2d) -> tuple:
+            return (m.in_channels, m.out_channels, m.kernel_size, m.stride, m.padding, m.dilation, m.groups,
+                    m.bias is not None, m.padding_mode, m.weight.dtype)
+
+        check_branch_modules(modules, nn.Conv2d, config)
+        m0 = modules[0]
+        if m0.padding_mode != "zeros" or isinstance(m0.padding, str):
+            raise ValueError(
+                f"GroupedConv2d supports padding_mode='zeros' with explicit int padding, got "
+                f"padding_mode={m0.padding_mode!r}, padding={m0.padding!r}"
+            )
+        out = cls(
+            m0.in_channels, m0.out_channels, m0.kernel_size, branches=len(modules), stride=m0.stride,
+            padding=m0.padding, dilation=m0.dilation, groups=m0.groups, bias=m0.bias is not None,
+            device=m0.weight.device, dtype=m0.weight.dtype,
+        )
+        with torch.no_grad():
+            out.weight.copy_(torch.cat([m.weight for m in modules]))
+            if out.bias is not None:
+                out.bias.copy_(torch.cat([m.bias for m in modules]))
+        return out
+
+    def extra_repr(self) -> str:
+        s = (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, branches={self.branches}, "
+             f"stride={self.stride}, padding={self.padding}")
+        if self.dilation != (1, 1):
+            s += f", dilation={self.dilation}"
+        if self.groups != 1:
+            s += f", groups={self.groups}"
+        if self.bias is None:
+            s += ", bias=False"
+        return s

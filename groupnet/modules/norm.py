@@ -1,0 +1,193 @@
+"""Grouped normalisation layers: per-branch statistics, running stats and affine parameters.
+
+BatchNorm over the channel-stacked layout is already per branch (each channel has its own statistics), so the
+grouped batch norms are ``nn.BatchNorm{1,2}d`` over ``K*C`` channels that know their branches: they validate the
+input, and can be split into or built from K plain batch norms. They stay instances of torch's batch norm classes,
+so code that looks for batch norms (weight-decay exclusion, SyncBatchNorm conversion, BN folding) finds them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from groupnet import _checks
+from groupnet.modules._stack import check_branch_index, check_branch_modules
+
+
+class _GroupedBatchNormMixin:
+    _plain: type[nn.modules.batchnorm._BatchNorm]
+    _ranks: tuple[int, ...]
+
+    def _init_grouped(self, num_features: int, branches: int) -> None:
+        self.branches = branches
+        self.branch_features = num_features
+
+    def _check(self, x: Tensor) -> None:
+        name = type(self).__name__
+        _checks.check_rank(x, self._ranks, name)
+        _checks.check_channels(x.shape[1], self.branches, self.branch_features, name)
+
+    def branch(self, k: int) -> nn.modules.batchnorm._BatchNorm:
+        """A plain batch norm holding a copy of branch k's parameters and running statistics."""
+        check_branch_index(k, self.branches)
+        c = self.branch_features
+        p = next(iter(self.parameters()), None)
+        ref = p if p is not None else self.running_mean
+        bn = self._plain(c, eps=self.eps, momentum=self.momentum, affine=self.affine,
+                         track_running_stats=self.track_running_stats,
+                         device=None if ref is None else ref.device, dtype=None if ref is None else ref.dtype)
+        sl = slice(k * c, (k + 1) * c)
+        with torch.no_grad():
+            if self.affine:
+                bn.weight.copy_(self.weight[sl])
+                bn.bias.copy_(self.bias[sl])
+            if self.track_running_stats:
+                bn.running_mean.copy_(self.running_mean[sl])
+                bn.running_var.copy_(self.running_var[sl])
+                bn.num_batches_tracked.copy_(self.num_batches_tracked)
+        bn.train(self.training)
+        return bn
+
+    @classmethod
+    def from_modules(cls, modules: Sequence[nn.Module]):
+        """Stack K plain batch norms of one configuration (parameters and running statistics copied)."""
+        def config(m) -> tuple:
+            counter = int(m.num_batches_tracked) if m.track_running_stats else None
+            return (m.num_features, m.eps, m.momentum, m.affine, m.track_running_stats, counter)
+
+        check_branch_modules(modules, cls._plain, config)
+        m0 = modules[0]
+        ref = m0.weight if m0.affine else m0.running_mean
+        out = cls(m0.num_features, branches=len(modules), eps=m0.eps, momentum=m0.momentum, affine=m0.affine,
+                  track_running_stats=m0.track_running_stats,
+                  device=None if ref is None else ref.device, dtype=None if ref is None else ref.dtype)
+        with torch.no_grad():
+            if m0.affine:
+                out.weight.copy_(torch.cat([m.weight for m in modules]))
+                out.bias.copy_(torch.cat([m.bias for m in modules]))
+            if m0.track_running_stats:
+                out.running_mean.copy_(torch.cat([m.running_mean for m in modules]))
+                out.running_var.copy_(torch.cat([m.running_var for m in modules]))
+                out.num_batches_tracked.copy_(m0.num_batches_tracked)
+        out.train(m0.training)
+        return out
+
+
+class GroupedBatchNorm2d(_GroupedBatchNormMixin, nn.BatchNorm2d):
+    """K independent ``nn.BatchNorm2d(num_features)`` on ``(N, K*num_features, H, W)``.
+
+    ``num_features`` is per branch; torch's attribute ``self.num_features`` holds the stacked ``K*num_features``
+    and ``self.branch_features`` the per-branch size.
+    """
+
+    _plain = nn.BatchNorm2d
+    _ranks = (4,)
+
+    def __init__(self, num_features: int, *, branches: int, eps: float = 1e-5, momentum: float | None = 0.1,
+                 affine: bool = True, track_running_stats: bool = True, device=None, dtype=None) -> None:
+        _checks.check_positive(num_features=num_features, branches=branches)
+        super().__init__(branches * num_features, eps, momentum, affine, track_running_stats, device, dtype)
+        self._init_grouped(num_features, branches)
+
+    def forward(self, x: Tensor) -> Tensor:
+        self._check(x)
+        return super().forward(x)
+
+    def extra_repr(self) -> str:
+        return f"{self.branch_features}, branches={self.branches}, eps={self.eps}, momentum={self.momentum}"
+
+
+class GroupedBatchNorm1d(_GroupedBatchNormMixin, nn.BatchNorm1d):
+    """K independent ``nn.BatchNorm1d(num_features)`` on ``(N, K*num_features)`` or ``(N, K*num_features, L)``."""
+
+    _plain = nn.BatchNorm1d
+    _ranks = (2, 3)
+
+    def __init__(self, num_features: int, *, branches: int, eps: float = 1e-5, momentum: float | None = 0.1,
+                 affine: bool = True, track_running_stats: bool = True, device=None, dtype=None) -> None:
+        _checks.check_positive(num_features=num_features, branches=branches)
+        super().__init__(branches * num_features, eps, momentum, affine, track_running_stats, device, dtype)
+        self._init_grouped(num_features, branches)
+
+    def forward(self, x: Tensor) -> Tensor:
+        self._check(x)
+        return super().forward(x)
+
+    def extra_repr(self) -> str:
+        return f"{self.branch_features}, branches={self.branches}, eps={self.eps}, momentum={self.momentum}"
+
+
+class GroupedLayerNorm(nn.Module):
+    """K independent ``nn.LayerNorm(num_features)`` over the last dim of ``(..., K*num_features)``.
+
+    ``weight`` and ``bias`` are ``(K, num_features)``.
+    """
+
+    def __init__(self, num_features: int, *, branches: int, eps: float = 1e-5, elementwise_affine: bool = True,
+                 bias: bool = True, device=None, dtype=None) -> None:
+        super().__init__()
+        _checks.check_positive(num_features=num_features, branches=branches)
+        self.num_features, self.branches, self.eps = num_features, branches, eps
+        self.elementwise_affine = elementwise_affine
+        factory = {"device": device, "dtype": dtype}
+        if elementwise_affine:
+            self.weight = nn.Parameter(torch.ones(branches, num_features, **factory))
+            self.bias = nn.Parameter(torch.zeros(branches, num_features, **factory)) if bias else None
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() < 1:
+            raise ValueError(f"{type(self).__name__} expects (..., K*num_features), got a scalar")
+        _checks.check_channels(x.shape[-1], self.branches, self.num_features, type(self).__name__, "features")
+        if self.weight is not None:
+            _checks.check_same(x, self.weight, type(self).__name__)
+        y = F.layer_norm(x.unflatten(-1, (self.branches, self.num_features)), (self.num_features,), eps=self.eps)
+        if self.weight is not None:
+            y = y * self.weight
+            if self.bias is not None:
+                y = y + self.bias
+        return y.flatten(-2)
+
+    def branch(self, k: int) -> nn.LayerNorm:
+        """A plain ``nn.LayerNorm`` holding a copy of branch k's parameters."""
+        check_branch_index(k, self.branches)
+        ref = self.weight
+        ln = nn.LayerNorm(self.num_features, eps=self.eps, elementwise_affine=self.elementwise_affine,
+                          bias=self.bias is not None, device=None if ref is None else ref.device,
+                          dtype=None if ref is None else ref.dtype)
+        with torch.no_grad():
+            if self.weight is not None:
+                ln.weight.copy_(self.weight[k])
+            if self.bias is not None:
+                ln.bias.copy_(self.bias[k])
+        return ln
+
+    @classmethod
+    def from_modules(cls, modules: Sequence[nn.LayerNorm]) -> GroupedLayerNorm:
+        """Stack K ``nn.LayerNorm`` over one feature size (parameters copied)."""
+        def config(m: nn.LayerNorm) -> tuple:
+            return (m.normalized_shape, m.eps, m.elementwise_affine, m.bias is not None)
+
+        check_branch_modules(modules, nn.LayerNorm, config)
+        m0 = modules[0]
+        if len(m0.normalized_shape) != 1:
+            raise ValueError(f"GroupedLayerNorm normalises one feature dim, got normalized_shape={m0.normalized_shape}")
+        ref = m0.weight
+        out = cls(m0.normalized_shape[0], branches=len(modules), eps=m0.eps,
+                  elementwise_affine=m0.elementwise_affine, bias=m0.bias is not None,
+                  device=None if ref is None else ref.device, dtype=None if ref is None else ref.dtype)
+        with torch.no_grad():
+            if out.weight is not None:
+                out.weight.copy_(torch.stack([m.weight for m in modules]))
+            if out.bias is not None:
+                out.bias.copy_(torch.stack([m.bias for m in modules]))
+        return out
+
+    def extra_repr(self) -> str:
+        return f"{self.num_features}, branches={self.branches}, eps={self.eps}, affine={self.elementwise_affine}"

@@ -1,0 +1,59 @@
+"""Shared helpers for groupnet's Triton kernels: interpreter detection, autotune config lists, offline compilation.
+
+Every kernel file exposes ``compile_specs() -> list[CompileSpec]`` naming each ``@triton.jit`` kernel with a
+concrete signature and every config it can be launched with, so that ``tests/kernels/test_compile.py`` and
+``python -m groupnet.kernels.report`` can compile all of them for sm_80/sm_90 without a GPU.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import triton
+
+SHARED_MEMORY_LIMIT = {80: 166912, 90: 232448}
+"""Static shared memory per block a kernel may use, by compute capability (bytes)."""
+
+TORCH_TO_TRITON_DTYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64"}
+
+
+def is_interpreter() -> bool:
+    """True when triton runs kernels on the CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def autotune_configs(configs: list[triton.Config], interpreter_config: triton.Config) -> list[triton.Config]:
+    """The configs to autotune over: all of them on a GPU, one under the interpreter.
+
+    Multi-config autotune asks the GPU driver for a benchmarker and crashes on a machine without one, so the
+    interpreter gets a single config (small blocks keep its tests fast and still exercise multi-tile tails).
+    """
+    return [interpreter_config] if is_interpreter() else configs
+
+
+@dataclass(frozen=True)
+class CompileSpec:
+    """One kernel with one concrete signature and launch config, compilable offline for a GPU target."""
+
+    name: str
+    fn: Any  # the JITFunction (for an autotuned kernel, ``kernel.fn``)
+    signature: dict[str, str]  # argument name -> "*fp32", "i32", "i64", "fp32", "constexpr", ...
+    constexprs: dict[str, Any] = field(default_factory=dict)
+    num_warps: int = 4
+    num_stages: int = 3
+    dot_dtype: str | None = None  # "fp16"/"bf16" when the kernel feeds 16-bit operands to tl.dot
+
+    def compile(self, capability: int):
+        """Compile for ``GPUTarget("cuda", capability, 32)``; returns triton's CompiledKernel (asm + metadata)."""
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource
+
+        src = ASTSource(self.fn, signature=self.signature, constexprs=self.constexprs)
+        return triton.compile(
+            src,
+            target=GPUTarget("cuda", capability, 32),
+            options={"num_warps": self.num_warps, "num_stages": self.num_stages},
+        )

@@ -1,0 +1,39 @@
+"""Test-wide settings.
+
+TRITON_INTERPRET must be set before triton is first imported: every kernel test runs the Triton kernels on CPU
+tensors through the interpreter. The offline GPU compile checks run in a subprocess without it
+(tests/kernels/test_compile.py).
+"""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+settings.register_profile(
+    "groupnet",
+    deadline=None,
+    max_examples=25,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    print_blob=True,
+)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "groupnet"))
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture
+def triton_backend(monkeypatch):
+    """Route groupnet.functional to the Triton kernels (run by the interpreter on CPU tensors)."""
+    monkeypatch.setenv("GROUPNET_BACKEND", "triton")
+    yield
+
+
+@pytest.fixture
+def torch_backend(monkeypatch):
+    monkeypatch.setenv("GROUPNET_BACKEND", "torch")
+    yield
