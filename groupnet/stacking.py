@@ -62,7 +62,10 @@ def _stack(mods: list[nn.Module], path: str) -> nn.Module:
         if type(m) is not t:
             raise TypeError(f"stack_models: at {path}, model {i} has {type(m).__name__}, model 0 has {t.__name__}")
     if t in GROUPED_OF:
-        return GROUPED_OF[t].from_modules(mods)
+        try:
+            return GROUPED_OF[t].from_modules(mods)
+        except (ValueError, TypeError) as e:
+            raise type(e)(f"stack_models: at {path}: {e}") from e
     names = [n for n, _ in mods[0].named_children()]
     for i, m in enumerate(mods):
         if [n for n, _ in m.named_children()] != names:
