@@ -61,3 +61,48 @@ def reference_of(grouped: nn.Module, *, dim: int = 1) -> PerBranch:
 
     k = num_branches(grouped)
     return PerBranch([extract_branch(grouped, i) for i in range(k)], dim=dim)
+
+
+def cotraining_loss_reference(
+    logits: Tensor,
+    targets: Tensor,
+    branches: int,
+    *,
+    weight: float,
+    divergence: str = "js",
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """SplitNet's co-training loss computed naively, branch by branch (oracle of :mod:`groupnet.cotraining`).
+
+    ``logits``: ``(N, K*C)`` or ``(K, N, C)``; ``targets``: ``(N,)`` indices or ``(N, C)`` soft targets. Returns
+    ``(loss, ce (K,), T^2 * D)`` as means over non-ignored samples, with
+    ``loss = sum_k CE_k + weight * T^2 * D``; js: ``D = (1/K) sum_k KL(p_k || mean p)``; kl:
+    ``D = 1/(K-1) sum_{i != j} KL(p_j.detach() || p_i)``; ``p_k = softmax(z_k / T)``.
+    """
+    import math
+
+    import torch.nn.functional as F
+
+    z = list(torch.chunk(logits, branches, dim=1)) if logits.dim() == 2 else list(logits.unbind(0))
+    if targets.dim() == 1:
+        keep = targets != ignore_index
+        z, targets = [zk[keep] for zk in z], targets[keep]
+    count = max(z[0].shape[0], 1)
+    ce = torch.stack([F.cross_entropy(zk, targets, reduction="sum") for zk in z]) / count
+    log_p = [F.log_softmax(zk / temperature, dim=-1) for zk in z]
+    div = ce.new_zeros(())
+    if divergence == "js":
+        log_mean = torch.logsumexp(torch.stack(log_p), dim=0) - math.log(branches)
+        for lp in log_p:
+            div = div + F.kl_div(log_mean, lp, reduction="sum", log_target=True) / branches
+    elif divergence == "kl":
+        for i in range(branches):
+            for j in range(branches):
+                if i != j:
+                    div = div + F.kl_div(log_p[i], log_p[j].detach(), reduction="sum", log_target=True)
+        div = div / max(branches - 1, 1)
+    else:
+        raise ValueError(f"divergence must be 'js' or 'kl', got {divergence!r}")
+    div = div * temperature**2 / count
+    return ce.sum() + weight * div, ce, div

@@ -45,13 +45,25 @@ class CompileSpec:
     num_warps: int = 4
     num_stages: int = 3
     dot_dtype: str | None = None  # "fp16"/"bf16" when the kernel feeds 16-bit operands to tl.dot
+    aligned_pointers: bool = True  # mark pointer args 16-byte aligned, as the JIT does for torch allocations
+
+    def attrs(self) -> dict:
+        """ASTSource attrs: ``tt.divisibility`` 16 on every pointer argument when ``aligned_pointers``."""
+        if not self.aligned_pointers:
+            return {}
+        arg_names = self.fn.arg_names
+        return {
+            (arg_names.index(name),): [["tt.divisibility", 16]]
+            for name, ty in self.signature.items()
+            if ty.startswith("*")
+        }
 
     def compile(self, capability: int):
         """Compile for ``GPUTarget("cuda", capability, 32)``; returns triton's CompiledKernel (asm + metadata)."""
         from triton.backends.compiler import GPUTarget
         from triton.compiler import ASTSource
 
-        src = ASTSource(self.fn, signature=self.signature, constexprs=self.constexprs)
+        src = ASTSource(self.fn, signature=self.signature, constexprs=self.constexprs, attrs=self.attrs())
         return triton.compile(
             src,
             target=GPUTarget("cuda", capability, 32),
