@@ -15,10 +15,25 @@ from groupnet.modules import (
 )
 from groupnet.reference import PerBranch, reference_of
 from groupnet.stacking import extract_branch, num_branches, stack_models
+from groupnet.cotraining import CoTrainingLoss, CoTrainingOutput, CoTrainingWeightRamp
+from groupnet.ensemble import ensemble, split_branches
+from groupnet.complexity import Complexity, complexity
+from groupnet.models import available_models, build_model
+from groupnet.fuse import fuse_for_inference
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "CoTrainingLoss",
+    "CoTrainingOutput",
+    "CoTrainingWeightRamp",
+    "Complexity",
+    "available_models",
+    "build_model",
+    "complexity",
+    "ensemble",
+    "fuse_for_inference",
+    "split_branches",
     "GroupedBatchNorm1d",
     "GroupedBatchNorm2d",
     "GroupedConv2d",

@@ -1,10 +1,12 @@
 """The torch path of the grouped convolution on CPU: one grouped ``F.conv2d`` or a loop of per-branch convs.
 
-Measured on the 2-core development machine (torch 2.13 CPU, fp32, 3x3 convs; ``benchmarks/cpu_conv_strategies.py``,
-numbers in ``benchmarks/NOTES.md``): with channels_last the grouped conv beat the loop forward and backward in every
-shape tried; with NCHW oneDNN reorders the activations around a grouped conv and the loop sometimes wins the
-backward. groupnet's models run channels_last, so ``grouped`` is the default; ``GROUPNET_CPU_CONV=loop`` selects the
-per-branch loop (used by the benchmarks to compare).
+``grouped`` (the default) runs the K branches as one oneDNN grouped conv (``groups=K*groups``); ``loop`` runs K
+per-branch convs and concatenates (``GROUPNET_CPU_CONV=loop``, kept to compare). Measured per conv shape of the
+benchmarked models, forward, input gradient and weight gradient separately, channels_last (``benchmarks/NOTES.md``
+item 2; ``benchmarks/cpu_time_ab.py conv-passes``): the grouped conv was as fast as or faster than the loop for
+nearly every shape and pass, single-threaded and with 2 threads, so there is no per-layer choice. (Whole training
+steps at batch 128 do run faster as a per-branch loop, but from cache locality across layers, not from any conv;
+see NOTES.md.)
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ CPU_CONV_STRATEGIES = ("grouped", "loop")
 
 
 def cpu_conv_strategy() -> str:
+    """The strategy ``GROUPNET_CPU_CONV`` selects: ``"grouped"`` (default) or ``"loop"``."""
     choice = os.environ.get("GROUPNET_CPU_CONV", "grouped").lower()
     if choice not in CPU_CONV_STRATEGIES:
         raise ValueError(f"GROUPNET_CPU_CONV must be one of {CPU_CONV_STRATEGIES}, got {choice!r}")

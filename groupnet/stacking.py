@@ -75,6 +75,8 @@ def _stack(mods: list[nn.Module], path: str) -> nn.Module:
     if list(mods[0].parameters(recurse=False)):
         raise TypeError(f"stack_models: at {path}, {t.__name__} holds its own parameters; it cannot be stacked")
     out = copy.deepcopy(mods[0])
+    if isinstance(getattr(out, "branches", None), int):
+        out.branches = len(mods)
     for name in names:
         setattr(out, name, _stack([getattr(m, name) for m in mods], f"{path}.{name}"))
     return out

@@ -1,1 +1,5 @@
-"""Triton kernels of groupnet, installed as ``groupnet.kernels``. Importing this package needs triton."""
+"""Triton kernels of groupnet, installed as ``groupnet.kernels``. Importing this package needs triton.
+
+Every kernel module defines ``compile_specs()`` (and optionally ``roofline_cases()``): the protocol read by
+``tests/kernels/test_compile.py`` and ``python -m groupnet.kernels.report`` (see report.py).
+"""

@@ -1,0 +1,109 @@
+"""GroupedClassifier: what every zoo model shares (input handling, pooling, head, initialisation).
+
+A model is ``conv1 -> features -> global average pool -> dropout -> head``. ``conv1`` reads either K per-branch
+views ``(N, K*in_channels, H, W)`` or one shared view ``(N, in_channels, H, W)``; the shared view is read once by
+one plain conv with ``K*stem_width`` outputs (the stacked weights of the K branches' first convs), which gives
+exactly what K branch convs on K copies would, without copying the input.
+
+Initialisation (each branch drawn independently, as K separately built networks would be): convs kaiming-normal
+with fan_out of one branch (He et al.; pycls and the SplitNet code), BN gamma 1 and beta 0, the last BN gamma of
+each residual block 0 when ``zero_init_residual`` (Goyal et al.; every block then starts as the identity), the
+classifier N(0, 0.01) with zero bias (pycls; SplitNet uses a smaller std, which trained no better here).
+"""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from groupnet.functional import grouped_conv2d
+from groupnet.models.spec import ArchSpec
+from groupnet.modules import GroupedBatchNorm2d, GroupedConv2d, GroupedLinear
+
+
+class GroupedClassifier(nn.Module):
+    """Base of the zoo models: K branches of one :class:`ArchSpec`, logits ``(N, K*num_classes)``.
+
+    Subclasses set ``self.conv1`` (the first conv, a :class:`GroupedConv2d`) and ``self.features`` (everything up
+    to the global pool), then call :meth:`_finish`.
+    """
+
+    conv1: nn.Module
+    features: nn.Module
+
+    def __init__(self, spec: ArchSpec, *, branches: int, num_classes: int, in_channels: int) -> None:
+        super().__init__()
+        for name, v in (("branches", branches), ("num_classes", num_classes), ("in_channels", in_channels)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        self.spec = spec
+        self.branches, self.num_classes, self.in_channels = branches, num_classes, in_channels
+        self.drop_rate = spec.drop_rate
+
+    def _finish(self, head_features: int) -> None:
+        self.head = GroupedLinear(head_features, self.num_classes, branches=self.branches)
+        init_weights(self, self.spec.zero_init_residual)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``(N, K*in_channels, H, W)`` or ``(N, in_channels, H, W)`` -> logits ``(N, K*num_classes)``."""
+        x = self._first_conv(x)
+        x = self.features(x)
+        x = F.adaptive_avg_pool2d(x, 1).flatten(1)
+        if self.drop_rate > 0:
+            x = F.dropout(x, self.drop_rate, self.training)
+        return self.head(x)
+
+    def _first_conv(self, x: Tensor) -> Tensor:
+        k, c = self.branches, self.in_channels
+        expected = f"(N, {k * c}, H, W) (one view per branch)" + (
+            f" or (N, {c}, H, W) (one view shared by all branches)" if k > 1 else ""
+        )
+        if x.dim() != 4:
+            raise ValueError(f"{type(self).__name__} expects {expected}, got shape {tuple(x.shape)}")
+        if x.shape[1] == k * c:
+            return self.conv1(x)
+        if x.shape[1] == c:
+            conv = self.conv1
+            return grouped_conv2d(x, conv.weight, conv.bias, branches=1, stride=conv.stride, padding=conv.padding,
+                                  dilation=conv.dilation, groups=conv.groups)
+        raise ValueError(f"{type(self).__name__} expects {expected}, got shape {tuple(x.shape)}")
+
+    def extra_repr(self) -> str:
+        return f"branches={self.branches}, num_classes={self.num_classes}, in_channels={self.in_channels}"
+
+
+def conv3x3(w_in: int, w_out: int, branches: int, stride: int = 1, groups: int = 1) -> GroupedConv2d:
+    return GroupedConv2d(w_in, w_out, 3, branches=branches, stride=stride, padding=1, groups=groups, bias=False)
+
+
+def conv1x1(w_in: int, w_out: int, branches: int, stride: int = 1) -> GroupedConv2d:
+    return GroupedConv2d(w_in, w_out, 1, branches=branches, stride=stride, bias=False)
+
+
+def init_weights(model: nn.Module, zero_init_residual: bool) -> None:
+    """Initialise every grouped layer of ``model`` branch by branch (see the module docstring).
+
+    Meta tensors (models built under ``torch.device("meta")`` to count them) are left alone: there is nothing to
+    draw, and torch's meta ``normal_`` is slow.
+    """
+    if any(p.is_meta for p in model.parameters()):
+        return
+    for m in model.modules():
+        if isinstance(m, GroupedConv2d):
+            c = m.out_channels
+            for k in range(m.branches):  # per-branch slice: fan_out of one branch, not of the stacked weight
+                nn.init.kaiming_normal_(m.weight.data[k * c : (k + 1) * c], mode="fan_out", nonlinearity="relu")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias.data)
+        elif isinstance(m, GroupedBatchNorm2d):
+            nn.init.ones_(m.weight.data)
+            nn.init.zeros_(m.bias.data)
+        elif isinstance(m, GroupedLinear):
+            nn.init.normal_(m.weight.data, std=0.01)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias.data)
+    if zero_init_residual:
+        for m in model.modules():
+            last_bn = getattr(m, "last_bn", None)
+            if isinstance(last_bn, GroupedBatchNorm2d):
+                nn.init.zeros_(last_bn.weight.data)

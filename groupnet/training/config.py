@@ -1,0 +1,254 @@
+"""The trainer's options: one dataclass, its command-line parser, config files (YAML or TOML) and validation.
+
+Precedence: built-in defaults < config file (``--config``) < command line. When resuming, the checkpoint's saved
+config takes the place of the defaults, so ``--resume DIR`` alone continues the run as it was configured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import tomllib
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from groupnet.data.registry import DATASETS
+from groupnet.training.errors import ConfigError
+
+ENSEMBLE_MODES = ("logits", "probs", "geometric")
+LR_SCHEDULES = ("cosine", "constant")
+DIVERGENCES = ("js", "kl")
+#: Options that define the model a checkpoint holds: a resumed run may not change them.
+MODEL_IDENTITY = ("model", "branches", "dataset", "image_size")
+
+
+@dataclass
+class TrainConfig:
+    """Every option of ``python -m groupnet.train`` (see ``--help`` for each one's meaning)."""
+
+    # model and data
+    model: str = "small_cnn"
+    branches: int = 2
+    dataset: str = "digits"
+    data_dir: str | None = None
+    image_size: int | None = None
+    train_subset: int | None = None
+    # schedule and optimiser
+    epochs: int = 30
+    batch_size: int = 64
+    eval_batch_size: int = 256
+    lr: float = 0.05
+    lr_schedule: str = "cosine"
+    warmup_epochs: float = 2.0
+    warmup_lr: float = 0.005
+    min_lr: float = 1e-4
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 5e-4
+    split_weight_decay: bool = True
+    # co-training
+    cot_weight: float = 0.5
+    cot_warmup_epochs: float = 5.0
+    divergence: str = "js"
+    ensemble: str = "logits"
+    # augmentation (None: the data set's default)
+    padding: int | None = None
+    flip: bool | None = None
+    cutout: int = 0
+    mixup_alpha: float = 0.0
+    # execution
+    channels_last: bool = False
+    amp: bool = False
+    sync_bn: bool = True
+    device: str = "auto"
+    workers: int = 2
+    threads: int | None = None
+    seed: int = 0
+    # run management
+    output_dir: str | None = None
+    resume: str | None = None
+    overwrite: bool = False
+    evaluate: bool = False
+    export_branches: bool = False
+    baseline: bool | None = None
+    progress: bool = True
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def replace(self, **changes: Any) -> TrainConfig:
+        return dataclasses.replace(self, **changes)
+
+
+_FIELDS = {f.name: f for f in fields(TrainConfig)}
+
+
+def _expected_types(name: str) -> tuple[type, ...]:
+    ann = str(_FIELDS[name].type)
+    types: list[type] = []
+    for part in ann.split("|"):
+        part = part.strip()
+        types += {"int": [int], "float": [float, int], "str": [str], "bool": [bool], "None": [type(None)]}[part]
+    return tuple(types)
+
+
+def coerce(name: str, value: Any, source: str) -> Any:
+    """Check one option's type (ints are accepted for floats); raise ConfigError naming the source."""
+    if name not in _FIELDS:
+        raise ConfigError(f"{source}: unknown option {name!r}; known options: {', '.join(sorted(_FIELDS))}")
+    types = _expected_types(name)
+    ok = isinstance(value, types) and not (isinstance(value, bool) and bool not in types)
+    if not ok:
+        want = " or ".join(t.__name__ for t in types)
+        raise ConfigError(f"{source}: option {name!r} must be {want}, got {value!r}")
+    if float in types and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    return value
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """Options from a YAML (``.yaml``/``.yml``) or TOML (``.toml``) file; keys may use ``-`` or ``_``."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    text = path.read_text()
+    try:
+        if path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            raw = yaml.safe_load(text) or {}
+        elif path.suffix == ".toml":
+            raw = tomllib.loads(text)
+        else:
+            raise ConfigError(f"config file {path} must end in .yaml, .yml or .toml")
+    except ConfigError:
+        raise
+    except Exception as e:
+        raise ConfigError(f"cannot parse config file {path}: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of options, got {type(raw).__name__}")
+    return {k.replace("-", "_"): coerce(k.replace("-", "_"), v, f"config file {path}") for k, v in raw.items()}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line parser; every option defaults to 'not given' so config files and checkpoints can fill in."""
+    d = TrainConfig()
+    p = argparse.ArgumentParser(
+        prog="python -m groupnet.train",
+        description="Co-train K branches of a divided network as one grouped model (SplitNet), report per-branch "
+        "and ensemble accuracy. With no arguments: digits, small_cnn, K=2, plus the K=1 baseline.",
+        argument_default=argparse.SUPPRESS,  # absent options stay absent: config files and checkpoints fill in
+    )
+    g = p.add_argument_group("model and data")
+    g.add_argument("--config", help="YAML or TOML file setting any option below (the command line wins)")
+    g.add_argument("--model", help=f"architecture (groupnet.models.available_models()) [{d.model}]")
+    g.add_argument("--branches", "-K", type=int, help=f"K, the number of branches [{d.branches}]")
+    g.add_argument("--dataset", choices=DATASETS, help=f"data set [{d.dataset}]")
+    g.add_argument("--data-dir", help="folder holding the data set (cifar-10-batches-py/, cifar-100-python/, or "
+                   "train/ and test/ class folders); digits needs none")
+    g.add_argument("--image-size", type=int, help="folder data set: images are resized to this square size [32]")
+    g.add_argument("--train-subset", type=int, help="train on the first N training images only (quick checks)")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--epochs", type=int, help=f"[{d.epochs}]")
+    g.add_argument("--batch-size", type=int, help=f"global batch size, over all processes [{d.batch_size}]")
+    g.add_argument("--eval-batch-size", type=int, help=f"[{d.eval_batch_size}]")
+    g.add_argument("--lr", type=float, help=f"peak learning rate of SGD [{d.lr}]")
+    g.add_argument("--lr-schedule", choices=LR_SCHEDULES, help=f"after the warm-up [{d.lr_schedule}]")
+    g.add_argument("--warmup-epochs", type=float, help=f"linear warm-up from --warmup-lr to --lr [{d.warmup_epochs}]")
+    g.add_argument("--warmup-lr", type=float, help=f"[{d.warmup_lr}]")
+    g.add_argument("--min-lr", type=float, help=f"final learning rate of the cosine schedule [{d.min_lr}]")
+    g.add_argument("--momentum", type=float, help=f"[{d.momentum}]")
+    g.add_argument("--nesterov", action=argparse.BooleanOptionalAction, help=f"Nesterov momentum [{d.nesterov}]")
+    g.add_argument("--weight-decay", type=float,
+                   help=f"weight decay, not applied to norm layers and biases [{d.weight_decay}]")
+    g.add_argument("--split-weight-decay", action=argparse.BooleanOptionalAction,
+                   help=f"scale weight decay by exp(1/K - 1) (SplitNet) [{d.split_weight_decay}]")
+    g = p.add_argument_group("co-training")
+    g.add_argument("--cot-weight", type=float, help=f"weight of the divergence term [{d.cot_weight}]")
+    g.add_argument("--cot-warmup-epochs", type=float,
+                   help=f"linear ramp of the weight from 0.005 [{d.cot_warmup_epochs}]")
+    g.add_argument("--divergence", choices=DIVERGENCES, help=f"co-training divergence [{d.divergence}]")
+    g.add_argument("--ensemble", choices=ENSEMBLE_MODES, help=f"how branch outputs are combined [{d.ensemble}]")
+    g = p.add_argument_group("augmentation")
+    g.add_argument("--padding", type=int, help="random-crop zero padding [data set default: digits 1, CIFAR 4]")
+    g.add_argument("--flip", action=argparse.BooleanOptionalAction,
+                   help="random horizontal flip [data set default: off for digits, on otherwise]")
+    g.add_argument("--cutout", type=int, help=f"cutout square side, 0 = off [{d.cutout}]")
+    g.add_argument("--mixup-alpha", type=float, help=f"mixup Beta(alpha, alpha), 0 = off [{d.mixup_alpha}]")
+    g = p.add_argument_group("execution")
+    g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, help=f"[{d.channels_last}]")
+    g.add_argument("--amp", action=argparse.BooleanOptionalAction, help="float16 autocast + grad scaling (CUDA only)")
+    g.add_argument("--sync-bn", action=argparse.BooleanOptionalAction,
+                   help=f"synchronise batch-norm statistics across processes under DDP [{d.sync_bn}]")
+    g.add_argument("--device", help=f"auto, cpu, cuda or cuda:N [{d.device}]")
+    g.add_argument("--workers", type=int, help=f"DataLoader worker processes [{d.workers}]")
+    g.add_argument("--threads", type=int, help="torch intra-op threads [data set default: 1 for digits (its 8x8 "
+                   "ops are too small to split, and spinning threads fight the loader workers), torch's otherwise]")
+    g.add_argument("--seed", type=int, help=f"[{d.seed}]")
+    g = p.add_argument_group("run management")
+    g.add_argument("--output-dir", "-o", help="run folder [runs/<dataset>-<model>-k<K>-<time>]")
+    g.add_argument("--resume", help="continue from a checkpoint file or a run folder (its last.pt)")
+    g.add_argument("--overwrite", action=argparse.BooleanOptionalAction,
+                   help="allow a fresh run in a folder that already holds checkpoints")
+    g.add_argument("--evaluate", action="store_true", help="only evaluate the --resume checkpoint")
+    g.add_argument("--export-branches", action="store_true",
+                   help="write each branch as a standalone torch.export program (export/branch_k.pt2)")
+    g.add_argument("--baseline", action=argparse.BooleanOptionalAction,
+                   help="also train the K=1 baseline and compare [on for digits, off otherwise]")
+    g.add_argument("--progress", action=argparse.BooleanOptionalAction, help="progress bars")
+    return p
+
+
+def parse_options(argv: list[str] | None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(options from the config file, options given on the command line), both validated for type."""
+    args = vars(build_parser().parse_args(argv))
+    config_path = args.pop("config", None)
+    from_file = load_config_file(config_path) if config_path else {}
+    from_cli = {k: coerce(k, v, "command line") for k, v in args.items()}
+    return from_file, from_cli
+
+
+def make_config(base: dict[str, Any], *overrides: dict[str, Any]) -> TrainConfig:
+    """A validated TrainConfig from a base dict (defaults or a checkpoint's config) and overrides in order."""
+    merged = dict(base)
+    for o in overrides:
+        merged.update(o)
+    unknown = set(merged) - set(_FIELDS)
+    if unknown:
+        raise ConfigError(f"unknown options {sorted(unknown)}")
+    cfg = TrainConfig(**merged)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Reject impossible option values with a message naming the option."""
+    def need(cond: bool, msg: str) -> None:
+        if not cond:
+            raise ConfigError(msg)
+
+    need(cfg.branches >= 1, f"--branches (K) must be >= 1, got {cfg.branches}")
+    need(cfg.epochs >= 1, f"--epochs must be >= 1, got {cfg.epochs}")
+    need(cfg.batch_size >= 1, f"--batch-size must be >= 1, got {cfg.batch_size}")
+    need(cfg.eval_batch_size >= 1, f"--eval-batch-size must be >= 1, got {cfg.eval_batch_size}")
+    for name in ("lr", "warmup_lr", "min_lr", "weight_decay", "cot_weight", "warmup_epochs", "cot_warmup_epochs",
+                 "mixup_alpha"):
+        v = getattr(cfg, name)
+        need(math.isfinite(v) and v >= 0, f"--{name.replace('_', '-')} must be a finite number >= 0, got {v}")
+    need(cfg.lr > 0, f"--lr must be > 0, got {cfg.lr}")
+    need(0 <= cfg.momentum < 1, f"--momentum must be in [0, 1), got {cfg.momentum}")
+    need(not (cfg.nesterov and cfg.momentum == 0), "--nesterov needs --momentum > 0")
+    need(cfg.lr_schedule in LR_SCHEDULES, f"--lr-schedule must be one of {LR_SCHEDULES}, got {cfg.lr_schedule!r}")
+    need(cfg.divergence in DIVERGENCES, f"--divergence must be one of {DIVERGENCES}, got {cfg.divergence!r}")
+    need(cfg.ensemble in ENSEMBLE_MODES, f"--ensemble must be one of {ENSEMBLE_MODES}, got {cfg.ensemble!r}")
+    need(cfg.dataset in DATASETS, f"--dataset must be one of {DATASETS}, got {cfg.dataset!r}")
+    need(cfg.workers >= 0, f"--workers must be >= 0, got {cfg.workers}")
+    need(cfg.threads is None or cfg.threads >= 1, f"--threads must be >= 1, got {cfg.threads}")
+    need(cfg.padding is None or cfg.padding >= 0, f"--padding must be >= 0, got {cfg.padding}")
+    need(cfg.cutout >= 0, f"--cutout must be >= 0, got {cfg.cutout}")
+    need(cfg.image_size is None or cfg.image_size >= 1, f"--image-size must be >= 1, got {cfg.image_size}")
+    need(cfg.train_subset is None or cfg.train_subset >= 1, f"--train-subset must be >= 1, got {cfg.train_subset}")
+    need(not (cfg.evaluate and cfg.resume is None),
+         "--evaluate needs --resume CHECKPOINT (or use python -m groupnet.eval)")

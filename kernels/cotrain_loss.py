@@ -1,0 +1,448 @@
+"""Fused co-training loss: every branch's cross-entropy, the divergence among the K branches, and the gradient
+w.r.t. the logits, in one launch (one program per sample).
+
+Per sample n with logits ``z_k`` (k < K, C classes each), targets ``y`` (index) or ``q`` (soft, ``(C,)``),
+weight ``lam`` and temperature ``T``::
+
+    P_k = softmax(z_k)                    (cross-entropy, always at T = 1)
+    p_k = softmax(z_k / T),  m = mean_k p_k   (divergence)
+    ce_k = -sum_c q_c log P_k,c           (q = onehot(y) for hard targets)
+    js:  D = (1/K) sum_k KL(p_k || m)  = H(m) - mean_k H(p_k)
+    kl:  D = 1/(K-1) sum_{i != j} KL(p_j.detach() || p_i)   (SplitNet's ``kl_seperate``; 0 when K = 1)
+    loss_n = sum_k ce_k + lam * T^2 * D
+
+Closed-form gradients (written in the forward pass, into a new fp32/fp64 buffer; backward only scales it by the
+incoming per-sample gradient, with no host sync)::
+
+    d ce_k / d z_k = P_k * sum_c q_c - q
+    js: d D / d z_k = (1/(K T)) p_k (log p_k - log m - KL(p_k || m))
+    kl: d D / d z_k = K / ((K-1) T) (p_k - m)      (the teacher side p_j detached)
+
+The kernel covers both divergences. Large C is handled with an online log-sum-exp over chunks of BLOCK_C classes
+(three passes over the row: log-sum-exp, divergence statistics, gradient). Logits may be fp16/bf16/fp32 (upcast
+to fp32 after the load) or fp64 (fp64 arithmetic). The scalars ``weight`` and ``temperature`` enter the kernel as
+fp32. A hard target outside ``[0, C)`` that is not ``ignore_index`` makes that sample's outputs NaN (no
+out-of-bounds read); rows whose target is ``ignore_index`` produce zeros everywhere.
+
+Costs and limits: the gradient buffer (N*K*C fp32, fp64 for fp64 logits) is kept from forward to backward even for
+16-bit logits, so the final cast to the logits' dtype happens after the scaling by the incoming gradient (as an
+fp32 loss under autocast would). Forward-mode AD, double backward and ``torch.func.vmap`` are not supported;
+``torch.compile`` (fullgraph) traces through the custom op. At most ``MAX_BRANCHES`` branches.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from groupnet.kernels._common import TORCH_TO_TRITON_DTYPE, CompileSpec
+
+DIVERGENCES = ("js", "kl")
+MAX_BRANCHES = 128
+"""Largest K the kernel takes: a [BLOCK_K, 16] tile must fit the register budget (checked by compile_specs())."""
+_MAX_TILE = {torch.float64: 1024}  # elements of one [BLOCK_K, BLOCK_C] tile; fp64 keeps ptxas under 255 registers
+_DEFAULT_MAX_TILE = 2048  # 4096 spilled registers on sm_80 (K=8, fp16)
+_MIN_BLOCK_C = 16
+
+
+@triton.jit
+def _log_mean_exp_over_branches(log_p, c_mask, log_k):
+    """log m = log mean_k p_k per class, from log p (-inf on masked lanes); finite garbage on masked classes."""
+    col_max = tl.max(log_p, axis=0)
+    col_max = tl.where(c_mask, col_max, 0.0)
+    col_sum = tl.sum(tl.exp(log_p - col_max[None, :]), axis=0)
+    return col_max + tl.log(tl.where(c_mask, col_sum, 1.0)) - log_k
+
+
+@triton.jit
+def _cotrain_loss_kernel(
+    loss_ptr,  # (N,) per-sample loss_n
+    ce_ptr,  # (N, K) contiguous, per-sample ce_k
+    div_ptr,  # (N,) per-sample T^2 * D
+    grad_ptr,  # d loss_n / d logits, class stride 1 (unused when not COMPUTE_GRAD)
+    stride_gn,
+    stride_gk,
+    logits_ptr,  # class stride 1
+    stride_ln,
+    stride_lk,
+    targets_ptr,  # (N,) int class indices, or (N, C) soft targets with class stride 1
+    stride_tn,
+    n_classes,
+    n_branches,
+    weight,
+    temperature,
+    ignore_index,
+    SOFT_TARGETS: tl.constexpr,
+    DIVERGENCE: tl.constexpr,  # 0: "js", 1: "kl"
+    COMPUTE_GRAD: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    ks = tl.arange(0, BLOCK_K)
+    k_mask = ks < n_branches
+    cols = tl.arange(0, BLOCK_C)
+    logits_row = logits_ptr + row * stride_ln + ks.to(tl.int64)[:, None] * stride_lk  # [BLOCK_K, 1]
+    grad_row = grad_ptr + row * stride_gn + ks.to(tl.int64)[:, None] * stride_gk
+    zero_k = tl.zeros([BLOCK_K], dtype=ACC_DTYPE)
+
+    if not SOFT_TARGETS:
+        y = tl.load(targets_ptr + row * stride_tn).to(tl.int64)
+        if y == ignore_index:
+            tl.store(loss_ptr + row, tl.sum(zero_k, axis=0))
+            tl.store(div_ptr + row, tl.sum(zero_k, axis=0))
+            tl.store(ce_ptr + row * n_branches + ks, zero_k, mask=k_mask)
+            if COMPUTE_GRAD:
+                for c0 in range(0, n_classes, BLOCK_C):
+                    cs = c0 + cols
+                    mask = k_mask[:, None] & (cs < n_classes)[None, :]
+                    tl.store(grad_row + cs[None, :], tl.zeros([BLOCK_K, BLOCK_C], dtype=ACC_DTYPE), mask=mask)
+            return
+        bad_target = (y < 0) | (y >= n_classes)
+        y = tl.where(bad_target, 0, y)
+        nan_if_bad = tl.where(bad_target, float("nan"), 0.0).to(ACC_DTYPE)
+    else:
+        nan_if_bad = tl.sum(zero_k, axis=0)
+
+    # Scalars as ACC_DTYPE tensors; "zeros + x" works both compiled (x a typed scalar, or a constexpr if triton
+    # specialised it) and in the interpreter (x a Python number).
+    t = tl.zeros([], dtype=ACC_DTYPE) + temperature
+    lam = tl.zeros([], dtype=ACC_DTYPE) + weight
+    k_float = tl.zeros([], dtype=ACC_DTYPE) + n_branches
+    if DIVERGENCE == 0:
+        div_scale = 1.0 / k_float
+    else:
+        div_scale = tl.where(k_float > 1.0, k_float / tl.maximum(k_float - 1.0, 1.0), 0.0)
+    log_k = tl.log(k_float)
+
+    # Pass 1: online log-sum-exp of z_k (for CE) and of z_k / T (for the divergence); one running max serves both
+    # because max(z / T) = max(z) / T for T > 0. Padded branch rows keep max = -inf and sum = 0.
+    run_max = tl.full([BLOCK_K], float("-inf"), ACC_DTYPE)
+    sum_1 = zero_k
+    sum_t = zero_k
+    for c0 in range(0, n_classes, BLOCK_C):
+        cs = c0 + cols
+        mask = k_mask[:, None] & (cs < n_classes)[None, :]
+        z = tl.load(logits_row + cs[None, :], mask=mask, other=float("-inf")).to(ACC_DTYPE)
+        new_max = tl.maximum(run_max, tl.max(z, axis=1))
+        safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)
+        rescale = run_max - safe_max
+        shifted = z - safe_max[:, None]
+        sum_1 = sum_1 * tl.exp(rescale) + tl.sum(tl.exp(shifted), axis=1)
+        sum_t = sum_t * tl.exp(rescale / t) + tl.sum(tl.exp(shifted / t), axis=1)
+        run_max = new_max
+    # log-softmax is formed as (z - max) - log(sum), never as z - lse: with |z| ~ 1e4 an fp32 lse is quantised to
+    # ~1e-3, which would become a 1e-3 relative error of every probability.
+    row_max = tl.where(k_mask, run_max, 0.0)
+    log_sum_1 = tl.log(tl.where(k_mask, sum_1, 1.0))
+    log_sum_t = tl.log(tl.where(k_mask, sum_t, 1.0))
+
+    # Pass 2: per-branch divergence statistic (js: KL(p_k || m); kl: sum_c (p_k - m) log p_k) and, for soft
+    # targets, the CE as sum_c q_c (max - z_c + log sum) (each term >= 0, no cancellation of two large sums).
+    div_stat = zero_k
+    ce = zero_k
+    q_sum = tl.sum(zero_k, axis=0)
+    for c0 in range(0, n_classes, BLOCK_C):
+        cs = c0 + cols
+        c_mask = cs < n_classes
+        mask = k_mask[:, None] & c_mask[None, :]
+        z = tl.load(logits_row + cs[None, :], mask=mask, other=0.0).to(ACC_DTYPE)
+        log_p = tl.where(mask, (z - row_max[:, None]) / t - log_sum_t[:, None], float("-inf"))
+        p = tl.exp(log_p)
+        if DIVERGENCE == 0:
+            log_m = _log_mean_exp_over_branches(log_p, c_mask, log_k)
+            term = p * tl.where(mask, log_p - log_m[None, :], 0.0)
+        else:
+            term = (p - tl.sum(p, axis=0)[None, :] / k_float) * tl.where(mask, log_p, 0.0)
+        div_stat += tl.sum(term, axis=1)
+        if SOFT_TARGETS:
+            q = tl.load(targets_ptr + row * stride_tn + cs, mask=c_mask, other=0.0).to(ACC_DTYPE)
+            q_sum += tl.sum(q, axis=0)
+            ce += tl.sum(tl.where(mask, q[None, :] * ((row_max[:, None] - z) + log_sum_1[:, None]), 0.0), axis=1)
+
+    if not SOFT_TARGETS:
+        z_y = tl.load(logits_ptr + row * stride_ln + ks.to(tl.int64) * stride_lk + y, mask=k_mask, other=0.0)
+        ce = tl.where(k_mask, (row_max - z_y.to(ACC_DTYPE)) + log_sum_1, 0.0)
+    ce += nan_if_bad
+    div = t * t * div_scale * tl.sum(div_stat, axis=0) + nan_if_bad
+    tl.store(ce_ptr + row * n_branches + ks, ce, mask=k_mask)
+    tl.store(div_ptr + row, div)
+    tl.store(loss_ptr + row, tl.sum(tl.where(k_mask, ce, 0.0), axis=0) + lam * div)
+
+    # Pass 3: the gradient of loss_n w.r.t. this row's logits.
+    if COMPUTE_GRAD:
+        div_grad_scale = lam * t * div_scale
+        for c0 in range(0, n_classes, BLOCK_C):
+            cs = c0 + cols
+            c_mask = cs < n_classes
+            mask = k_mask[:, None] & c_mask[None, :]
+            z = tl.load(logits_row + cs[None, :], mask=mask, other=0.0).to(ACC_DTYPE)
+            shifted = z - row_max[:, None]
+            prob_1 = tl.exp(shifted - log_sum_1[:, None])
+            log_p = tl.where(mask, shifted / t - log_sum_t[:, None], float("-inf"))
+            p = tl.exp(log_p)
+            if SOFT_TARGETS:
+                q = tl.load(targets_ptr + row * stride_tn + cs, mask=c_mask, other=0.0).to(ACC_DTYPE)
+                grad_ce = prob_1 * q_sum - q[None, :]
+            else:
+                grad_ce = prob_1 - tl.where(cs == y, 1.0, 0.0).to(ACC_DTYPE)[None, :]
+            if DIVERGENCE == 0:
+                log_m = _log_mean_exp_over_branches(log_p, c_mask, log_k)
+                grad_div = p * (tl.where(mask, log_p - log_m[None, :], 0.0) - div_stat[:, None])
+            else:
+                grad_div = p - tl.sum(p, axis=0)[None, :] / k_float
+            grad = grad_ce + div_grad_scale * grad_div + nan_if_bad
+            tl.store(grad_row + cs[None, :], grad, mask=mask)
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def launch_config(branches: int, classes: int, dtype: torch.dtype, block_c: int = 0) -> dict[str, int]:
+    """BLOCK_K, BLOCK_C and num_warps for K branches and C classes (``block_c`` > 0 forces BLOCK_C, for tests)."""
+    block_k = triton.next_power_of_2(branches)
+    if block_c <= 0:
+        max_tile = _MAX_TILE.get(dtype, _DEFAULT_MAX_TILE)
+        block_c = min(triton.next_power_of_2(max(classes, 1)), max(_MIN_BLOCK_C, max_tile // block_k))
+    elif block_c & (block_c - 1):
+        raise ValueError(f"block_c must be a power of two, got {block_c}")
+    tile = block_k * block_c
+    num_warps = 1 if tile <= 256 else 2 if tile <= 512 else 4 if tile <= 1024 else 8
+    return {"BLOCK_K": block_k, "BLOCK_C": block_c, "num_warps": num_warps}
+
+
+def _row_strides(x: Tensor, branches: int) -> tuple[int, int]:
+    """(sample stride, branch stride) of logits in the layout (N, K*C) or (K, N, C); class stride must be 1."""
+    if x.dim() == 3:
+        return x.stride(1), x.stride(0)
+    return x.stride(0), (x.shape[1] // branches) * x.stride(1)
+
+
+def _layout_sizes(logits: Tensor, branches: int) -> tuple[int, int]:
+    if logits.dim() == 3:
+        return logits.shape[1], logits.shape[2]
+    return logits.shape[0], logits.shape[1] // branches
+
+
+@torch.library.custom_op("groupnet::cotrain_loss_forward", mutates_args=())
+def cotrain_loss_forward(
+    logits: Tensor,
+    targets: Tensor,
+    branches: int,
+    weight: float,
+    temperature: float,
+    ignore_index: int,
+    divergence: str,
+    compute_grad: bool,
+    block_c: int,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Launch the kernel. Returns per-sample (loss (N,), ce (N, K), divergence (N,)) and the gradient of each
+    sample's loss w.r.t. the logits (logits' shape, fp32 or fp64; an empty tensor when ``compute_grad`` is False).
+
+    ``logits``: ``(N, K*C)`` or ``(K, N, C)``; ``targets``: ``(N,)`` int64 or ``(N, C)`` floating. Inputs are
+    assumed validated (see :class:`groupnet.cotraining.CoTrainingLoss`).
+    """
+    if logits.stride(-1) != 1:
+        logits = logits.contiguous()
+    n, c = _layout_sizes(logits, branches)
+    acc = _acc_dtype(logits.dtype)
+    if targets.dim() == 2:
+        targets = targets.to(acc)
+        if targets.stride(-1) != 1:
+            targets = targets.contiguous()
+    dev = logits.device
+    loss = torch.empty(n, dtype=acc, device=dev)
+    ce = torch.empty(n, branches, dtype=acc, device=dev)
+    div = torch.empty(n, dtype=acc, device=dev)
+    grad = torch.empty(logits.shape if compute_grad else (0,), dtype=acc, device=dev)
+    if n == 0:
+        return loss, ce, div, grad
+    stride_ln, stride_lk = _row_strides(logits, branches)
+    stride_gn, stride_gk = _row_strides(grad, branches) if compute_grad else (0, 0)
+    cfg = launch_config(branches, c, logits.dtype, block_c)
+    _cotrain_loss_kernel[(n,)](
+        loss,
+        ce,
+        div,
+        grad,
+        stride_gn,
+        stride_gk,
+        logits,
+        stride_ln,
+        stride_lk,
+        targets,
+        targets.stride(0),
+        c,
+        branches,
+        float(weight),
+        float(temperature),
+        ignore_index,
+        SOFT_TARGETS=targets.dim() == 2,
+        DIVERGENCE=DIVERGENCES.index(divergence),
+        COMPUTE_GRAD=compute_grad,
+        BLOCK_K=cfg["BLOCK_K"],
+        BLOCK_C=cfg["BLOCK_C"],
+        ACC_DTYPE=tl.float64 if acc == torch.float64 else tl.float32,
+        num_warps=cfg["num_warps"],
+    )
+    return loss, ce, div, grad
+
+
+@cotrain_loss_forward.register_fake
+def _(logits, targets, branches, weight, temperature, ignore_index, divergence, compute_grad, block_c):
+    n, _c = _layout_sizes(logits, branches)
+    acc = _acc_dtype(logits.dtype)
+    new = logits.new_empty
+    grad = new(logits.shape if compute_grad else (0,), dtype=acc)
+    return new((n,), dtype=acc), new((n, branches), dtype=acc), new((n,), dtype=acc), grad
+
+
+class CoTrainLossFunction(torch.autograd.Function):
+    """Autograd glue: forward runs the custom op; backward scales the saved gradient by the incoming per-sample
+    gradient on the device. The per-branch CE and divergence outputs are not differentiable (logging only)."""
+
+    @staticmethod
+    def forward(logits, targets, branches, weight, temperature, ignore_index, divergence, compute_grad, block_c):
+        return torch.ops.groupnet.cotrain_loss_forward(
+            logits, targets, branches, weight, temperature, ignore_index, divergence, compute_grad, block_c
+        )
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        logits, branches = inputs[0], inputs[2]
+        _loss, ce, div, grad = output
+        ctx.mark_non_differentiable(ce, div, grad)
+        ctx.save_for_backward(grad)
+        ctx.logits_dtype = logits.dtype
+        ctx.branch_major = logits.dim() == 3
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_ce, _grad_div, _grad_grad):
+        (grad,) = ctx.saved_tensors
+        grad_logits = None
+        if ctx.needs_input_grad[0] and grad_loss is not None:
+            if grad.numel() == 0 and grad_loss.numel() > 0:
+                raise RuntimeError("cotrain_loss: backward called but the forward did not compute the gradient")
+            scale = grad_loss.view(1, -1, 1) if ctx.branch_major else grad_loss.view(-1, 1)
+            grad_logits = (grad * scale.to(grad.dtype)).to(ctx.logits_dtype)
+        return grad_logits, None, None, None, None, None, None, None, None
+
+
+def cotrain_loss(
+    logits: Tensor,
+    targets: Tensor,
+    *,
+    branches: int,
+    weight: float,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    divergence: str = "js",
+    block_c: int = 0,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-sample co-training loss by the fused kernel: ``(loss (N,), ce (N, K), divergence (N,))``.
+
+    ``loss`` is differentiable w.r.t. ``logits``; ``ce`` and ``divergence`` (the ``T^2 * D`` term that ``weight``
+    multiplies) are for logging. Ignored samples give 0 in all three. Reduction over samples is the caller's
+    (:class:`groupnet.cotraining.CoTrainingLoss` takes the mean over non-ignored samples).
+    """
+    if divergence not in DIVERGENCES:
+        raise ValueError(f"the fused kernel supports divergence in {DIVERGENCES}, got {divergence!r}")
+    if branches > MAX_BRANCHES:
+        raise ValueError(f"the fused kernel supports up to {MAX_BRANCHES} branches, got {branches}")
+    compute_grad = torch.is_grad_enabled() and logits.requires_grad
+    loss, ce, div, _grad = CoTrainLossFunction.apply(
+        logits, targets, branches, weight, temperature, ignore_index, divergence, compute_grad, block_c
+    )
+    return loss, ce, div
+
+
+def compile_specs() -> list[CompileSpec]:
+    """Every kernel variant that the launcher can produce, for the offline sm_80/sm_90 compile check."""
+    specs = []
+    cases = [
+        # (dtype, K, C, soft targets, divergence, compute grad)
+        (torch.float32, 2, 1000, False, "js", True),
+        (torch.float32, 4, 100, True, "kl", True),
+        (torch.float16, 8, 32000, False, "js", True),
+        (torch.bfloat16, 3, 50000, True, "js", False),
+        (torch.bfloat16, 4, 10, False, "kl", True),
+        (torch.float64, 5, 300, True, "js", True),
+        (torch.float32, MAX_BRANCHES, 1000, False, "kl", False),
+    ]
+    for dtype, k, c, soft, divergence, compute_grad in cases:
+        cfg = launch_config(k, c, dtype)
+        acc = "fp64" if dtype == torch.float64 else "fp32"
+        ptr = f"*{acc}"
+        signature = {
+            "loss_ptr": ptr,
+            "ce_ptr": ptr,
+            "div_ptr": ptr,
+            "grad_ptr": ptr,
+            "stride_gn": "i64",
+            "stride_gk": "i64",
+            "logits_ptr": f"*{TORCH_TO_TRITON_DTYPE[dtype]}",
+            "stride_ln": "i64",
+            "stride_lk": "i64",
+            "targets_ptr": ptr if soft else "*i64",
+            "stride_tn": "i64",
+            "n_classes": "i32",
+            "n_branches": "i32",
+            "weight": "fp32",
+            "temperature": "fp32",
+            "ignore_index": "i32",
+            "SOFT_TARGETS": "constexpr",
+            "DIVERGENCE": "constexpr",
+            "COMPUTE_GRAD": "constexpr",
+            "BLOCK_K": "constexpr",
+            "BLOCK_C": "constexpr",
+            "ACC_DTYPE": "constexpr",
+        }
+        constexprs = {
+            "SOFT_TARGETS": soft,
+            "DIVERGENCE": DIVERGENCES.index(divergence),
+            "COMPUTE_GRAD": compute_grad,
+            "BLOCK_K": cfg["BLOCK_K"],
+            "BLOCK_C": cfg["BLOCK_C"],
+            "ACC_DTYPE": tl.float64 if dtype == torch.float64 else tl.float32,
+        }
+        name = f"cotrain_loss_{TORCH_TO_TRITON_DTYPE[dtype]}_k{k}_c{c}_{'soft' if soft else 'hard'}_{divergence}"
+        if not compute_grad:
+            name += "_nograd"
+        specs.append(
+            CompileSpec(
+                name=name,
+                fn=_cotrain_loss_kernel,
+                signature=signature,
+                constexprs=constexprs,
+                num_warps=cfg["num_warps"],
+            )
+        )
+    return specs
+
+
+# Rough count of floating-point ops per logit over the three passes (3 exp, 2 log-sum-exp over branches,
+# divergence and gradient terms); an estimate for the roofline report, not a measurement.
+_FLOPS_PER_LOGIT = 40.0
+
+
+def roofline_cases() -> list[dict]:
+    """Co-training loss launches of SplitNet recipes: CIFAR-100 (C = 100), ImageNet (C = 1000), and a 32k-class
+    head. Minimum traffic: the logits read once, the fp32 gradient written once (plus per-sample outputs)."""
+    cases = []
+    shapes = ((128, 4, 100, "fp32"), (256, 2, 1000, "bf16"), (256, 4, 1000, "bf16"), (64, 2, 32000, "bf16"))
+    for n, k, c, dtype in shapes:
+        logits_bytes = n * k * c * (2 if dtype == "bf16" else 4)
+        cases.append(
+            {
+                "name": f"fwd+grad K={k} N={n} C={c} {dtype} logits",
+                "flops": _FLOPS_PER_LOGIT * n * k * c,
+                "bytes": float(logits_bytes + 4 * n * k * c + 4 * n * (k + 3)),
+                "dtype": "fp32",
+                "notes": "three passes over each row (the re-reads hit L2 for these row sizes); fp32 arithmetic",
+            }
+        )
+    return cases

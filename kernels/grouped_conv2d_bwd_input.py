@@ -1,0 +1,214 @@
+"""Grouped conv2d input gradient as an implicit GEMM, with stride and flip folded into the index math.
+
+dx[n, ci, ih, iw] = sum over (co, kh, kw) of dy[n, co, oh, ow] * w[co, ci, kh, kw], where oh = (ih + pad_h -
+kh*dil_h) / stride_h must divide exactly (same for the width). No zero insertion, no flipped weight copy.
+
+Input pixels are split into stride_h*stride_w phases (ih % stride_h, iw % stride_w). Within one phase the taps whose
+division is exact are the same for every pixel: kh*dil_h = ih + pad_h (mod stride_h) holds for kh = kh0 + j*step_h
+with step_h = stride_h / gcd(stride_h, dil_h). A program therefore owns pixels of one phase and loops only over
+its contributing taps, so a stride-2 conv does no wasted multiply-adds.
+
+An optional ReLU output mask is fused: with RELU_GRAD the gradient is taken as dy * (y > 0).
+"""
+
+from __future__ import annotations
+
+import math
+
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from ._common import CompileSpec, autotune_configs
+from ._grouped_conv2d_common import (
+    GPU_DOT_SETTINGS,
+    ConvGeometry,
+    check_launch_tensors,
+    check_out,
+    conv_compile_spec,
+    dot_settings,
+    launch,
+)
+
+# 128-row tiles use 8 warps: with 4 the fp32 (tf32) variant spills registers on sm_80.
+BWD_INPUT_CONFIGS = [
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 32}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 32}, num_warps=4, num_stages=4),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32}, num_warps=4, num_stages=4),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 32}, num_warps=4, num_stages=4),
+]
+INTERPRETER_CONFIG = triton.Config({"BLOCK_M": 32, "BLOCK_N": 16, "BLOCK_K": 16}, num_warps=4, num_stages=1)
+
+
+@triton.jit
+def _first_tap(c, stride, dil, STEP, K):
+    """Smallest tap t in [0, STEP) with t*dil = c (mod stride), or K when no tap of this phase contributes."""
+    t0 = tl.zeros((), tl.int32) + K  # a tensor even when K is specialized to a constant
+    for t in range(0, STEP):
+        t0 = tl.where((c - t * dil) % stride == 0, t, t0)
+    return t0
+
+
+@triton.jit
+def _grouped_conv2d_bwd_input_kernel(
+    dy_ptr, w_ptr, y_ptr, dx_ptr,
+    MQ, HQ, WQ, H, W, OH, OW, CIN_G, COUT_G, KH, KW,
+    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, STEP_H, STEP_W,
+    sdy_n, sdy_c, sdy_h, sdy_w,
+    sw_o, sw_i, sw_h, sw_w,
+    sy_n, sy_c, sy_h, sy_w,
+    sdx_n, sdx_c, sdx_h, sdx_w,
+    RELU_GRAD: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """One (BLOCK_M input pixels of one phase) x (BLOCK_N input channels) tile of dx for group ``program_id(2)``.
+
+    dy, y: (N, G*COUT_G, OH, OW); w: (G*COUT_G, CIN_G, KH, KW); dx: (N, G*CIN_G, H, W); all strided.
+    HQ = cdiv(H, stride_h), WQ = cdiv(W, stride_w), MQ = N*HQ*WQ pixels per phase;
+    grid = (cdiv(MQ, BLOCK_M) * cdiv(CIN_G, BLOCK_N), stride_h*stride_w, G).
+    """
+    pid = tl.program_id(0)
+    phase = tl.program_id(1)
+    g = tl.program_id(2).to(tl.int64)
+    tiles_n = tl.cdiv(CIN_G, BLOCK_N)
+    pid_m = pid // tiles_n
+    pid_n = pid % tiles_n
+    phase_h = phase // stride_w
+    phase_w = phase % stride_w
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    qw = offs_m % WQ
+    qh = (offs_m // WQ) % HQ
+    n = (offs_m // (WQ * HQ)).to(tl.int64)
+    ih = phase_h + qh * stride_h
+    iw = phase_w + qw * stride_w
+    mask_m = (offs_m < MQ) & (ih < H) & (iw < W)
+    mask_n = offs_n < CIN_G
+
+    # Contributing taps of this phase: kh = kh0 + j*STEP_H, j < n_kh; oh = qh + (c_h - kh*dil_h) / stride_h.
+    c_h = phase_h + pad_h
+    c_w = phase_w + pad_w
+    kh0 = _first_tap(c_h, stride_h, dil_h, STEP_H, KH)
+    kw0 = _first_tap(c_w, stride_w, dil_w, STEP_W, KW)
+    n_kh = (KH - kh0 + STEP_H - 1) // STEP_H
+    n_kw = (KW - kw0 + STEP_W - 1) // STEP_W
+
+    dy_rows = dy_ptr + n * sdy_n + g * COUT_G * sdy_c
+    y_rows = y_ptr + n * sy_n + g * COUT_G * sy_c
+    w_cols = w_ptr + (g * COUT_G) * sw_o + offs_n.to(tl.int64) * sw_i
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
+    k_blocks = tl.cdiv(COUT_G, BLOCK_K)
+    for it in range(0, n_kh * n_kw * k_blocks):
+        tap = it // k_blocks
+        co = (it - tap * k_blocks) * BLOCK_K + offs_k
+        jh = tap // n_kw
+        kh = kh0 + jh * STEP_H
+        kw = kw0 + (tap - jh * n_kw) * STEP_W
+        # (c - k*dil) is an exact multiple of the stride here, so truncating and flooring division agree.
+        oh = qh + (c_h - kh * dil_h) // stride_h
+        ow = qw + (c_w - kw * dil_w) // stride_w
+        row_ok = mask_m & (oh >= 0) & (oh < OH) & (ow >= 0) & (ow < OW)
+        mask_k = co < COUT_G
+        tile_ok = row_ok[:, None] & mask_k[None, :]
+        co64 = co.to(tl.int64)
+        oh64 = oh.to(tl.int64)
+        ow64 = ow.to(tl.int64)
+        dy = tl.load(
+            dy_rows[:, None] + (oh64 * sdy_h + ow64 * sdy_w)[:, None] + co64[None, :] * sdy_c,
+            mask=tile_ok,
+            other=0.0,
+        ).to(DOT_DTYPE)
+        if RELU_GRAD:
+            # An independent load and a select (not a load masked by y > 0), so both loads can be pipelined.
+            y = tl.load(
+                y_rows[:, None] + (oh64 * sy_h + ow64 * sy_w)[:, None] + co64[None, :] * sy_c,
+                mask=tile_ok,
+                other=0.0,
+            )
+            dy = tl.where(y.to(tl.float32) > 0.0, dy, 0.0)
+        w = tl.load(
+            w_cols[None, :] + co64[:, None] * sw_o + kh * sw_h + kw * sw_w,
+            mask=mask_k[:, None] & mask_n[None, :],
+            other=0.0,
+        )
+        acc = tl.dot(dy, w.to(DOT_DTYPE), acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+
+    dx_off = n * sdx_n + ih.to(tl.int64) * sdx_h + iw.to(tl.int64) * sdx_w
+    dx_ptrs = dx_ptr + dx_off[:, None] + ((g * CIN_G + offs_n) * sdx_c)[None, :]
+    tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+_grouped_conv2d_bwd_input_autotuned = triton.autotune(
+    configs=autotune_configs(BWD_INPUT_CONFIGS, INTERPRETER_CONFIG),
+    key=["CIN_G", "COUT_G", "KH", "KW", "H", "W", "stride_h", "stride_w", "sdx_c", "RELU_GRAD"],
+)(_grouped_conv2d_bwd_input_kernel)
+
+
+def grouped_conv2d_bwd_input(
+    grad_out: Tensor,
+    weight: Tensor,
+    out: Tensor,
+    *,
+    stride: tuple[int, int],
+    padding: tuple[int, int],
+    dilation: tuple[int, int],
+    groups: int,
+    relu_output: Tensor | None = None,
+    input_precision: str = "ieee",
+    config: triton.Config | None = None,
+) -> Tensor:
+    """Write the input gradient of ``conv2d(x, weight, groups=groups)`` into ``out`` (shaped like x) and return it.
+
+    ``grad_out`` may have any strides, including the stride 0 of an expanded gradient. With ``relu_output`` (the
+    forward output of a conv with ReLU epilogue) the gradient is masked by ``relu_output > 0`` first.
+    """
+    check_launch_tensors(
+        "grouped_conv2d_bwd_input", grad_out.dtype, grad_out=grad_out, weight=weight, out=out, relu_output=relu_output
+    )
+    geom = ConvGeometry.of(out.shape, weight.shape, stride, padding, dilation, groups)
+    for name, t in (("grad_out", grad_out), ("relu_output", relu_output)):
+        if t is not None and tuple(t.shape) != geom.output_size:
+            raise ValueError(f"grouped_conv2d_bwd_input: {name} must be {geom.output_size}, got {tuple(t.shape)}")
+    check_out("grouped_conv2d_bwd_input", out, geom.input_size, grad_out.dtype, grad_out.device)
+    (sh, sw), (dh, dw) = geom.stride, geom.dilation
+    hq, wq = triton.cdiv(geom.h, sh), triton.cdiv(geom.w, sw)
+    mq = geom.n * hq * wq
+    if mq == 0:
+        return out
+    if mq >= 2**31:
+        raise ValueError(f"grouped_conv2d_bwd_input: {mq} input pixels per phase exceeds the int32 pixel index")
+
+    def grid(meta):
+        return (triton.cdiv(mq, meta["BLOCK_M"]) * triton.cdiv(geom.cin_g, meta["BLOCK_N"]), sh * sw, groups)
+
+    y = relu_output if relu_output is not None else grad_out
+    args = (
+        grad_out, weight, y, out,
+        mq, hq, wq, geom.h, geom.w, geom.oh, geom.ow, geom.cin_g, geom.cout_g, geom.kh, geom.kw,
+        *geom.conv_args(), sh // math.gcd(sh, dh), sw // math.gcd(sw, dw),
+        *grad_out.stride(), *weight.stride(), *y.stride(), *out.stride(),
+    )  # fmt: skip
+    constexprs = {"RELU_GRAD": relu_output is not None, **dot_settings(grad_out.dtype, input_precision)}
+    launch(_grouped_conv2d_bwd_input_autotuned, grid, args, constexprs, config)
+    return out
+
+
+def bwd_input_compile_specs() -> list[CompileSpec]:
+    """The input gradient (with the ReLU mask) for every GPU config and dtype, channels_last tensors."""
+    return [
+        conv_compile_spec(
+            "bwd_input",
+            _grouped_conv2d_bwd_input_kernel,
+            dtype,
+            config,
+            pointers={name: f"*{dtype}" for name in ("dy_ptr", "w_ptr", "y_ptr", "dx_ptr")},
+            unit_strides=("sdy_c", "sw_i", "sy_c", "sdx_c"),
+            flags={"RELU_GRAD": True},
+        )
+        for config in BWD_INPUT_CONFIGS
+        for dtype in GPU_DOT_SETTINGS
+    ]

@@ -1,0 +1,265 @@
+"""Grouped conv2d weight (and bias) gradient as an implicit GEMM with a deterministic split-K.
+
+dw[co, ci, kh, kw] = sum over the R = N*OH*OW output pixels of dy[n, co, oh, ow] * x[n, ci, ih, iw] with
+ih = oh*stride_h - pad_h + kh*dil_h. Per group this is a (COUT_G x CIN_G) GEMM per tap whose reduction R is long
+(batch times image), so R is split into chunks of ``split_rows`` on grid axis 1: each split writes its fp32
+partial sum into its own slot of a ``(splits, *weight.shape)`` buffer, and one ``sum(0)`` reduces the slots in a
+fixed order. No atomics, so the result is bitwise reproducible. With a single split the kernel writes the
+gradient directly. The bias gradient (sum of dy over N, OH, OW) is fused into the same pass, and so is an
+optional ReLU output mask (dy * (y > 0)).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from ._common import CompileSpec, autotune_configs
+from ._grouped_conv2d_common import (
+    GPU_DOT_SETTINGS,
+    ConvGeometry,
+    check_launch_tensors,
+    check_out,
+    conv_compile_spec,
+    dot_settings,
+    launch,
+)
+
+BWD_WEIGHT_CONFIGS = [
+    triton.Config({"BLOCK_CO": 128, "BLOCK_CI": 128, "BLOCK_R": 32}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_CO": 128, "BLOCK_CI": 64, "BLOCK_R": 32}, num_warps=4, num_stages=4),
+    triton.Config({"BLOCK_CO": 64, "BLOCK_CI": 128, "BLOCK_R": 32}, num_warps=4, num_stages=4),
+    triton.Config({"BLOCK_CO": 64, "BLOCK_CI": 64, "BLOCK_R": 32}, num_warps=4, num_stages=4),
+    triton.Config({"BLOCK_CO": 64, "BLOCK_CI": 32, "BLOCK_R": 64}, num_warps=4, num_stages=3),
+]
+INTERPRETER_CONFIG = triton.Config({"BLOCK_CO": 16, "BLOCK_CI": 16, "BLOCK_R": 16}, num_warps=4, num_stages=1)
+
+# Split sizing: on a GPU aim for about 4 waves of programs, never fewer than MIN_SPLIT_ROWS rows per split, and
+# keep split boundaries on multiples of the largest BLOCK_R. The interpreter uses tiny splits so that the tests
+# exercise the multi-split reduction.
+MIN_SPLIT_ROWS = 2048
+SPLIT_ROWS_MULTIPLE = 128
+INTERPRETER_SPLIT_ROWS = 64
+MAX_SPLITS = 65535  # splits run on grid axis 1, limited to 65535 programs on CUDA
+
+
+@triton.jit
+def _grouped_conv2d_bwd_weight_kernel(
+    x_ptr, dy_ptr, y_ptr, dw_ptr, db_ptr,
+    R, SPLIT_ROWS, H, W, OH, OW, CIN_G, COUT_G, KW,
+    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+    sx_n, sx_c, sx_h, sx_w,
+    sdy_n, sdy_c, sdy_h, sdy_w,
+    sy_n, sy_c, sy_h, sy_w,
+    sdw_s, sdw_o, sdw_i, sdw_h, sdw_w,
+    sdb_s, sdb_c,
+    HAS_BIAS: tl.constexpr, RELU_GRAD: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_CO: tl.constexpr, BLOCK_CI: tl.constexpr, BLOCK_R: tl.constexpr,
+):  # fmt: skip
+    """Partial dw for one tap, a (BLOCK_CO x BLOCK_CI) tile, output pixels [split*SPLIT_ROWS, +SPLIT_ROWS), group g.
+
+    x: (N, G*CIN_G, H, W); dy, y: (N, G*COUT_G, OH, OW); dw: (splits, G*COUT_G, CIN_G, KH, KW); db: (splits, G*COUT_G).
+    grid = (cdiv(COUT_G, BLOCK_CO) * cdiv(CIN_G, BLOCK_CI) * KH*KW, splits, G). The bias partial is written by the
+    programs of tap 0 and channel tile 0.
+    """
+    pid = tl.program_id(0)
+    split = tl.program_id(1)
+    g = tl.program_id(2).to(tl.int64)
+    tiles_co = tl.cdiv(COUT_G, BLOCK_CO)
+    tiles_ci = tl.cdiv(CIN_G, BLOCK_CI)
+    # Output-channel tiles vary fastest: programs reading the same input gather run together.
+    pid_co = pid % tiles_co
+    pid_ci = (pid // tiles_co) % tiles_ci
+    tap = pid // (tiles_co * tiles_ci)
+    kh = tap // KW
+    kw = tap - kh * KW
+
+    offs_co = pid_co * BLOCK_CO + tl.arange(0, BLOCK_CO)
+    offs_ci = pid_ci * BLOCK_CI + tl.arange(0, BLOCK_CI)
+    mask_co = offs_co < COUT_G
+    mask_ci = offs_ci < CIN_G
+    dy_cols = dy_ptr + ((g * COUT_G + offs_co) * sdy_c)[:, None]  # [BLOCK_CO, 1]
+    y_cols = y_ptr + ((g * COUT_G + offs_co) * sy_c)[:, None]
+    x_cols = x_ptr + ((g * CIN_G + offs_ci) * sx_c)[None, :]  # [1, BLOCK_CI]
+
+    acc = tl.zeros((BLOCK_CO, BLOCK_CI), dtype=ACC_DTYPE)
+    db_acc = tl.zeros((BLOCK_CO,), dtype=ACC_DTYPE)
+    r_start = split * SPLIT_ROWS
+    r_end = tl.minimum(r_start + SPLIT_ROWS, R)
+    for r0 in range(r_start, r_end, BLOCK_R):
+        offs_r = r0 + tl.arange(0, BLOCK_R)
+        mask_r = offs_r < r_end
+        ow = offs_r % OW
+        oh = (offs_r // OW) % OH
+        n = (offs_r // (OW * OH)).to(tl.int64)
+        ih = oh * stride_h - pad_h + kh * dil_h
+        iw = ow * stride_w - pad_w + kw * dil_w
+        x_ok = mask_r & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+
+        dy_ok = mask_co[:, None] & mask_r[None, :]
+        oh64 = oh.to(tl.int64)
+        ow64 = ow.to(tl.int64)
+        dy_t = tl.load(dy_cols + (n * sdy_n + oh64 * sdy_h + ow64 * sdy_w)[None, :], mask=dy_ok, other=0.0)
+        dy_t = dy_t.to(DOT_DTYPE)
+        if RELU_GRAD:
+            # An independent load and a select (not a load masked by y > 0), so both loads can be pipelined.
+            y = tl.load(y_cols + (n * sy_n + oh64 * sy_h + ow64 * sy_w)[None, :], mask=dy_ok, other=0.0)
+            dy_t = tl.where(y.to(tl.float32) > 0.0, dy_t, 0.0)
+        x_off = n * sx_n + ih.to(tl.int64) * sx_h + iw.to(tl.int64) * sx_w
+        x = tl.load(x_cols + x_off[:, None], mask=x_ok[:, None] & mask_ci[None, :], other=0.0)
+        acc = tl.dot(dy_t, x.to(DOT_DTYPE), acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+        if HAS_BIAS:
+            db_acc += tl.sum(dy_t.to(ACC_DTYPE), axis=1)
+
+    split64 = split.to(tl.int64)
+    dw_ptrs = (
+        dw_ptr
+        + split64 * sdw_s
+        + ((g * COUT_G + offs_co) * sdw_o)[:, None]
+        + (offs_ci.to(tl.int64) * sdw_i)[None, :]
+        + kh * sdw_h
+        + kw * sdw_w
+    )
+    tl.store(dw_ptrs, acc.to(dw_ptr.dtype.element_ty), mask=mask_co[:, None] & mask_ci[None, :])
+    if HAS_BIAS:
+        db_ptrs = db_ptr + split64 * sdb_s + (g * COUT_G + offs_co) * sdb_c
+        tl.store(db_ptrs, db_acc.to(db_ptr.dtype.element_ty), mask=mask_co & (tap == 0) & (pid_ci == 0))
+
+
+_grouped_conv2d_bwd_weight_autotuned = triton.autotune(
+    configs=autotune_configs(BWD_WEIGHT_CONFIGS, INTERPRETER_CONFIG),
+    key=["CIN_G", "COUT_G", "KW", "OH", "OW", "stride_h", "stride_w", "sx_c", "RELU_GRAD", "HAS_BIAS"],
+)(_grouped_conv2d_bwd_weight_kernel)
+
+
+def default_split_rows(geom: ConvGeometry, device: torch.device) -> int:
+    """Output pixels per split of the weight-gradient reduction (see the module docstring)."""
+    rows = geom.n * geom.oh * geom.ow
+    if device.type != "cuda":
+        return INTERPRETER_SPLIT_ROWS
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    tiles = triton.cdiv(geom.cout_g, 64) * triton.cdiv(geom.cin_g, 64) * geom.kh * geom.kw * geom.groups
+    splits = max(1, min(triton.cdiv(4 * sms, tiles), rows // MIN_SPLIT_ROWS))
+    return triton.cdiv(triton.cdiv(rows, splits), SPLIT_ROWS_MULTIPLE) * SPLIT_ROWS_MULTIPLE
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def grouped_conv2d_bwd_weight(
+    x: Tensor,
+    grad_out: Tensor,
+    weight_out: Tensor,
+    bias_out: Tensor | None = None,
+    *,
+    stride: tuple[int, int],
+    padding: tuple[int, int],
+    dilation: tuple[int, int],
+    groups: int,
+    relu_output: Tensor | None = None,
+    split_rows: int | None = None,
+    input_precision: str = "ieee",
+    config: triton.Config | None = None,
+) -> tuple[Tensor, Tensor | None]:
+    """Write the weight gradient (and, with ``bias_out``, the bias gradient) of ``conv2d(x, w, groups=groups)``.
+
+    ``weight_out`` has the weight's shape and any strides; ``grad_out`` may have any strides (stride 0 included).
+    ``relu_output`` masks the gradient by ``relu_output > 0`` first. ``split_rows`` overrides the split size.
+    """
+    check_launch_tensors(
+        "grouped_conv2d_bwd_weight",
+        x.dtype,
+        x=x,
+        grad_out=grad_out,
+        weight_out=weight_out,
+        bias_out=bias_out,
+        relu_output=relu_output,
+    )
+    geom = ConvGeometry.of(x.shape, weight_out.shape, stride, padding, dilation, groups)
+    for name, t in (("grad_out", grad_out), ("relu_output", relu_output)):
+        if t is not None and tuple(t.shape) != geom.output_size:
+            raise ValueError(f"grouped_conv2d_bwd_weight: {name} must be {geom.output_size}, got {tuple(t.shape)}")
+    if bias_out is not None:
+        check_out("grouped_conv2d_bwd_weight bias_out", bias_out, (groups * geom.cout_g,), x.dtype, x.device)
+    rows = geom.n * geom.oh * geom.ow
+    if rows == 0:  # an empty batch: the sums are empty
+        weight_out.zero_()
+        if bias_out is not None:
+            bias_out.zero_()
+        return weight_out, bias_out
+    if rows >= 2**31:
+        raise ValueError(f"grouped_conv2d_bwd_weight: N*OH*OW = {rows} output pixels exceeds the int32 pixel index")
+    split_rows = default_split_rows(geom, x.device) if split_rows is None else split_rows
+    if split_rows < 1:
+        raise ValueError(f"grouped_conv2d_bwd_weight: split_rows must be >= 1, got {split_rows}")
+    splits = triton.cdiv(rows, split_rows)
+    if splits > MAX_SPLITS:
+        raise ValueError(
+            f"grouped_conv2d_bwd_weight: split_rows={split_rows} gives {splits} splits, more than the {MAX_SPLITS} "
+            "a grid axis allows"
+        )
+
+    if splits == 1:
+        # One split: write the gradients in place (split stride 0), cast to their dtype at the store.
+        dw, db = weight_out, bias_out
+        dw_strides = (0, *dw.stride())
+        db_strides = (0, *db.stride()) if db is not None else (0, 0)
+    else:
+        acc = _acc_dtype(x.dtype)
+        # Each split's slot has weight_out's dense layout (channels_last stays channels_last).
+        slot_strides = torch.empty_like(weight_out, dtype=acc, memory_format=torch.preserve_format).stride()
+        slot = weight_out.numel()
+        dw = torch.empty_strided((splits, *geom.weight_size), (slot, *slot_strides), dtype=acc, device=x.device)
+        db = None if bias_out is None else torch.empty((splits, groups * geom.cout_g), dtype=acc, device=x.device)
+        dw_strides = dw.stride()
+        db_strides = db.stride() if db is not None else (0, 0)
+
+    def grid(meta):
+        tiles = triton.cdiv(geom.cout_g, meta["BLOCK_CO"]) * triton.cdiv(geom.cin_g, meta["BLOCK_CI"])
+        return (tiles * geom.kh * geom.kw, splits, groups)
+
+    y = relu_output if relu_output is not None else grad_out
+    args = (
+        x, grad_out, y, dw, db if db is not None else dw,
+        rows, split_rows, geom.h, geom.w, geom.oh, geom.ow, geom.cin_g, geom.cout_g, geom.kw,
+        *geom.conv_args(),
+        *x.stride(), *grad_out.stride(), *y.stride(), *dw_strides, *db_strides,
+    )  # fmt: skip
+    constexprs = {
+        "HAS_BIAS": bias_out is not None,
+        "RELU_GRAD": relu_output is not None,
+        **dot_settings(x.dtype, input_precision),
+    }
+    launch(_grouped_conv2d_bwd_weight_autotuned, grid, args, constexprs, config)
+    if splits > 1:
+        # Deterministic: a fixed-order reduction over the split axis, then one cast into the caller's layout.
+        weight_out.copy_(dw.sum(0))
+        if bias_out is not None:
+            bias_out.copy_(db.sum(0))
+    return weight_out, bias_out
+
+
+def bwd_weight_compile_specs() -> list[CompileSpec]:
+    """The split-K weight + bias gradient (ReLU mask, fp32 partials) for every GPU config and dtype,
+    channels_last activations and weight."""
+    return [
+        conv_compile_spec(
+            "bwd_weight",
+            _grouped_conv2d_bwd_weight_kernel,
+            dtype,
+            config,
+            pointers={
+                **{name: f"*{dtype}" for name in ("x_ptr", "dy_ptr", "y_ptr")},
+                "dw_ptr": "*fp32",
+                "db_ptr": "*fp32",
+            },
+            unit_strides=("sx_c", "sdy_c", "sy_c", "sdw_i", "sdb_c"),
+            flags={"HAS_BIAS": True, "RELU_GRAD": True},
+        )
+        for config in BWD_WEIGHT_CONFIGS
+        for dtype in GPU_DOT_SETTINGS
+    ]

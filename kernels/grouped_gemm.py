@@ -1,0 +1,477 @@
+"""Grouped GEMM: ``C[g] = A[g] @ B[g] (+ bias[g])`` for g = 0..G-1, and the grouped linear layer built on it.
+
+One ``@triton.jit`` kernel serves all three passes of ``grouped_linear`` by addressing its operands through
+explicit strides, including a group stride, so no operand is ever copied or transposed:
+
+- forward:          ``Y[k]  = X[k] @ W[k]^T + b[k]``  (A = X, B = W^T)
+- backward input:   ``dX[k] = dY[k] @ W[k]``          (A = dY, B = W)
+- backward weight:  ``dW[k] = dY[k]^T @ X[k]``        (A = dY^T, B = X); ``db = dY.sum(0)`` is one torch reduction
+  (fusing it as a row sum of A cost enough registers to make several configs spill).
+
+Here ``X[k]`` is the column slice ``x[:, k*in:(k+1)*in]`` of the ``(M, K*in)`` activation; its group stride is
+``in * x.stride(1)``. The group index is grid axis 1; axis 0 enumerates output tiles (L2-friendly "super-grouped"
+order as in triton's matmul tutorial).
+
+Numerics: accumulation in fp32 (fp64 for fp64 inputs, used by gradcheck under the interpreter). On a GPU, 16-bit
+operands go to ``tl.dot`` as loaded (tensor cores); under ``TRITON_INTERPRET=1`` every operand is upcast right after
+its load because the interpreter cannot do bf16 arithmetic. fp32 dots use ``input_precision`` "ieee" or "tf32"
+(the public op follows ``torch.backends.cuda.matmul.allow_tf32``, off by default, like torch's matmul).
+
+Glue (triton.md section 3, "hybrid"): one ``torch.library.custom_op`` per launch (``groupnet::grouped_linear_forward``,
+``..._backward_input``, ``..._backward_weight``), each with a fake, and an outer ``torch.autograd.Function``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from groupnet import _checks
+from groupnet.kernels._common import TORCH_TO_TRITON_DTYPE, CompileSpec, autotune_configs, is_interpreter
+
+INPUT_PRECISIONS = ("ieee", "tf32")
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def _config(block_m: int, block_n: int, block_k: int, num_warps: int, num_stages: int) -> triton.Config:
+    return triton.Config(
+        {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "GROUP_M": 8},
+        num_warps=num_warps,
+        num_stages=num_stages,
+    )
+
+
+# Tensor-core configs (fp16, bf16, fp32 with input_precision="tf32"). Every config fits sm_80's shared memory with
+# fp32 operands (num_stages * (BLOCK_M + BLOCK_N) * BLOCK_K * 4 bytes) and compiles without register spills
+# (python -m groupnet.kernels.report). BLOCK_M >= 64 with 4+ warps so that sm_90 can use wgmma.
+TENSOR_CORE_CONFIGS = [
+    _config(128, 128, 32, 8, 4),
+    _config(128, 64, 32, 4, 4),
+    _config(64, 128, 32, 4, 4),
+    _config(64, 64, 32, 4, 4),
+    _config(64, 32, 64, 4, 4),
+]
+# fp32 with input_precision="ieee" (and fp64) runs on the FMA units and holds more in registers: smaller tiles.
+FMA_CONFIGS = [
+    _config(64, 64, 32, 4, 4),
+    _config(64, 32, 32, 4, 4),
+    _config(32, 32, 32, 2, 4),
+]
+GPU_CONFIGS = TENSOR_CORE_CONFIGS + FMA_CONFIGS
+MAX_BLOCK = 256  # no config has a larger tile side; bounds the int32 offsets inside a tile
+
+
+def gpu_configs(dtype: str, input_precision: str) -> list[triton.Config]:
+    """The GPU configs for operands of triton dtype ``dtype`` ("fp16", "bf16", "fp32", "fp64")."""
+    fma = dtype == "fp64" or (dtype == "fp32" and input_precision == "ieee")
+    return FMA_CONFIGS if fma else TENSOR_CORE_CONFIGS
+
+
+def _prune_configs(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+    allowed = gpu_configs(TORCH_TO_TRITON_DTYPE[named_args["A"].dtype], kwargs["INPUT_PRECISION"])
+    return [c for c in configs if any(c is a for a in allowed)] or configs
+
+
+# Small tiles under the interpreter: tests with sizes up to ~70 still cover several tiles and masked tails.
+INTERPRETER_CONFIG = triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 16, "GROUP_M": 2})
+
+
+@triton.jit
+def grouped_gemm_kernel(
+    A, B, C, BIAS,
+    M, N, KD,
+    stride_ag, stride_am, stride_ak,
+    stride_bg, stride_bk, stride_bn,
+    stride_cg, stride_cm, stride_cn,
+    stride_bias_g, stride_bias_n,
+    HAS_BIAS: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
+    UPCAST_OPERANDS: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):  # fmt: skip
+    """``C[g] = A[g] @ B[g]`` with A ``(G, M, KD)``, B ``(G, KD, N)``, C ``(G, M, N)``, all by strides.
+
+    Args:
+        A, B, C: operand pointers; element (g, i, j) of A is at ``A + g*stride_ag + i*stride_am + j*stride_ak``.
+        BIAS: ``(G, N)`` added to every row of C[g] when HAS_BIAS.
+        M, N, KD: sizes; KD is the reduction length.
+        ACC_DTYPE: tl.float32, or tl.float64 for fp64 operands.
+        UPCAST_OPERANDS: cast loaded operands to ACC_DTYPE before tl.dot (needed by the interpreter for bf16).
+        INPUT_PRECISION: "ieee" or "tf32", used by fp32 dots.
+        BLOCK_M, BLOCK_N, BLOCK_K: tile sizes; GROUP_M: row tiles per L2 super-group.
+    """
+    pid = tl.program_id(0)
+    g = tl.program_id(1).to(tl.int64)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_pid_in_group = GROUP_M * num_pid_n
+    first_pid_m = (pid // num_pid_in_group) * GROUP_M
+    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
+    pid_n = (pid % num_pid_in_group) // group_size_m
+
+    # Group and tile origins in int64; offsets inside a tile in int32 (the launcher checks that they fit).
+    # Rows/columns past the edge are clamped onto the last valid one, so the loads need only the K mask; the
+    # duplicates are dropped by the store masks.
+    rows_left = M - pid_m * BLOCK_M
+    cols_left = N - pid_n * BLOCK_N
+    rows = tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_N)
+    ks = tl.arange(0, BLOCK_K)
+    a_tile = A + g * stride_ag + pid_m.to(tl.int64) * BLOCK_M * stride_am
+    b_tile = B + g * stride_bg + pid_n.to(tl.int64) * BLOCK_N * stride_bn
+    a_ptrs = a_tile + tl.minimum(rows, rows_left - 1)[:, None] * stride_am + ks[None, :] * stride_ak
+    b_ptrs = b_tile + ks[:, None] * stride_bk + tl.minimum(cols, cols_left - 1)[None, :] * stride_bn
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
+    for k0 in range(0, KD, BLOCK_K):
+        mask_k = ks < KD - k0
+        a = tl.load(a_ptrs, mask=mask_k[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=mask_k[:, None], other=0.0)
+        if UPCAST_OPERANDS:
+            a = a.to(ACC_DTYPE)
+            b = b.to(ACC_DTYPE)
+        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+        a_ptrs += BLOCK_K * stride_ak
+        b_ptrs += BLOCK_K * stride_bk
+
+    mask_m = rows < rows_left
+    mask_n = cols < cols_left
+    if HAS_BIAS:
+        bias_tile = BIAS + g * stride_bias_g + pid_n.to(tl.int64) * BLOCK_N * stride_bias_n
+        bias = tl.load(bias_tile + cols * stride_bias_n, mask=mask_n, other=0.0)
+        acc += bias.to(ACC_DTYPE)[None, :]
+    c_tile = C + g * stride_cg + pid_m.to(tl.int64) * BLOCK_M * stride_cm + pid_n.to(tl.int64) * BLOCK_N * stride_cn
+    c_ptrs = c_tile + rows[:, None] * stride_cm + cols[None, :] * stride_cn
+    tl.store(c_ptrs, acc.to(C.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+_features_reduced_gemm = triton.autotune(
+    configs=autotune_configs(GPU_CONFIGS, INTERPRETER_CONFIG),
+    key=["N", "KD", "INPUT_PRECISION"],
+    prune_configs_by={"early_config_prune": _prune_configs},
+)(grouped_gemm_kernel)
+# dW reduces over the batch: keyed on the feature sizes (M, N) only, so a new batch size does not retune.
+_batch_reduced_gemm = triton.autotune(
+    configs=autotune_configs(GPU_CONFIGS, INTERPRETER_CONFIG),
+    key=["M", "N", "INPUT_PRECISION"],
+    prune_configs_by={"early_config_prune": _prune_configs},
+)(grouped_gemm_kernel)
+
+
+def check_kernel_device(t: Tensor, what: str) -> None:
+    """Triton kernels run on CUDA tensors, or on CPU tensors under ``TRITON_INTERPRET=1``."""
+    if t.device.type == "cuda" or (t.device.type == "cpu" and is_interpreter()):
+        return
+    raise RuntimeError(
+        f"{what}: the Triton kernels need CUDA tensors (or CPU tensors with TRITON_INTERPRET=1), got a tensor on "
+        f"{t.device}"
+    )
+
+
+def launch_grouped_gemm(
+    a: Tensor,
+    b: Tensor,
+    out: Tensor,
+    *,
+    bias: Tensor | None = None,
+    input_precision: str = "ieee",
+    batch_reduction: bool = False,
+    config: triton.Config | None = None,
+) -> Tensor:
+    """Write ``out[g] = a[g] @ b[g] (+ bias[g])`` into ``out``.
+
+    Args:
+        a: ``(G, M, KD)``; b: ``(G, KD, N)``; out: ``(G, M, N)``. Any strides (views are fine; ``out`` must not
+            overlap the inputs).
+        bias: ``(G, N)`` or None.
+        input_precision: "ieee" or "tf32" (fp32 dots on a GPU).
+        batch_reduction: True when KD is the batch (the dW pass): picks the autotuner keyed on M and N.
+        config: launch with this config instead of autotuning (used by benchmarks and tests).
+
+    Returns:
+        ``out``.
+    """
+    what = "launch_grouped_gemm"
+    for name, t in (("a", a), ("b", b), ("out", out)):
+        if t.dim() != 3:
+            raise ValueError(f"{what}: {name} must be 3-d (groups, rows, cols), got shape {tuple(t.shape)}")
+    g, m, kd = a.shape
+    n = b.shape[2]
+    if tuple(b.shape) != (g, kd, n) or tuple(out.shape) != (g, m, n):
+        raise ValueError(
+            f"{what}: expected a (G, M, KD), b (G, KD, N), out (G, M, N); got a {tuple(a.shape)}, "
+            f"b {tuple(b.shape)}, out {tuple(out.shape)}"
+        )
+    if bias is not None and tuple(bias.shape) != (g, n):
+        raise ValueError(f"{what}: bias must have shape {(g, n)}, got {tuple(bias.shape)}")
+    if a.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"{what}: supported dtypes are {SUPPORTED_DTYPES}, got {a.dtype}")
+    for name, t in (("b", b), ("out", out), ("bias", bias)):
+        if t is None:
+            continue
+        if t.dtype != a.dtype:
+            raise TypeError(f"{what}: {name} has dtype {t.dtype}, expected {a.dtype} like a")
+        if t.device != a.device:
+            raise RuntimeError(f"{what}: {name} is on {t.device}, expected {a.device} like a")
+    if input_precision not in INPUT_PRECISIONS:
+        raise ValueError(f"{what}: input_precision must be one of {INPUT_PRECISIONS}, got {input_precision!r}")
+    check_kernel_device(a, what)
+    for name, t in (("a", a), ("b", b), ("out", out), ("bias", bias)):
+        if t is not None and max(t.stride()[1:], default=0) * MAX_BLOCK >= 2**31:
+            raise ValueError(
+                f"{what}: {name} has strides {t.stride()}; offsets inside a tile are int32, so row/column strides "
+                f"must be < 2**31 / {MAX_BLOCK}"
+            )
+    if g == 0 or m == 0 or n == 0:
+        return out
+
+    bias_t, bias_strides = (bias, bias.stride()) if bias is not None else (out, (0, 0))  # out: never read
+
+    def grid(meta):
+        return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), g)
+
+    kernel = _batch_reduced_gemm if batch_reduction else _features_reduced_gemm
+    extra = {}
+    if config is not None:
+        kernel = grouped_gemm_kernel
+        extra = dict(config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
+    with torch.cuda.device(a.device) if a.is_cuda else contextlib.nullcontext():
+        kernel[grid](
+            a, b, out, bias_t,
+            m, n, kd,
+            *a.stride(), *b.stride(), *out.stride(), *bias_strides,
+            HAS_BIAS=bias is not None,
+            ACC_DTYPE=tl.float64 if a.dtype == torch.float64 else tl.float32,
+            UPCAST_OPERANDS=is_interpreter(),
+            INPUT_PRECISION=input_precision,
+            **extra,
+        )  # fmt: skip
+    return out
+
+
+def _groups(t: Tensor, k: int) -> Tensor:
+    """``(M, K*F)`` -> the ``(K, M, F)`` view whose [k] is the column slice of branch k."""
+    return t.unflatten(1, (k, -1)).transpose(0, 1)
+
+
+def forward_into(
+    x: Tensor, weight: Tensor, bias: Tensor | None, *, out: Tensor, input_precision: str = "ieee"
+) -> Tensor:
+    """``out[:, k*o:(k+1)*o] = x[:, k*i:(k+1)*i] @ weight[k]^T + bias[k]`` with ``out`` ``(M, K*o)``, any strides."""
+    k = weight.shape[0]
+    launch_grouped_gemm(
+        _groups(x, k), weight.transpose(1, 2), _groups(out, k), bias=bias, input_precision=input_precision
+    )
+    return out
+
+
+def backward_input_into(grad_y: Tensor, weight: Tensor, *, out: Tensor, input_precision: str = "ieee") -> Tensor:
+    """``out[:, k*i:(k+1)*i] = grad_y[:, k*o:(k+1)*o] @ weight[k]`` with ``out`` ``(M, K*i)``, any strides."""
+    k = weight.shape[0]
+    launch_grouped_gemm(_groups(grad_y, k), weight, _groups(out, k), input_precision=input_precision)
+    return out
+
+
+def backward_weight_into(grad_y: Tensor, x: Tensor, *, out: Tensor, input_precision: str = "ieee") -> Tensor:
+    """``out[k] = grad_y[:, k*o:(k+1)*o]^T @ x[:, k*i:(k+1)*i]`` with ``out`` ``(K, o, i)``, any strides."""
+    k, out_f, _ = out.shape
+    grad_y_t = grad_y.unflatten(1, (k, out_f)).permute(1, 2, 0)  # (K, out, M)
+    launch_grouped_gemm(grad_y_t, _groups(x, k), out, input_precision=input_precision, batch_reduction=True)
+    return out
+
+
+@torch.library.custom_op("groupnet::grouped_linear_forward", mutates_args=())
+def grouped_linear_forward(x: Tensor, weight: Tensor, bias: Tensor | None, input_precision: str) -> Tensor:
+    """The forward of :func:`grouped_linear` into a new contiguous ``(M, K*out)`` tensor."""
+    y = x.new_empty((x.shape[0], weight.shape[0] * weight.shape[1]))
+    return forward_into(x, weight, bias, out=y, input_precision=input_precision)
+
+
+@grouped_linear_forward.register_fake
+def _(x: Tensor, weight: Tensor, bias: Tensor | None, input_precision: str) -> Tensor:
+    return x.new_empty((x.shape[0], weight.shape[0] * weight.shape[1]))
+
+
+@torch.library.custom_op("groupnet::grouped_linear_backward_input", mutates_args=())
+def grouped_linear_backward_input(grad_y: Tensor, weight: Tensor, input_precision: str) -> Tensor:
+    """The input gradient of :func:`grouped_linear` ``(M, K*in)`` (grad_y may have any strides, even 0)."""
+    grad_x = grad_y.new_empty((grad_y.shape[0], weight.shape[0] * weight.shape[2]))
+    return backward_input_into(grad_y, weight, out=grad_x, input_precision=input_precision)
+
+
+@grouped_linear_backward_input.register_fake
+def _(grad_y: Tensor, weight: Tensor, input_precision: str) -> Tensor:
+    return grad_y.new_empty((grad_y.shape[0], weight.shape[0] * weight.shape[2]))
+
+
+@torch.library.custom_op("groupnet::grouped_linear_backward_weight", mutates_args=())
+def grouped_linear_backward_weight(
+    grad_y: Tensor, x: Tensor, branches: int, input_precision: str
+) -> tuple[Tensor, Tensor]:
+    """``(dW, db)`` of :func:`grouped_linear`: ``(K, out, in)`` and ``(K, out)`` (db is one torch reduction)."""
+    out_f, in_f = grad_y.shape[1] // branches, x.shape[1] // branches
+    grad_w = x.new_empty((branches, out_f, in_f))
+    backward_weight_into(grad_y, x, out=grad_w, input_precision=input_precision)
+    return grad_w, grad_y.sum(0).view(branches, out_f)
+
+
+@grouped_linear_backward_weight.register_fake
+def _(grad_y: Tensor, x: Tensor, branches: int, input_precision: str) -> tuple[Tensor, Tensor]:
+    out_f, in_f = grad_y.shape[1] // branches, x.shape[1] // branches
+    return x.new_empty((branches, out_f, in_f)), x.new_empty((branches, out_f))
+
+
+class GroupedLinearFunction(torch.autograd.Function):
+    """Autograd for :func:`grouped_linear` over the three custom ops (first derivatives only)."""
+
+    @staticmethod
+    def forward(x: Tensor, weight: Tensor, bias: Tensor | None, input_precision: str) -> Tensor:
+        return torch.ops.groupnet.grouped_linear_forward(x, weight, bias, input_precision)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        x, weight, bias, input_precision = inputs
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        ctx.input_precision = input_precision
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_y: Tensor):
+        x, weight = ctx.saved_tensors
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.ops.groupnet.grouped_linear_backward_input(grad_y, weight, ctx.input_precision)
+        if ctx.needs_input_grad[1] or (ctx.has_bias and ctx.needs_input_grad[2]):
+            grad_w, grad_b = torch.ops.groupnet.grouped_linear_backward_weight(
+                grad_y, x, weight.shape[0], ctx.input_precision
+            )
+            grad_w = grad_w if ctx.needs_input_grad[1] else None
+            grad_b = grad_b if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return grad_x, grad_w, grad_b, None
+
+
+def default_input_precision() -> str:
+    """PyTorch's own choice for fp32 matmuls: tf32 only when ``torch.backends.cuda.matmul.allow_tf32`` (default off)."""
+    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+
+
+def grouped_linear(
+    x: Tensor, weight: Tensor, bias: Tensor | None = None, *, input_precision: str | None = None
+) -> Tensor:
+    """K independent linear maps on branch-stacked features with the Triton grouped GEMM.
+
+    Args:
+        x: ``(M, K*in)``, any strides; branch k reads columns ``[k*in, (k+1)*in)``.
+        weight: ``(K, out, in)``.
+        bias: ``(K, out)`` or None.
+        input_precision: "ieee" or "tf32" for fp32 dots on a GPU; None follows
+            ``torch.backends.cuda.matmul.allow_tf32`` (off by default, so "ieee").
+
+    Returns:
+        ``(M, K*out)``, contiguous.
+    """
+    _checks.check_rank(x, 2, "grouped_linear (Triton)")
+    _checks.check_linear_args(x, weight, bias)
+    if bias is not None and bias.device != weight.device:
+        raise RuntimeError(f"grouped_linear: bias is on {bias.device} but the weights are on {weight.device}")
+    if bias is not None and bias.dtype != weight.dtype:
+        raise TypeError(f"grouped_linear: bias dtype {bias.dtype} does not match weight dtype {weight.dtype}")
+    if x.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"grouped_linear (Triton): supported dtypes are {SUPPORTED_DTYPES}, got {x.dtype}")
+    precision = default_input_precision() if input_precision is None else input_precision
+    if precision not in INPUT_PRECISIONS:
+        raise ValueError(f"grouped_linear: input_precision must be one of {INPUT_PRECISIONS}, got {precision!r}")
+    check_kernel_device(x, "grouped_linear (Triton)")
+    return GroupedLinearFunction.apply(x, weight, bias, precision)
+
+
+# The JIT specializes unit strides to constexpr 1; with contiguous x, weight and grads each pass has its own:
+# forward A = x_k (M, in), B = W_k^T (stride_bk = 1); backward input A = dY_k, B = W_k (stride_bn = 1);
+# backward weight A = dY_k^T (stride_am = 1), B = x_k (stride_bn = 1). C is always row-major.
+UNIT_STRIDES = {
+    "forward": ("stride_ak", "stride_bk", "stride_cn", "stride_bias_n"),
+    "backward_input": ("stride_ak", "stride_bn", "stride_cn"),
+    "backward_weight": ("stride_am", "stride_bn", "stride_cn"),
+}
+
+
+def _spec(config: triton.Config, dtype: str, pass_name: str, input_precision: str) -> CompileSpec:
+    """One pass of grouped_linear with contiguous tensors, as the JIT would specialize it."""
+    signature = {name: "i32" for name in grouped_gemm_kernel.arg_names}
+    signature.update({p: f"*{dtype}" for p in ("A", "B", "C", "BIAS")})
+    constexprs = dict(
+        config.kwargs,
+        HAS_BIAS=pass_name == "forward",
+        ACC_DTYPE=tl.float32,
+        UPCAST_OPERANDS=False,
+        INPUT_PRECISION=input_precision,
+    )
+    constexprs.update({name: 1 for name in UNIT_STRIDES[pass_name]})
+    for name in constexprs:
+        signature[name] = "constexpr"
+    cfg = "x".join(str(config.kwargs[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
+    precision = f"_{input_precision}" if dtype == "fp32" else ""
+    return CompileSpec(
+        name=f"grouped_gemm_{pass_name}_{dtype}{precision}_{cfg}_w{config.num_warps}_s{config.num_stages}",
+        fn=grouped_gemm_kernel,
+        signature=signature,
+        constexprs=constexprs,
+        num_warps=config.num_warps,
+        num_stages=config.num_stages,
+        dot_dtype=dtype if dtype in ("fp16", "bf16") else None,
+    )
+
+
+COMPILED_VARIANTS = [("fp16", "ieee"), ("bf16", "ieee"), ("fp32", "tf32"), ("fp32", "ieee")]
+"""(dtype, input_precision) pairs checked offline; fp64 (gradcheck under the interpreter) is not."""
+
+
+def compile_specs() -> list[CompileSpec]:
+    """Each pass x each (dtype, input_precision) of COMPILED_VARIANTS x each of its GPU configs."""
+    return [
+        _spec(cfg, dtype, pass_name, precision)
+        for pass_name in UNIT_STRIDES
+        for dtype, precision in COMPILED_VARIANTS
+        for cfg in gpu_configs(dtype, precision)
+    ]
+
+
+# SplitNet's rule for WRN-28-10 split into K branches: widen factor 10 -> 7 (K=2), 5 (K=4); the classifier
+# reads 64 * widen features per branch. CIFAR-100 classes, batch 128.
+WRN28_SPLIT_WIDEN = {2: 7, 4: 5}
+ROOFLINE_BATCH = 128
+ROOFLINE_CLASSES = 100
+_BYTES_PER_ELEMENT = {"bf16": 2, "fp16": 2, "tf32": 4, "fp32": 4}
+
+
+def roofline_cases() -> list[dict]:
+    """The classifier of a split WRN-28-10 (K = 2, 4; batch 128; 100 classes): forward, dX and dW launches."""
+    cases = []
+    for k, widen in WRN28_SPLIT_WIDEN.items():
+        m, in_f, out_f = ROOFLINE_BATCH, 64 * widen, ROOFLINE_CLASSES
+        flops = 2.0 * k * m * in_f * out_f
+        x, w, b, y = m * k * in_f, k * out_f * in_f, k * out_f, m * k * out_f
+        elements = {"forward": x + w + b + y, "backward_input": y + w + x, "backward_weight": y + x + w}
+        for dtype in ("bf16", "fp32"):
+            for pass_name, count in elements.items():
+                cases.append(
+                    {
+                        "name": f"{pass_name} K={k} M={m} in={in_f} out={out_f}",
+                        "flops": flops,
+                        "bytes": float(count * _BYTES_PER_ELEMENT[dtype]),
+                        "dtype": dtype,
+                        "notes": "split WRN-28-10 classifier"
+                        + ("; db = dY.sum(0) is a separate torch reduction" if pass_name == "backward_weight" else ""),
+                    }
+                )
+    return cases

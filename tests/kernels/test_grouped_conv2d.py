@@ -1,0 +1,404 @@
+"""The Triton grouped conv2d (run by the interpreter on CPU tensors) against float64 torch references.
+
+Each pass is compared with ``F.conv2d`` / ``torch.nn.grad.conv2d_input`` / ``conv2d_weight`` (``groups=K*groups``)
+computed in float64 on the same, already rounded inputs (tolerances: tests/kernels/_tolerances.py). Inputs live
+inside NaN-filled buffers and outputs inside sentinel-filled buffers (tests/kernels/_oob.py): a kernel reading or
+writing out of bounds, or leaving an output element unwritten, shows up as a NaN or a sentinel.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+import triton
+from _oob import Embedded, assert_no_oob, nan_embedded, sentinel_output
+from _tolerances import assert_close
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import Tensor
+
+from groupnet.kernels import grouped_conv2d as conv_module
+from groupnet.kernels._grouped_conv2d_common import ConvGeometry
+from groupnet.kernels.grouped_conv2d import compile_specs, grouped_conv2d, roofline_cases
+from groupnet.kernels.grouped_conv2d_bwd_input import BWD_INPUT_CONFIGS, grouped_conv2d_bwd_input
+from groupnet.kernels.grouped_conv2d_bwd_weight import BWD_WEIGHT_CONFIGS, grouped_conv2d_bwd_weight
+from groupnet.kernels.grouped_conv2d_fwd import FWD_CONFIGS, grouped_conv2d_fwd
+
+TO_NHWC, TO_NCHW = (0, 2, 3, 1), (0, 3, 1, 2)
+
+
+def nan_padded(t: Tensor, channels_last: bool) -> Tensor:
+    """A copy of ``t`` inside a NaN-filled buffer; 4-d tensors channels_last (channel stride 1) if asked."""
+    if channels_last and t.dim() == 4:
+        return nan_embedded(t.permute(TO_NHWC)).permute(TO_NCHW)
+    return nan_embedded(t)
+
+
+def sentinel_padded(shape: tuple[int, ...], dtype: torch.dtype, channels_last: bool) -> tuple[Embedded, Tensor]:
+    """An output inside a sentinel-filled buffer: (the Embedded to check, the NCHW view to write)."""
+    if channels_last and len(shape) == 4:
+        out = sentinel_output(tuple(shape[i] for i in TO_NHWC), dtype)
+        return out, out.view.permute(TO_NCHW)
+    out = sentinel_output(tuple(shape), dtype)
+    return out, out.view
+
+
+def rand(shape, dtype, gen) -> Tensor:
+    """fp64 normals rounded to ``dtype`` (the rounded values are what both sides see)."""
+    return torch.randn(shape, dtype=torch.float64, generator=gen).to(dtype)
+
+
+@st.composite
+def conv_cases(draw, max_channels: int = 12):
+    k = draw(st.integers(1, 4))
+    groups = draw(st.integers(1, 2))
+    g = k * groups
+    cin_g = draw(st.integers(1, max(1, max_channels // g)))
+    cout_g = draw(st.integers(1, max(1, max_channels // g)))
+    kh, kw = draw(st.integers(1, 3)), draw(st.integers(1, 3))
+    stride = (draw(st.integers(1, 2)), draw(st.integers(1, 2)))
+    padding = (draw(st.integers(0, 2)), draw(st.integers(0, 2)))
+    dilation = (draw(st.integers(1, 2)), draw(st.integers(1, 2)))
+    # Smallest input with a non-empty output, then up to 7.
+    min_h = max(1, dilation[0] * (kh - 1) + 1 - 2 * padding[0])
+    min_w = max(1, dilation[1] * (kw - 1) + 1 - 2 * padding[1])
+    h, w = draw(st.integers(min_h, max(min_h, 7))), draw(st.integers(min_w, max(min_w, 7)))
+    return dict(
+        n=draw(st.integers(1, 2)), k=k, groups=groups, cin_g=cin_g, cout_g=cout_g, kh=kh, kw=kw, h=h, w=w,
+        stride=stride, padding=padding, dilation=dilation,
+    )  # fmt: skip
+
+
+def check_all_passes(case, *, dtype, bias, relu, channels_last, split_rows, seed, configs=(None, None, None)):
+    """Run the three launchers on NaN-padded inputs into sentinel-padded outputs; compare with fp64 torch.
+
+    ``configs``: fixed launch configs (forward, input gradient, weight gradient); None autotunes.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    g = case["k"] * case["groups"]
+    conv = dict(stride=case["stride"], padding=case["padding"], dilation=case["dilation"])
+    x = rand((case["n"], g * case["cin_g"], case["h"], case["w"]), dtype, gen)
+    w = rand((g * case["cout_g"], case["cin_g"], case["kh"], case["kw"]), dtype, gen)
+    b = rand((g * case["cout_g"],), dtype, gen) if bias else None
+    x64, w64 = x.double(), w.double()
+    y_ref = F.conv2d(x64, w64, None if b is None else b.double(), groups=g, **conv)
+    if relu:
+        y_ref = y_ref.relu()
+    taps = case["kh"] * case["kw"]
+    pixels = y_ref.shape[0] * y_ref.shape[2] * y_ref.shape[3]  # the weight-gradient reduction length
+
+    xv, wv = nan_padded(x, channels_last), nan_padded(w, channels_last)
+    bv = None if b is None else nan_padded(b, False)
+    y, yv = sentinel_padded(y_ref.shape, dtype, channels_last)
+    grouped_conv2d_fwd(xv, wv, bv, yv, groups=g, activation="relu" if relu else None, config=configs[0], **conv)
+    assert_no_oob(y, "forward")
+    assert_close(yv, y_ref, dtype, reduction=case["cin_g"] * taps, what="forward")
+
+    # The ReLU mask comes from the kernel's own (rounded) output, as in autograd.
+    dy = rand(y_ref.shape, dtype, gen)
+    dz64 = dy.double() * (yv.double() > 0) if relu else dy.double()
+    dyv = nan_padded(dy, channels_last)
+    relu_output = nan_padded(yv, channels_last) if relu else None
+
+    dx, dxv = sentinel_padded(x.shape, dtype, channels_last)
+    grouped_conv2d_bwd_input(dyv, wv, dxv, groups=g, relu_output=relu_output, config=configs[1], **conv)
+    assert_no_oob(dx, "input gradient")
+    dx_ref = torch.nn.grad.conv2d_input(x.shape, w64, dz64, groups=g, **conv)
+    assert_close(dxv, dx_ref, dtype, reduction=case["cout_g"] * taps, what="input gradient")
+
+    dw, dwv = sentinel_padded(w.shape, dtype, channels_last)
+    db, dbv = sentinel_padded((w.shape[0],), dtype, False) if bias else (None, None)
+    grouped_conv2d_bwd_weight(
+        xv, dyv, dwv, dbv, groups=g, relu_output=relu_output, split_rows=split_rows, config=configs[2], **conv
+    )
+    assert_no_oob(dw, "weight gradient")
+    dw_ref = torch.nn.grad.conv2d_weight(x64, w.shape, dz64, groups=g, **conv)
+    assert_close(dwv, dw_ref, dtype, reduction=pixels, what="weight gradient")
+    if bias:
+        assert_no_oob(db, "bias gradient")
+        assert_close(dbv, dz64.sum((0, 2, 3)), dtype, reduction=pixels, what="bias gradient")
+
+
+@settings(max_examples=20)
+@given(
+    case=conv_cases(),
+    dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]),
+    bias=st.booleans(),
+    relu=st.booleans(),
+    channels_last=st.booleans(),
+    # None: the default split (64 rows under the interpreter); 40 puts split boundaries inside a BLOCK_R tile.
+    split_rows=st.sampled_from([40, None, 10**6]),
+    seed=st.integers(0, 2**16),
+)
+def test_passes_match_torch(case, dtype, bias, relu, channels_last, split_rows, seed):
+    check_all_passes(
+        case, dtype=dtype, bias=bias, relu=relu, channels_last=channels_last, split_rows=split_rows, seed=seed
+    )
+
+
+# Fixed configs with other tile shapes than the interpreter's autotune config (the ``config=`` launch path).
+WIDE_CONFIGS = (
+    triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32}),
+    triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32}),
+    triton.Config({"BLOCK_CO": 32, "BLOCK_CI": 16, "BLOCK_R": 32}),
+)
+
+
+@settings(max_examples=4)
+@given(
+    k=st.integers(1, 2),
+    cin_g=st.integers(17, 21),
+    cout_g=st.integers(17, 20),
+    stride=st.integers(1, 2),
+    channels_last=st.booleans(),
+    fixed_configs=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_channel_tails_across_tiles(k, cin_g, cout_g, stride, channels_last, fixed_configs, seed):
+    """More than one 16-wide channel tile per group (input, output and reduction tiles with masked tails), with
+    the autotuned interpreter config or fixed configs of other tile shapes."""
+    case = dict(
+        n=1, k=k, groups=1, cin_g=cin_g, cout_g=cout_g, kh=3, kw=3, h=3, w=4,
+        stride=(stride, stride), padding=(1, 1), dilation=(1, 1),
+    )  # fmt: skip
+    check_all_passes(
+        case, dtype=torch.float32, bias=True, relu=True, channels_last=channels_last, split_rows=None, seed=seed,
+        configs=WIDE_CONFIGS if fixed_configs else (None, None, None),
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("stride, dilation", [((3, 2), (2, 1)), ((2, 4), (2, 2)), ((3, 1), (3, 3))])
+def test_input_grad_tap_phases(stride, dilation):
+    """Strides beyond 2 and dilations sharing a factor with the stride: the per-phase tap progression (first tap,
+    step stride/gcd(stride, dilation), phases with no tap at all) is the whole input gradient."""
+    gen = torch.Generator().manual_seed(7)
+    x_shape = (1, 2, 9, 8)
+    w = torch.randn(2, 2, 3, 3, generator=gen, dtype=torch.float64)
+    conv = dict(stride=stride, padding=(1, 2), dilation=dilation)
+    out_shape = F.conv2d(torch.empty(x_shape, device="meta"), w.to("meta"), **conv).shape
+    dy = torch.randn(out_shape, generator=gen, dtype=torch.float64)
+    dx = grouped_conv2d_bwd_input(dy, w, torch.empty(x_shape, dtype=torch.float64), groups=1, **conv)
+    assert_close(dx, torch.nn.grad.conv2d_input(x_shape, w, dy, **conv), torch.float64, reduction=18, what="dx")
+
+
+@pytest.mark.parametrize("split_rows", [7, 40, 97])
+def test_weight_grad_split_boundaries(split_rows):
+    """Split boundaries inside a BLOCK_R tile (7, 40) and a last split of one row (97 of 98): no row is counted by
+    two splits or dropped."""
+    gen = torch.Generator().manual_seed(6)
+    x = torch.randn(2, 3, 7, 7, generator=gen, dtype=torch.float64)
+    dy = torch.randn(2, 4, 7, 7, generator=gen, dtype=torch.float64)
+    conv = dict(stride=(1, 1), padding=(0, 1), dilation=(1, 1))
+    dw, db = grouped_conv2d_bwd_weight(x, dy, torch.empty(4, 3, 1, 3, dtype=torch.float64),
+                                       torch.empty(4, dtype=torch.float64), groups=1, split_rows=split_rows,
+                                       **conv)  # fmt: skip
+    dw_ref = torch.nn.grad.conv2d_weight(x, (4, 3, 1, 3), dy, **conv)
+    assert_close(dw, dw_ref, torch.float64, reduction=98, what="dw")
+    assert_close(db, dy.sum((0, 2, 3)), torch.float64, reduction=98, what="db")
+
+
+@pytest.mark.parametrize(
+    "conv",
+    [
+        dict(stride=2, padding=1, dilation=1, groups=1, activation="relu"),
+        dict(stride=(1, 2), padding=(0, 2), dilation=(2, 1), groups=2, activation=None),
+    ],
+)
+def test_gradcheck_float64(conv):
+    """The whole autograd op in float64 (the interpreter runs fp64 kernels with fp64 accumulation). With ReLU,
+    a pre-activation within eps=1e-6 of the kink would break the finite differences; random data avoids it."""
+    gen = torch.Generator().manual_seed(0)
+    k, groups = 2, conv["groups"]
+    x = torch.randn(1, k * groups, 4, 4, dtype=torch.float64, generator=gen).requires_grad_()
+    w = torch.randn(k * groups, 1, 2, 3, dtype=torch.float64, generator=gen).requires_grad_()
+    b = torch.randn(w.shape[0], dtype=torch.float64, generator=gen).requires_grad_()
+    fn = lambda x, w, b: grouped_conv2d(x, w, b, branches=k, **conv)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (x, w, b), fast_mode=True)
+
+
+@pytest.mark.parametrize(
+    "x_channels_last, w_channels_last, relu", [(False, False, True), (True, True, False), (True, False, True)]
+)
+def test_autograd_formats_and_stride0_grad(x_channels_last, w_channels_last, relu):
+    """Eager autograd through the public op: values, memory formats of y / dx / dw, and the stride-0 gradient
+    that ``y.sum().backward()`` sends."""
+    gen = torch.Generator().manual_seed(1)
+    k, conv = 3, dict(stride=2, padding=1, dilation=1)
+    x = torch.randn(2, k * 2, 5, 6, dtype=torch.float32, generator=gen)
+    w = torch.randn(k * 3, 2, 3, 3, dtype=torch.float32, generator=gen)
+    b = torch.randn(k * 3, dtype=torch.float32, generator=gen)
+    if x_channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    if w_channels_last:
+        w = w.contiguous(memory_format=torch.channels_last)
+    x, w, b = (t.requires_grad_() for t in (x, w, b))
+    y = grouped_conv2d(x, w, b, branches=k, activation="relu" if relu else None, input_precision="ieee", **conv)
+    assert y.is_contiguous(memory_format=torch.channels_last if x_channels_last else torch.contiguous_format)
+    y.sum().backward()
+
+    refs = [t.detach().double().requires_grad_() for t in (x, w, b)]
+    y_ref = F.conv2d(*refs, groups=k, **conv)
+    (y_ref.relu() if relu else y_ref).sum().backward()
+    assert_close(y, y_ref.relu() if relu else y_ref, torch.float32, reduction=18, what="forward")
+    for name, t, ref, reduction in zip(("dx", "dw", "db"), (x, w, b), refs, (27, 18, 18)):
+        assert_close(t.grad, ref.grad, torch.float32, reduction=reduction, what=name)
+    assert x.grad.is_contiguous(memory_format=torch.channels_last if x_channels_last else torch.contiguous_format)
+    assert w.grad.is_contiguous(memory_format=torch.channels_last if w_channels_last else torch.contiguous_format)
+
+
+def test_only_the_needed_gradients():
+    """needs_input_grad is respected: a frozen weight gets no gradient, the input still does (and bias alone)."""
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(1, 4, 4, 4, generator=gen, requires_grad=True)
+    w = torch.randn(6, 2, 3, 3, generator=gen)
+    b = torch.randn(6, generator=gen, requires_grad=True)
+    grouped_conv2d(x, w, b, branches=2, padding=1, input_precision="ieee").square().sum().backward()
+    xr, br = x.detach().double().requires_grad_(), b.detach().double().requires_grad_()
+    F.conv2d(xr, w.double(), br, padding=1, groups=2).square().sum().backward()
+    assert w.grad is None
+    assert_close(x.grad, xr.grad, torch.float32, reduction=27, what="dx")
+    assert_close(b.grad, br.grad, torch.float32, reduction=16, what="db")
+
+
+@pytest.mark.parametrize("backend", ["eager", "aot_eager", "inductor"])
+def test_torch_compile_fullgraph(backend):
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 4, 5, 5, generator=gen).contiguous(memory_format=torch.channels_last).requires_grad_()
+    w = torch.randn(6, 2, 3, 3, generator=gen, requires_grad=True)
+
+    def fn(x, w):
+        return grouped_conv2d(x, w, None, branches=2, stride=2, padding=1, activation="relu", input_precision="ieee")
+
+    torch._dynamo.reset()
+    y = torch.compile(fn, backend=backend, fullgraph=True)(x, w)
+    (y * y).sum().backward()
+    xr, wr = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    y_ref = F.conv2d(xr, wr, stride=2, padding=1, groups=2).relu()
+    (y_ref * y_ref).sum().backward()
+    assert_close(y, y_ref, torch.float32, reduction=18, what="forward")
+    assert_close(x.grad, xr.grad, torch.float32, reduction=27, what="dx")
+    assert_close(w.grad, wr.grad, torch.float32, reduction=18, what="dw")
+
+
+def test_opcheck_inner_ops():
+    """Schema, fake tensors (shapes and strides), autograd registration and aot dispatch of the three custom ops."""
+    gen = torch.Generator().manual_seed(4)
+    conv = ([2, 1], [1, 0], [1, 2])
+    x = torch.randn(1, 4, 5, 5, generator=gen).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(6, 2, 2, 2, generator=gen)
+    b = torch.randn(6, generator=gen)
+    ops = torch.ops.groupnet
+    y = ops.grouped_conv2d_forward(x, w, b, *conv, 2, "relu", "ieee")
+    dy = torch.randn(y.shape, generator=gen)
+    cases = [
+        (ops.grouped_conv2d_forward, (x, w, b, *conv, 2, "relu", "ieee")),
+        (ops.grouped_conv2d_forward, (x.contiguous(), w, None, *conv, 2, None, "ieee")),
+        (ops.grouped_conv2d_backward_input, (dy, w, y, list(x.shape), *conv, 2, True, "ieee")),
+        (ops.grouped_conv2d_backward_weight, (x, dy, None, list(w.shape), True, *conv, 2, False, "ieee")),
+    ]
+    for op, args in cases:
+        torch.library.opcheck(op, args)
+
+
+def test_bad_inputs_raise_clear_errors(monkeypatch):
+    x = torch.randn(1, 6, 5, 5)
+    w = torch.randn(4, 3, 3, 3)
+    with pytest.raises(ValueError, match="= 2\\*2 = 4, got 6"):
+        grouped_conv2d(x, torch.randn(4, 2, 3, 3), branches=2)  # wrong K*Cin for this weight
+    with pytest.raises(ValueError, match="4-d input"):
+        grouped_conv2d(x[0], w, branches=2)
+    with pytest.raises(TypeError, match="float16 does not match weight dtype torch.float32"):
+        grouped_conv2d(x.half(), w, branches=2)
+    with pytest.raises(RuntimeError, match="meta"):
+        grouped_conv2d(x, w.to("meta"), branches=2)
+    with pytest.raises(TypeError, match="supports dtypes"):
+        grouped_conv2d(x.to(torch.int32), w.to(torch.int32), branches=2)
+    with pytest.raises(ValueError, match="bias must have shape"):
+        grouped_conv2d(x, w, torch.randn(5), branches=2)
+    with pytest.raises(ValueError, match="activation"):
+        grouped_conv2d(x, w, branches=2, activation="gelu")
+    with pytest.raises(ValueError, match="input_precision"):
+        grouped_conv2d(x, w, branches=2, input_precision="bf16x3")
+    with pytest.raises(ValueError, match="stride must be two ints >= 1"):
+        grouped_conv2d(x, w, branches=2, stride=0)
+    with pytest.raises(ValueError, match="empty"):
+        grouped_conv2d(x, w, branches=2, dilation=3)  # 5x5 input, a dilated 3x3 kernel spans 7
+    conv = dict(stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups=2)
+    with pytest.raises(ValueError, match="out must be"):
+        grouped_conv2d_fwd(x, w, None, torch.empty(1, 4, 2, 2), **conv)
+    with pytest.raises(ValueError, match="grad_out must be"):
+        grouped_conv2d_bwd_input(torch.randn(1, 4, 2, 2), w, torch.empty_like(x), **conv)
+    with pytest.raises(TypeError, match="weight_out has dtype torch.float16"):
+        grouped_conv2d_bwd_weight(x, torch.randn(1, 4, 3, 3), torch.empty(4, 3, 3, 3, dtype=torch.float16), **conv)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        grouped_conv2d(x, w, branches=2)
+
+
+def test_stride0_grad_out_in_the_launchers():
+    """An expanded (all strides 0) gradient is read through its strides, not as if contiguous."""
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 4, 5, 5, generator=gen, dtype=torch.float64)
+    w = torch.randn(6, 2, 3, 3, generator=gen, dtype=torch.float64)
+    conv = dict(stride=(2, 2), padding=(1, 1), dilation=(1, 1))
+    dy = torch.tensor(0.75, dtype=torch.float64).expand(2, 6, 3, 3)
+    assert dy.stride() == (0, 0, 0, 0)
+    dx = grouped_conv2d_bwd_input(dy, w, torch.empty_like(x), groups=2, **conv)
+    dw, db = grouped_conv2d_bwd_weight(x, dy, torch.empty_like(w), torch.empty(6, dtype=torch.float64), groups=2,
+                                       **conv)  # fmt: skip
+    dense = dy.contiguous()
+    dx_ref = torch.nn.grad.conv2d_input(x.shape, w, dense, groups=2, **conv)
+    dw_ref = torch.nn.grad.conv2d_weight(x, w.shape, dense, groups=2, **conv)
+    assert_close(dx, dx_ref, torch.float64, reduction=27, what="dx")
+    assert_close(dw, dw_ref, torch.float64, reduction=18, what="dw")
+    assert_close(db, dense.sum((0, 2, 3)), torch.float64, reduction=18, what="db")
+
+
+def test_empty_batch():
+    x = torch.randn(0, 4, 5, 5, requires_grad=True)
+    w = torch.randn(6, 2, 3, 3, requires_grad=True)
+    y = grouped_conv2d(x, w, branches=2, padding=1)
+    assert y.shape == (0, 6, 5, 5)
+    y.sum().backward()
+    assert x.grad.shape == x.shape
+    assert torch.equal(w.grad, torch.zeros_like(w))
+
+
+def test_compile_specs_cover_every_pass_config_and_dtype():
+    """Structure only (the compile itself runs in tests/kernels/test_compile.py)."""
+    specs = compile_specs()
+    names = [s.name for s in specs]
+    assert len(names) == len(set(names))
+    expected = 3 * (len(FWD_CONFIGS) + len(BWD_INPUT_CONFIGS) + len(BWD_WEIGHT_CONFIGS))
+    assert len(specs) == expected
+    for spec in specs:
+        assert set(spec.signature) == set(spec.fn.arg_names)
+        assert all(spec.signature[name] == "constexpr" for name in spec.constexprs)
+        assert (spec.dot_dtype is not None) == any(f"_{d}_" in spec.name for d in ("fp16", "bf16"))
+
+
+def test_roofline_cases_count_what_torch_counts():
+    """FLOPs of each case equal torch's FlopCounterMode on the same conv (meta tensors); bytes are the sizes of
+    input, weight and output in bf16."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    cases = roofline_cases(batch=4)
+    assert {c["dtype"] for c in cases} == {"bf16"}
+    k, widen = 2, conv_module._WRN_SPLIT_WIDEN[2]
+    for name, cin, cout, ks, s, hw in conv_module._wrn_convs(widen):
+        x = torch.empty(4, k * cin, hw, hw, device="meta")
+        w = torch.empty(k * cout, cin, ks, ks, device="meta")
+        with FlopCounterMode(display=False) as counter:
+            y = F.conv2d(x, w, stride=s, padding=ks // 2, groups=k)
+        fwd = next(c for c in cases if c["name"].startswith(f"conv fwd K={k} {name} "))
+        assert fwd["flops"] == counter.get_total_flops()
+        assert fwd["bytes"] == 2 * (x.numel() + w.numel() + y.numel())
+
+
+def test_geometry_matches_torch_output_size():
+    geom = ConvGeometry.of((2, 6, 7, 5), (9, 2, 3, 2), (2, 1), (1, 2), (2, 1), 3)
+    y = F.conv2d(torch.empty(2, 6, 7, 5, device="meta"), torch.empty(9, 2, 3, 2, device="meta"), None, (2, 1), (1, 2),
+                 (2, 1), 3)  # fmt: skip
+    assert geom.output_size == tuple(y.shape)
+

@@ -1,0 +1,259 @@
+"""The Triton grouped GEMM (kernels/grouped_gemm.py) under the interpreter, against float64 per-branch references."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from _oob import assert_no_oob, nan_embedded, sentinel_output
+from _tolerances import assert_close
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from groupnet.kernels import grouped_gemm as gg
+from groupnet.kernels._common import SHARED_MEMORY_LIMIT
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]  # bf16: loads/stores only, math in fp32 (interpreter)
+
+
+def reference_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """Naive per-branch loop in float64: branch k maps columns [k*in, (k+1)*in) with weight[k]."""
+    k, _, in_f = weight.shape
+    x, weight = x.double(), weight.double()
+    outs = [x[:, i * in_f : (i + 1) * in_f] @ weight[i].T for i in range(k)]
+    if bias is not None:
+        outs = [o + bias[i].double() for i, o in enumerate(outs)]
+    return torch.cat(outs, dim=1)
+
+
+@st.composite
+def problems(draw, max_size: int = 70):
+    k = draw(st.integers(1, 6))
+    m = draw(st.integers(1, max_size))
+    in_f = draw(st.integers(1, max_size))
+    out_f = draw(st.integers(1, max_size))
+    return k, m, in_f, out_f
+
+
+def _random(shape, dtype, gen, scale=1.0):
+    return (torch.rand(shape, generator=gen, dtype=torch.float64) * 2 - 1).mul(scale).to(dtype)
+
+
+@settings(max_examples=20)
+@given(
+    problem=problems(),
+    has_bias=st.booleans(),
+    dtype=st.sampled_from(DTYPES),
+    x_layout=st.sampled_from(["contiguous", "column_slice", "transposed"]),
+    input_precision=st.sampled_from(gg.INPUT_PRECISIONS),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_grouped_linear_matches_per_branch_reference(problem, has_bias, dtype, x_layout, input_precision, seed):
+    """Forward, dX, dW and db of the public op (autograd through the custom ops) against float64 autograd."""
+    k, m, in_f, out_f = problem
+    gen = torch.Generator().manual_seed(seed)
+    x = _random((m, k * in_f), dtype, gen)
+    if x_layout != "contiguous":
+        x = nan_embedded(x, transpose=x_layout == "transposed")
+    weight = _random((k, out_f, in_f), dtype, gen)
+    bias = _random((k, out_f), dtype, gen) if has_bias else None
+    grad_y = _random((m, k * out_f), dtype, gen)
+
+    leaves = [t.detach().requires_grad_() for t in (x, weight) + ((bias,) if has_bias else ())]
+    y = gg.grouped_linear(*leaves[:2], leaves[2] if has_bias else None, input_precision=input_precision)
+    y.backward(grad_y)
+    ref_leaves = [t.detach().double().requires_grad_() for t in leaves]
+    y_ref = reference_linear(*ref_leaves[:2], ref_leaves[2] if has_bias else None)
+    y_ref.backward(grad_y.double())
+
+    assert y.dtype == dtype and y.shape == (m, k * out_f) and y.is_contiguous()
+    assert_close(y, y_ref, dtype, reduction=in_f, what="forward")
+    assert_close(leaves[0].grad, ref_leaves[0].grad, dtype, reduction=out_f, what="grad x")
+    assert_close(leaves[1].grad, ref_leaves[1].grad, dtype, reduction=m, what="grad weight")
+    if has_bias:
+        assert_close(leaves[2].grad, ref_leaves[2].grad, dtype, reduction=m, what="grad bias")
+
+
+@settings(max_examples=12)
+@given(
+    problem=problems(max_size=40),
+    has_bias=st.booleans(),
+    dtype=st.sampled_from(DTYPES),
+    transpose=st.booleans(),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_launches_stay_in_bounds(problem, has_bias, dtype, transpose, seed):
+    """All three launches read only inside NaN-padded inputs and write exactly their sentinel-padded outputs."""
+    k, m, in_f, out_f = problem
+    gen = torch.Generator().manual_seed(seed)
+    x = nan_embedded(_random((m, k * in_f), dtype, gen), transpose=transpose)
+    weight = nan_embedded(_random((k, out_f, in_f), dtype, gen), transpose=transpose)
+    bias = nan_embedded(_random((k, out_f), dtype, gen)) if has_bias else None
+    grad_y = nan_embedded(_random((m, k * out_f), dtype, gen), transpose=not transpose)
+
+    y = sentinel_output((m, k * out_f), dtype, transpose=transpose)
+    gg.forward_into(x, weight, bias, out=y.view)
+    assert_no_oob(y, "forward")
+    assert_close(y.view, reference_linear(x, weight, bias), dtype, reduction=in_f, what="forward")
+
+    grad_x = sentinel_output((m, k * in_f), dtype, transpose=not transpose)
+    gg.backward_input_into(grad_y, weight, out=grad_x.view)
+    assert_no_oob(grad_x, "backward input")
+    ref_grad_x = torch.cat(
+        [grad_y[:, i * out_f : (i + 1) * out_f].double() @ weight[i].double() for i in range(k)], dim=1
+    )
+    assert_close(grad_x.view, ref_grad_x, dtype, reduction=out_f, what="backward input")
+
+    grad_w = sentinel_output((k, out_f, in_f), dtype, transpose=transpose)
+    gg.backward_weight_into(grad_y, x, out=grad_w.view)
+    assert_no_oob(grad_w, "backward weight")
+    ref_grad_w = torch.stack(
+        [
+            grad_y[:, i * out_f : (i + 1) * out_f].double().T @ x[:, i * in_f : (i + 1) * in_f].double()
+            for i in range(k)
+        ]
+    )
+    assert_close(grad_w.view, ref_grad_w, dtype, reduction=m, what="backward weight")
+
+
+def test_stride_zero_grad_from_sum():
+    """``y.sum().backward()`` hands the backward an expanded (all-zero-stride) gradient."""
+    gen = torch.Generator().manual_seed(0)
+    k, m, in_f, out_f = 3, 9, 17, 5
+    x = _random((m, k * in_f), torch.float32, gen).requires_grad_()
+    weight = _random((k, out_f, in_f), torch.float32, gen).requires_grad_()
+    bias = _random((k, out_f), torch.float32, gen).requires_grad_()
+    gg.grouped_linear(x, weight, bias).sum().backward()
+    refs = [t.detach().double().requires_grad_() for t in (x, weight, bias)]
+    reference_linear(*refs).sum().backward()
+    for got, ref, what in zip((x, weight, bias), refs, ("x", "weight", "bias")):
+        assert_close(got.grad, ref.grad, torch.float32, reduction=m, what=f"grad {what}")
+
+
+def test_gradcheck_float64():
+    gen = torch.Generator().manual_seed(1)
+    k, m, in_f, out_f = 2, 2, 3, 2
+    inputs = [
+        _random(shape, torch.float64, gen).requires_grad_() for shape in ((m, k * in_f), (k, out_f, in_f), (k, out_f))
+    ]
+    assert torch.autograd.gradcheck(gg.grouped_linear, inputs)
+
+
+def test_opcheck_custom_ops():
+    gen = torch.Generator().manual_seed(2)
+    k, m, in_f, out_f = 2, 5, 6, 3
+    x = _random((m, k * in_f), torch.float32, gen)
+    weight = _random((k, out_f, in_f), torch.float32, gen)
+    bias = _random((k, out_f), torch.float32, gen)
+    grad_y = _random((m, k * out_f), torch.float32, gen)
+    ops = torch.ops.groupnet
+    torch.library.opcheck(ops.grouped_linear_forward, (x, weight, bias, "ieee"))
+    torch.library.opcheck(ops.grouped_linear_forward, (x, weight, None, "ieee"))
+    torch.library.opcheck(ops.grouped_linear_backward_input, (grad_y, weight, "ieee"))
+    torch.library.opcheck(ops.grouped_linear_backward_weight, (grad_y, x, k, "ieee"))
+
+
+@pytest.mark.parametrize("backend", ["eager", "aot_eager", "inductor"])
+def test_torch_compile_fullgraph(backend):
+    torch._dynamo.reset()
+    gen = torch.Generator().manual_seed(3)
+    k, m, in_f, out_f = 2, 6, 7, 5
+    inputs = [_random(s, torch.float32, gen) for s in ((m, k * in_f), (k, out_f, in_f), (k, out_f))]
+    leaves = [t.clone().requires_grad_() for t in inputs]
+    compiled = torch.compile(gg.grouped_linear, backend=backend, fullgraph=True)
+    (compiled(*leaves) * 2).sum().backward()
+    refs = [t.double().requires_grad_() for t in inputs]
+    (reference_linear(*refs) * 2).sum().backward()
+    for got, ref in zip(leaves, refs):
+        assert_close(got.grad, ref.grad, torch.float32, reduction=m, what=f"{backend} grad")
+
+
+def test_functional_dispatches_to_the_kernel(triton_backend, monkeypatch):
+    """groupnet.functional.grouped_linear with GROUPNET_BACKEND=triton runs the kernel, also on (..., K*in)."""
+    from groupnet import functional
+
+    calls = []
+    original = gg.launch_grouped_gemm
+    monkeypatch.setattr(gg, "launch_grouped_gemm", lambda *a, **kw: calls.append(1) or original(*a, **kw))
+    gen = torch.Generator().manual_seed(4)
+    k, in_f, out_f = 3, 4, 6
+    x = _random((2, 5, k * in_f), torch.float32, gen)
+    weight = _random((k, out_f, in_f), torch.float32, gen)
+    bias = _random((k, out_f), torch.float32, gen)
+    y = functional.grouped_linear(x, weight, bias)
+    assert calls, "GROUPNET_BACKEND=triton did not reach the Triton launcher"
+    assert y.shape == (2, 5, k * out_f)
+    assert_close(y.reshape(10, -1), reference_linear(x.reshape(10, -1), weight, bias), torch.float32, reduction=in_f)
+
+
+def _bad(**overrides):
+    args = dict(x=torch.zeros(4, 6), weight=torch.zeros(2, 5, 3), bias=torch.zeros(2, 5))
+    args.update(overrides)
+    return args
+
+
+@pytest.mark.parametrize(
+    "overrides, error, message",
+    [
+        (dict(x=torch.zeros(4, 8)), ValueError, "features = branches*features_per_branch = 2*3 = 6, got 8"),
+        (dict(x=torch.zeros(2, 4, 6)), ValueError, "expects a 2-d input, got shape (2, 4, 6)"),
+        (dict(weight=torch.zeros(10, 3)), ValueError, "weight must be (K, out, in), got shape (10, 3)"),
+        (dict(bias=torch.zeros(5)), ValueError, "bias must have shape (2, 5), got (5,)"),
+        (dict(x=torch.zeros(4, 6, dtype=torch.float16)), TypeError, "input dtype torch.float16 does not match"),
+        (dict(bias=torch.zeros(2, 5, dtype=torch.float16)), TypeError, "bias dtype torch.float16 does not match"),
+        (dict(bias=torch.zeros(2, 5, device="meta")), RuntimeError, "bias is on meta but the weights are on cpu"),
+        (dict(x=torch.zeros(4, 6, device="meta")), RuntimeError, "input is on meta but the weights are on cpu"),
+        (
+            dict(x=torch.zeros(4, 6, dtype=torch.int32), weight=torch.zeros(2, 5, 3, dtype=torch.int32), bias=None),
+            TypeError,
+            "supported dtypes are",
+        ),
+    ],
+)
+def test_bad_input_errors(overrides, error, message):
+    args = _bad(**overrides)
+    with pytest.raises(error) as info:
+        gg.grouped_linear(args["x"], args["weight"], args["bias"])
+    assert message in str(info.value)
+
+
+def test_bad_precision_and_device_without_interpreter(monkeypatch):
+    args = _bad()
+    with pytest.raises(ValueError, match="input_precision must be one of"):
+        gg.grouped_linear(args["x"], args["weight"], args["bias"], input_precision="fp8")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(RuntimeError, match="need CUDA tensors .* got a tensor on cpu"):
+        gg.grouped_linear(args["x"], args["weight"], args["bias"])
+
+
+def test_launcher_rejects_mismatched_operands_and_huge_strides():
+    a, b, out = torch.zeros(2, 3, 4), torch.zeros(2, 4, 5), torch.zeros(2, 3, 5)
+    with pytest.raises(ValueError, match=r"expected a \(G, M, KD\), b \(G, KD, N\)"):
+        gg.launch_grouped_gemm(a, torch.zeros(2, 3, 5), out)
+    with pytest.raises(TypeError, match="out has dtype torch.float64, expected torch.float32"):
+        gg.launch_grouped_gemm(a, b, out.double())
+    storage = torch.zeros(2**24 + 8, dtype=torch.float16)
+    wide = storage.as_strided((1, 2, 4), (0, 2**24, 1))  # a row stride whose tile offsets overflow int32
+    with pytest.raises(ValueError, match="offsets inside a tile are int32"):
+        gg.launch_grouped_gemm(wide, torch.zeros(1, 4, 3, dtype=wide.dtype), torch.zeros(1, 2, 3, dtype=wide.dtype))
+
+
+def test_compile_specs_cover_every_gpu_config():
+    """compile_specs() lists each pass x variant x config the autotuner may pick; every config is dot-legal."""
+    specs = {s.name: s for s in gg.compile_specs()}
+    for dtype, precision in gg.COMPILED_VARIANTS:
+        for cfg in gg.gpu_configs(dtype, precision):
+            for pass_name in ("forward", "backward_input", "backward_weight"):
+                expected = gg._spec(cfg, dtype, pass_name, precision)
+                assert expected.name in specs, f"missing compile spec {expected.name}"
+    for cfg in gg.GPU_CONFIGS + [gg.INTERPRETER_CONFIG]:
+        kw = cfg.kwargs
+        assert kw["BLOCK_K"] >= 16, f"BLOCK_K < 16 cannot feed 16-bit tl.dot on a GPU: {cfg}"
+        assert max(kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"]) <= gg.MAX_BLOCK
+        fp32_operand_bytes = cfg.num_stages * (kw["BLOCK_M"] + kw["BLOCK_N"]) * kw["BLOCK_K"] * 4
+        assert fp32_operand_bytes <= SHARED_MEMORY_LIMIT[80], f"{cfg} cannot hold its fp32 stages on sm_80"
+
+
+def test_autotune_keys_exclude_the_batch():
+    """The batch size is M in forward/dX and KD in dW: neither may be an autotune key (no retune per batch)."""
+    assert "M" not in gg._features_reduced_gemm.keys
+    assert "KD" not in gg._batch_reduced_gemm.keys

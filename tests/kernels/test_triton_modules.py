@@ -1,0 +1,116 @@
+"""Grouped modules running on the Triton kernels (interpreter, ``GROUPNET_BACKEND=triton``) against their per-branch
+reference modules (``groupnet.reference_of``: K plain ``nn.Conv2d`` / ``nn.Linear`` run in a loop, in float64)."""
+
+from __future__ import annotations
+
+import torch
+from _tolerances import assert_close
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import groupnet.kernels.grouped_conv2d as triton_conv
+import groupnet.kernels.grouped_gemm as triton_gemm
+from groupnet import GroupedConv2d, GroupedLinear, reference_of
+
+# The backend fixture patches the environment once per test, which is what every example needs.
+module_settings = settings(max_examples=6, suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+def count_calls(monkeypatch, module, name: str) -> list[int]:
+    """Wrap ``module.name`` (looked up at call time by groupnet.functional) to count its calls."""
+    calls = [0]
+    original = getattr(module, name)
+
+    def counted(*args, **kwargs):
+        calls[0] += 1
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, counted)
+    return calls
+
+
+@module_settings
+@given(
+    k=st.integers(1, 3),
+    groups=st.sampled_from([1, 2]),
+    in_per_group=st.integers(1, 3),
+    out_per_group=st.integers(1, 3),
+    kernel=st.integers(1, 3),
+    stride=st.integers(1, 2),
+    padding=st.integers(0, 1),
+    bias=st.booleans(),
+    channels_last=st.booleans(),
+    dtype=st.sampled_from([torch.float32, torch.float64]),
+    size=st.tuples(st.integers(1, 2), st.integers(3, 6), st.integers(3, 6)),
+    seed=st.integers(0, 2**16),
+)
+def test_grouped_conv2d_module_matches_reference(
+    triton_backend, monkeypatch, k, groups, in_per_group, out_per_group, kernel, stride, padding, bias,
+    channels_last, dtype, size, seed,
+):  # fmt: skip
+    torch.manual_seed(seed)
+    in_c, out_c = groups * in_per_group, groups * out_per_group
+    conv = GroupedConv2d(
+        in_c, out_c, kernel, branches=k, stride=stride, padding=padding, groups=groups, bias=bias, dtype=dtype
+    )
+    ref = reference_of(conv).double()
+    n, h, w = size
+    x = torch.randn(n, k * in_c, h, w, dtype=dtype)
+    if channels_last:
+        conv = conv.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
+    calls = count_calls(monkeypatch, triton_conv, "grouped_conv2d")
+
+    y = conv(x)
+    grad_y = torch.randn(y.shape, dtype=dtype)
+    y.backward(grad_y)
+    x_ref = x.detach().double().requires_grad_()
+    y_ref = ref(x_ref)
+    y_ref.backward(grad_y.double())
+
+    assert calls[0] == 1, "the module did not run the Triton conv"
+    taps = kernel * kernel
+    pixels = y.shape[0] * y.shape[2] * y.shape[3]
+    assert_close(y, y_ref, dtype, reduction=in_per_group * taps, what="forward")
+    assert_close(x.grad, x_ref.grad, dtype, reduction=out_per_group * taps, what="grad input")
+    ref_w = torch.cat([m.weight.grad for m in ref.branch_modules])
+    assert_close(conv.weight.grad, ref_w, dtype, reduction=pixels, what="grad weight")
+    if bias:
+        ref_b = torch.cat([m.bias.grad for m in ref.branch_modules])
+        assert_close(conv.bias.grad, ref_b, dtype, reduction=pixels, what="grad bias")
+
+
+@module_settings
+@given(
+    k=st.integers(1, 4),
+    in_f=st.integers(1, 20),
+    out_f=st.integers(1, 20),
+    lead=st.sampled_from([(5,), (2, 3), (1,)]),
+    bias=st.booleans(),
+    dtype=st.sampled_from([torch.float32, torch.float64]),
+    seed=st.integers(0, 2**16),
+)
+def test_grouped_linear_module_matches_reference(triton_backend, monkeypatch, k, in_f, out_f, lead, bias, dtype, seed):
+    torch.manual_seed(seed)
+    lin = GroupedLinear(in_f, out_f, branches=k, bias=bias, dtype=dtype)
+    ref = reference_of(lin, dim=-1).double()
+    x = torch.randn(*lead, k * in_f, dtype=dtype, requires_grad=True)
+    calls = count_calls(monkeypatch, triton_gemm, "grouped_linear")
+
+    y = lin(x)
+    grad_y = torch.randn(y.shape, dtype=dtype)
+    y.backward(grad_y)
+    x_ref = x.detach().double().requires_grad_()
+    y_ref = ref(x_ref)
+    y_ref.backward(grad_y.double())
+
+    assert calls[0] == 1, "the module did not run the Triton grouped GEMM"
+    rows = x.numel() // x.shape[-1]
+    assert_close(y, y_ref, dtype, reduction=in_f, what="forward")
+    assert_close(x.grad, x_ref.grad, dtype, reduction=out_f, what="grad input")
+    ref_w = torch.stack([m.weight.grad for m in ref.branch_modules])
+    assert_close(lin.weight.grad, ref_w, dtype, reduction=rows, what="grad weight")
+    if bias:
+        ref_b = torch.stack([m.bias.grad for m in ref.branch_modules])
+        assert_close(lin.bias.grad, ref_b, dtype, reduction=rows, what="grad bias")
