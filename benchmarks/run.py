@@ -142,6 +142,9 @@ def main() -> int:
         f"{' -k ' + repr(args.keyword) if args.keyword else ''}`; rounds (`benchmarks/cases.py`): {rounds_summary()}",
         f"- {skipped}",
         "- fp32, channels_last for every peer except loop-nchw and vmap; CPU only (no GPU number here)",
+        "- glibc malloc default (GROUPNET_BENCH_GLIBC_DEFAULT=1)" if env.get("GROUPNET_BENCH_GLIBC_DEFAULT") == "1"
+        else "- freed memory retained by glibc malloc for every peer (`groupnet.cpu_memory.retain_freed_memory`, "
+        "as `groupnet.train` runs on CPU; benchmarks/NOTES.md item 8)",
     ]
     output.write_text(report.render(bench, header, counts, memory))
     print(f"wrote {output} and {json_path}")

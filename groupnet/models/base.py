@@ -13,9 +13,11 @@ classifier N(0, 0.01) with zero bias (pycls; SplitNet uses a smaller std, which 
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from groupnet.branch_major import SCHEDULES, branch_major_forward, prefer_branch_major
 from groupnet.functional import grouped_conv2d
 from groupnet.models.spec import ArchSpec
 from groupnet.modules import GroupedBatchNorm2d, GroupedConv2d, GroupedLinear
@@ -30,6 +32,7 @@ class GroupedClassifier(nn.Module):
 
     conv1: nn.Module
     features: nn.Module
+    schedule: str = "auto"
 
     def __init__(self, spec: ArchSpec, *, branches: int, num_classes: int, in_channels: int) -> None:
         super().__init__()
@@ -45,28 +48,55 @@ class GroupedClassifier(nn.Module):
         init_weights(self, self.spec.zero_init_residual)
 
     def forward(self, x: Tensor) -> Tensor:
-        """``(N, K*in_channels, H, W)`` or ``(N, in_channels, H, W)`` -> logits ``(N, K*num_classes)``."""
-        x = self._first_conv(x)
+        """``(N, K*in_channels, H, W)`` or ``(N, in_channels, H, W)`` -> logits ``(N, K*num_classes)``.
+
+        ``self.schedule`` picks how the K branches run: ``"grouped"`` (every layer once for all branches),
+        ``"branch"`` (branch after branch on views of the stacked weights, :mod:`groupnet.branch_major`), or
+        ``"auto"`` (the default): branch-major on the CPU when the widest activation of all K branches outgrows half
+        the last-level cache, grouped otherwise and under ``torch.compile``. All compute the same function.
+        """
+        shared = self._input_is_shared(x)
+        if self._runs_branch_major(x):
+            return branch_major_forward(self, x, shared_input=shared)
+        return self._grouped_forward(x, shared)
+
+    def _runs_branch_major(self, x: Tensor) -> bool:
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"{type(self).__name__}.schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if self.branches == 1 or self.schedule == "grouped":
+            return False
+        if self.schedule == "branch":
+            return True
+        if torch.compiler.is_compiling():  # auto: a compiled graph fuses the grouped layers; K sub-calls would not
+            return False
+        widest = max(self.spec.stem_width, self.spec.widths[0])  # the first stage runs at the input's resolution
+        stacked = x.shape[0] * self.branches * widest * x.shape[2] * x.shape[3] * x.element_size()
+        return prefer_branch_major(stacked, x.device)
+
+    def _grouped_forward(self, x: Tensor, shared: bool) -> Tensor:
+        x = self._first_conv(x, shared)
         x = self.features(x)
         x = F.adaptive_avg_pool2d(x, 1).flatten(1)
         if self.drop_rate > 0:
             x = F.dropout(x, self.drop_rate, self.training)
         return self.head(x)
 
-    def _first_conv(self, x: Tensor) -> Tensor:
+    def _input_is_shared(self, x: Tensor) -> bool:
+        """True for one view shared by all branches, False for K per-branch views; anything else is an error."""
         k, c = self.branches, self.in_channels
+        if x.dim() == 4 and x.shape[1] in (k * c, c):
+            return x.shape[1] != k * c
         expected = f"(N, {k * c}, H, W) (one view per branch)" + (
             f" or (N, {c}, H, W) (one view shared by all branches)" if k > 1 else ""
         )
-        if x.dim() != 4:
-            raise ValueError(f"{type(self).__name__} expects {expected}, got shape {tuple(x.shape)}")
-        if x.shape[1] == k * c:
-            return self.conv1(x)
-        if x.shape[1] == c:
-            conv = self.conv1
-            return grouped_conv2d(x, conv.weight, conv.bias, branches=1, stride=conv.stride, padding=conv.padding,
-                                  dilation=conv.dilation, groups=conv.groups)
         raise ValueError(f"{type(self).__name__} expects {expected}, got shape {tuple(x.shape)}")
+
+    def _first_conv(self, x: Tensor, shared: bool) -> Tensor:
+        if not shared:
+            return self.conv1(x)
+        conv = self.conv1
+        return grouped_conv2d(x, conv.weight, conv.bias, branches=1, stride=conv.stride, padding=conv.padding,
+                              dilation=conv.dilation, groups=conv.groups)
 
     def extra_repr(self) -> str:
         return f"branches={self.branches}, num_classes={self.num_classes}, in_channels={self.in_channels}"

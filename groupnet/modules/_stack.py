@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from torch import nn
+from torch import Tensor, nn
 
 
 def check_branch_modules(modules: Sequence[nn.Module], cls: type, config: Callable[[Any], tuple]) -> None:
@@ -29,3 +29,18 @@ def check_branch_modules(modules: Sequence[nn.Module], cls: type, config: Callab
 def check_branch_index(k: int, branches: int) -> None:
     if not isinstance(k, int) or not 0 <= k < branches:
         raise IndexError(f"branch index must be in [0, {branches}), got {k!r}")
+
+
+def split_rows(tensors: dict[str, Tensor], branches: int) -> list[dict[str, Tensor]]:
+    """K dicts of views: each tensor's dim 0 cut into K equal blocks (channel-stacked weights and statistics).
+
+    One ``chunk`` per tensor, so the backward adds the K branches' gradients with one concatenation.
+    """
+    parts = {n: t.chunk(branches, 0) for n, t in tensors.items()}
+    return [{n: p[k] for n, p in parts.items()} for k in range(branches)]
+
+
+def unbind_branches(tensors: dict[str, Tensor], branches: int) -> list[dict[str, Tensor]]:
+    """K dicts of views: each ``(K, ...)`` tensor unbound along dim 0."""
+    parts = {n: t.unbind(0) for n, t in tensors.items()}
+    return [{n: p[k] for n, p in parts.items()} for k in range(branches)]

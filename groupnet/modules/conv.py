@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from groupnet import _checks
 from groupnet.functional import _pair, grouped_conv2d
-from groupnet.modules._stack import check_branch_index, check_branch_modules
+from groupnet.modules._stack import check_branch_index, check_branch_modules, split_rows
 
 
 class GroupedConv2d(nn.Module):
@@ -86,6 +86,11 @@ class GroupedConv2d(nn.Module):
             dilation=self.dilation,
             groups=self.groups,
         )
+
+    def branch_tensors(self) -> list[dict[str, Tensor]]:
+        """The K branches' parameters as views (autograd flows back to the stacked ones), named as in ``branch(k)``."""
+        names = ["weight"] + ([] if self.bias is None else ["bias"])
+        return split_rows({n: getattr(self, n) for n in names}, self.branches)
 
     def branch(self, k: int) -> nn.Conv2d:
         """A plain ``nn.Conv2d`` holding a copy of branch k's weights."""

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from groupnet import _checks
 from groupnet.functional import grouped_linear
-from groupnet.modules._stack import check_branch_index, check_branch_modules
+from groupnet.modules._stack import check_branch_index, check_branch_modules, unbind_branches
 
 
 class GroupedLinear(nn.Module):
@@ -53,6 +53,11 @@ class GroupedLinear(nn.Module):
             raise ValueError(f"{type(self).__name__} expects (..., K*in_features), got a scalar")
         _checks.check_channels(x.shape[-1], self.branches, self.in_features, type(self).__name__, "features")
         return grouped_linear(x, self.weight, self.bias)
+
+    def branch_tensors(self) -> list[dict[str, Tensor]]:
+        """The K branches' parameters as views (autograd flows back to the stacked ones), named as in ``branch(k)``."""
+        names = ["weight"] + ([] if self.bias is None else ["bias"])
+        return unbind_branches({n: getattr(self, n) for n in names}, self.branches)
 
     def branch(self, k: int) -> nn.Linear:
         """A plain ``nn.Linear`` holding a copy of branch k's weights."""

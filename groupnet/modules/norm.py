@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from groupnet import _checks
-from groupnet.modules._stack import check_branch_index, check_branch_modules
+from groupnet.modules._stack import check_branch_index, check_branch_modules, split_rows, unbind_branches
 
 
 class _GroupedBatchNormMixin:
@@ -30,6 +30,19 @@ class _GroupedBatchNormMixin:
         name = type(self).__name__
         _checks.check_rank(x, self._ranks, name)
         _checks.check_channels(x.shape[1], self.branches, self.branch_features, name)
+
+    def branch_tensors(self) -> list[dict[str, Tensor]]:
+        """The K branches' parameters and running statistics as views, named as in ``branch(k)``.
+
+        Gradients flow back to the stacked parameters and a training-mode forward updates the stacked running
+        statistics in place; ``num_batches_tracked`` is a per-branch copy (the caller counts the batch once).
+        """
+        names = [n for n in ("weight", "bias", "running_mean", "running_var") if getattr(self, n) is not None]
+        out = split_rows({n: getattr(self, n) for n in names}, self.branches)
+        if self.num_batches_tracked is not None:
+            for d in out:
+                d["num_batches_tracked"] = self.num_batches_tracked.clone()
+        return out
 
     def branch(self, k: int) -> nn.modules.batchnorm._BatchNorm:
         """A plain batch norm holding a copy of branch k's parameters and running statistics."""
@@ -153,6 +166,11 @@ class GroupedLayerNorm(nn.Module):
             if self.bias is not None:
                 y = y + self.bias
         return y.flatten(-2)
+
+    def branch_tensors(self) -> list[dict[str, Tensor]]:
+        """The K branches' parameters as views (autograd flows back to the stacked ones), named as in ``branch(k)``."""
+        names = [n for n in ("weight", "bias") if getattr(self, n) is not None]
+        return unbind_branches({n: getattr(self, n) for n in names}, self.branches)
 
     def branch(self, k: int) -> nn.LayerNorm:
         """A plain ``nn.LayerNorm`` holding a copy of branch k's parameters."""

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from groupnet.cotraining import CoTrainingLoss, CoTrainingWeightRamp
+from groupnet.cpu_memory import retain_freed_memory
 from groupnet.data import Augment, DataBundle, eval_loader, load_dataset, train_loader
 from groupnet.models import arch_spec, build_model, split_weight_decay
 from groupnet.training import checkpoint as ckpt_io
@@ -112,6 +113,8 @@ class Trainer:
             raise ConfigError(f"--batch-size {cfg.batch_size} is the global batch: it must be divisible by the "
                               f"{ctx.world_size} processes")
         self.device = resolve_device(cfg.device, ctx)
+        if self.device.type == "cpu":
+            retain_freed_memory()  # large activations are otherwise page-faulted in at every step (cpu_memory.py)
         if cfg.amp and self.device.type != "cuda":
             raise ConfigError("--amp needs a CUDA device (it is float16 autocast with gradient scaling)")
         try:
