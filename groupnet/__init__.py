@@ -16,10 +16,12 @@ from groupnet.modules import (
 from groupnet.reference import PerBranch, reference_of
 from groupnet.stacking import extract_branch, num_branches, stack_models
 from groupnet.cotraining import CoTrainingLoss, CoTrainingOutput, CoTrainingWeightRamp
-from groupnet.ensemble import ensemble, split_branches
+from groupnet.ensembling import ensemble, split_branches
 from groupnet.complexity import Complexity, complexity
 from groupnet.models import available_models, build_model
 from groupnet.fuse import fuse_for_inference
+from groupnet.branch_major import branch_major_forward
+from groupnet.cpu_memory import retain_freed_memory
 
 __version__ = "0.1.0"
 
@@ -29,6 +31,7 @@ __all__ = [
     "CoTrainingWeightRamp",
     "Complexity",
     "available_models",
+    "branch_major_forward",
     "build_model",
     "complexity",
     "ensemble",
@@ -48,6 +51,7 @@ __all__ = [
     "reference",
     "reference_of",
     "repeat",
+    "retain_freed_memory",
     "stack",
     "stack_models",
     "unstack",

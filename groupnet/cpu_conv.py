@@ -5,8 +5,8 @@ per-branch convs and concatenates (``GROUPNET_CPU_CONV=loop``, kept to compare).
 benchmarked models, forward, input gradient and weight gradient separately, channels_last (``benchmarks/NOTES.md``
 item 2; ``benchmarks/cpu_time_ab.py conv-passes``): the grouped conv was as fast as or faster than the loop for
 nearly every shape and pass, single-threaded and with 2 threads, so there is no per-layer choice. (Whole training
-steps at batch 128 do run faster as a per-branch loop, but from cache locality across layers, not from any conv;
-see NOTES.md.)
+steps of wide branches at large batch do run faster branch after branch, from cache locality across layers, not
+from any conv: :mod:`groupnet.branch_major` handles that, NOTES.md item 8.)
 """
 
 from __future__ import annotations

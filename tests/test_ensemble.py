@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from groupnet.ensemble import ensemble, split_branches
+from groupnet.ensembling import ensemble, split_branches
 
 
 def branch_list(n, k, c, seed, scale=3.0):

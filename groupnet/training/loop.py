@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from groupnet.cotraining import CoTrainingLoss
 from groupnet.data.augment import mixup
-from groupnet.ensemble import ensemble, split_branches
+from groupnet.ensembling import ensemble, split_branches
 from groupnet.training.distributed import all_reduce_sum
 from groupnet.training.errors import TrainingDiverged
 from groupnet.training.schedule import WarmupCosineLR
