@@ -121,7 +121,9 @@ def render(bench_json: dict, header_lines: list[str], op_counts: list[list[str]]
     if op_counts:
         lines += ["## Operator calls per forward (torch profiler, train mode, batch 2)", "",
                   "Top-level: aten ops called from Python; total: nested ones too. groupnet's must not grow with K "
-                  "(also a test: `tests/test_op_count.py`).", ""]
+                  "(also a test: `tests/test_op_count.py`); at CPU batches over the branch-major threshold "
+                  "(NOTES.md item 8) the zoo models run branch after branch and make K times the calls by design.",
+                  ""]
         lines += table(["model", "K", "groupnet top-level", "groupnet total", "fused inference top-level",
                         "loop top-level", "loop total"], op_counts) + [""]
     if memory:
