@@ -1,4 +1,5 @@
-"""Shared helpers for groupnet's Triton kernels: interpreter detection, autotune config lists, offline compilation.
+"""Shared helpers for groupnet's Triton kernels: interpreter detection, autotune config lists, the launch helper,
+offline compilation.
 
 Every kernel file exposes ``compile_specs() -> list[CompileSpec]`` naming each ``@triton.jit`` kernel with a
 concrete signature and every config it can be launched with, so that ``tests/kernels/test_compile.py`` and
@@ -7,6 +8,7 @@ concrete signature and every config it can be launched with, so that ``tests/ker
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,6 +36,19 @@ def autotune_configs(configs: list[triton.Config], interpreter_config: triton.Co
     return [interpreter_config] if is_interpreter() else configs
 
 
+def launch(kernel, grid, args: tuple, constexprs: dict[str, Any], config: triton.Config | None) -> None:
+    """Launch an autotuned kernel, or its raw ``@triton.jit`` function with one fixed ``config``, on the device
+    of the first tensor argument (triton launches on the current CUDA device)."""
+    device = args[0].device
+    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+        if config is None:
+            kernel[grid](*args, **constexprs)
+        else:
+            kernel.fn[grid](
+                *args, **constexprs, **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages
+            )
+
+
 @dataclass(frozen=True)
 class CompileSpec:
     """One kernel with one concrete signature and launch config, compilable offline for a GPU target."""
@@ -46,6 +61,34 @@ class CompileSpec:
     num_stages: int = 3
     dot_dtype: str | None = None  # "fp16"/"bf16" when the kernel feeds 16-bit operands to tl.dot
     aligned_pointers: bool = True  # mark pointer args 16-byte aligned, as the JIT does for torch allocations
+
+    @classmethod
+    def for_config(
+        cls,
+        name: str,
+        fn,
+        config: triton.Config,
+        dtype: str,
+        pointers: dict[str, str],
+        constexprs: dict[str, Any],
+        **fields: Any,
+    ):
+        """``fn`` launched with ``config``: int arguments ``i32``, ``pointers`` (name -> ``"*fp16"``...) as given,
+        every name of ``constexprs`` (which should include ``config.kwargs``) constexpr. The name gets the warps and
+        stages appended; a 16-bit ``dtype`` ("fp16"/"bf16") is the dot dtype. ``fields``: a subclass's own fields."""
+        signature = {arg: "i32" for arg in fn.arg_names}
+        signature.update(pointers)
+        signature.update({arg: "constexpr" for arg in constexprs})
+        return cls(
+            name=f"{name}_w{config.num_warps}_s{config.num_stages}",
+            fn=fn,
+            signature=signature,
+            constexprs=constexprs,
+            num_warps=config.num_warps,
+            num_stages=config.num_stages,
+            dot_dtype=dtype if dtype in ("fp16", "bf16") else None,
+            **fields,
+        )
 
     def attrs(self) -> dict:
         """ASTSource attrs: ``tt.divisibility`` 16 on every pointer argument when ``aligned_pointers``."""

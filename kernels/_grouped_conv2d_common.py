@@ -1,4 +1,5 @@
-"""Shared pieces of the three grouped conv2d passes: the conv geometry, dot dtypes, and the launch helper.
+"""Shared pieces of the three grouped conv2d passes: the conv geometry, dot dtypes, launcher checks, the
+``@triton.jit`` index helpers the kernels inline, and the compile specs.
 
 Each pass (``grouped_conv2d_fwd``, ``grouped_conv2d_bwd_input``, ``grouped_conv2d_bwd_weight``) is one implicit GEMM
 over ``G = branches * groups`` independent convolutions of a channel-stacked tensor; group ``g`` owns input channels
@@ -8,9 +9,8 @@ over ``G = branches * groups`` independent convolutions of a channel-stacked ten
 
 from __future__ import annotations
 
-import contextlib
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -21,6 +21,18 @@ from torch import Tensor
 from ._common import CompileSpec, is_interpreter
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+MNK_BLOCKS = ("BLOCK_M", "BLOCK_N", "BLOCK_K")
+"""Tile constexprs of the passes that tile (pixels x channels) and reduce BLOCK_K at a time (fwd, bwd_input)."""
+
+
+def tile_configs(blocks: tuple[str, ...], rows: list[tuple[int, ...]]) -> list[triton.Config]:
+    """One ``triton.Config`` per row ``(*block sizes in the order of blocks, num_warps, num_stages)``."""
+    return [triton.Config(dict(zip(blocks, row[:-2])), num_warps=row[-2], num_stages=row[-1]) for row in rows]
+
+
+# Small blocks: the interpreter runs programs one by one, and small tiles exercise multi-tile tails on tiny tests.
+(MNK_INTERPRETER_CONFIG,) = tile_configs(MNK_BLOCKS, [(32, 16, 16, 4, 1)])
 
 
 @dataclass(frozen=True)
@@ -145,17 +157,54 @@ def check_out(what: str, out: Tensor, size: tuple[int, ...], dtype: torch.dtype,
         )
 
 
-def launch(kernel, grid, args: tuple, constexprs: dict[str, Any], config: triton.Config | None) -> None:
-    """Launch an autotuned kernel, or its raw ``@triton.jit`` function with one fixed ``config``, on the device
-    of the first tensor argument (triton launches on the current CUDA device)."""
-    device = args[0].device
-    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
-        if config is None:
-            kernel[grid](*args, **constexprs)
-        else:
-            kernel.fn[grid](
-                *args, **constexprs, **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages
-            )
+def check_output_shaped(what: str, geom: ConvGeometry, **tensors: Tensor | None) -> None:
+    """Each given tensor (the output gradient, the ReLU output) has the conv's output size."""
+    for name, t in tensors.items():
+        if t is not None and tuple(t.shape) != geom.output_size:
+            raise ValueError(f"{what}: {name} must be {geom.output_size}, got {tuple(t.shape)}")
+
+
+def check_int32_pixels(what: str, pixels: int, description: str) -> None:
+    """The kernels index pixels in int32: ``pixels`` (described as ``description``) must stay below 2**31."""
+    if pixels >= 2**31:
+        raise ValueError(f"{what}: {description} exceeds the int32 pixel index")
+
+
+# Index helpers inlined into the three kernels (block sizes stay constexpr). Program ids, tile and group origins
+# follow the conventions of the kernels' docstrings: int64 group offsets, int32 pixel indices.
+
+
+@triton.jit
+def tile_of(pid, N, BLOCK_N: tl.constexpr):
+    """(row tile, column tile) of program ``pid`` over an N-column output; column tiles vary fastest, so the
+    programs sharing one row tile (one input tile) run together and it stays in L2."""
+    tiles_n = tl.cdiv(N, BLOCK_N)
+    return pid // tiles_n, pid % tiles_n
+
+
+@triton.jit
+def block_range(tile, size, BLOCK: tl.constexpr):
+    """The ``BLOCK`` indices of block ``tile`` along an axis of ``size`` and their in-bounds mask."""
+    offs = tile * BLOCK + tl.arange(0, BLOCK)
+    return offs, offs < size
+
+
+@triton.jit
+def pixel_coords(offs, H, W):
+    """Flat indices of an (N, H, W) pixel grid (W fastest) -> (n as int64, row, column)."""
+    w = offs % W
+    h = (offs // W) % H
+    n = (offs // (W * H)).to(tl.int64)
+    return n, h, w
+
+
+@triton.jit
+def store_pixel_tile(ptr, acc, n, h, w, channels, s_n, s_c, s_h, s_w, mask_m, mask_n):
+    """Store ``acc`` (BLOCK_M pixels (n, h, w) x BLOCK_N channels) into a strided (N, C, H, W) tensor, cast to its
+    element type."""
+    off = n * s_n + h.to(tl.int64) * s_h + w.to(tl.int64) * s_w
+    ptrs = ptr + off[:, None] + (channels * s_c)[None, :]
+    tl.store(ptrs, acc.to(ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
 # The dot settings of each dtype on a GPU (fp32 as PyTorch's conv default, tf32), for the offline compile specs.
@@ -184,6 +233,34 @@ class ConvCompileSpec(CompileSpec):
         return attrs
 
 
+def conv_compile_specs(
+    pass_name: str,
+    fn,
+    configs: list[triton.Config],
+    pointers: tuple[str, ...],
+    unit_strides: tuple[str, ...],
+    flags: dict[str, Any],
+    fp32_pointers: tuple[str, ...] = (),
+) -> list[CompileSpec]:
+    """The specs of one conv pass for every GPU config x dtype of ``GPU_DOT_SETTINGS`` (see :func:`conv_compile_spec`).
+
+    ``pointers`` point to elements of the dtype, ``fp32_pointers`` to fp32 (split-K partial sums).
+    """
+    return [
+        conv_compile_spec(
+            pass_name,
+            fn,
+            dtype,
+            config,
+            pointers={**{name: f"*{dtype}" for name in pointers}, **{name: "*fp32" for name in fp32_pointers}},
+            unit_strides=unit_strides,
+            flags=flags,
+        )
+        for config in configs
+        for dtype in GPU_DOT_SETTINGS
+    ]
+
+
 def conv_compile_spec(
     pass_name: str,
     fn,
@@ -200,22 +277,13 @@ def conv_compile_spec(
     their element type.
     """
     constexprs = {**flags, **GPU_DOT_SETTINGS[dtype], **config.kwargs, **{name: 1 for name in unit_strides}}
-    signature = {name: "i32" for name in fn.arg_names}
-    signature.update(pointers)
-    signature.update({name: "constexpr" for name in constexprs})
+    blocks = "x".join(str(v) for v in config.kwargs.values())
+    spec = ConvCompileSpec.for_config(
+        f"grouped_conv2d_{pass_name}_{dtype}_{blocks}", fn, config, dtype, pointers=pointers, constexprs=constexprs
+    )
     divisible = tuple(
         name
-        for name, ty in signature.items()
+        for name, ty in spec.signature.items()
         if ty == "i32" and (name in ("CIN_G", "COUT_G") or re.fullmatch(r"s(x|w|y|dy|dx|dw|db)_[a-z]", name))
     )
-    blocks = "x".join(str(v) for v in config.kwargs.values())
-    return ConvCompileSpec(
-        name=f"grouped_conv2d_{pass_name}_{dtype}_{blocks}_w{config.num_warps}_s{config.num_stages}",
-        fn=fn,
-        signature=signature,
-        constexprs=constexprs,
-        num_warps=config.num_warps,
-        num_stages=config.num_stages,
-        dot_dtype=dtype if dtype in ("fp16", "bf16") else None,
-        divisible_ints=divisible,
-    )
+    return replace(spec, divisible_ints=divisible)

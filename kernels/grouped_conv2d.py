@@ -9,12 +9,11 @@ and the input gradient take the input's format (channels_last or contiguous), th
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 from torch import Tensor
 
 from groupnet import _checks
+from groupnet.functional import _pair  # functional imports groupnet.kernels lazily: no import cycle
 
 from ._common import CompileSpec
 from ._grouped_conv2d_common import (
@@ -37,6 +36,22 @@ def _geometry(input_size, weight_size, stride, padding, dilation, groups) -> Con
     return ConvGeometry.of(*sizes, tuple(stride), tuple(padding), tuple(dilation), groups)
 
 
+def _new_output(size: tuple[int, ...], like: Tensor, channels_last: bool) -> Tensor:
+    """An uninitialized tensor of ``size`` with ``like``'s dtype and device, channels_last or contiguous."""
+    return torch.empty(size, dtype=like.dtype, device=like.device, memory_format=_memory_format(channels_last))
+
+
+def _launch_kwargs(geom: ConvGeometry, input_precision: str) -> dict:
+    """The keyword arguments every pass launcher takes: conv parameters, groups and input precision."""
+    return dict(
+        stride=geom.stride,
+        padding=geom.padding,
+        dilation=geom.dilation,
+        groups=geom.groups,
+        input_precision=input_precision,
+    )
+
+
 @torch.library.custom_op("groupnet::grouped_conv2d_forward", mutates_args=())
 def grouped_conv2d_forward(
     x: Tensor,
@@ -51,20 +66,8 @@ def grouped_conv2d_forward(
 ) -> Tensor:
     """``act(conv2d(x, weight, bias, groups=groups))`` as a new tensor in x's memory format."""
     geom = _geometry(x.shape, weight.shape, stride, padding, dilation, groups)
-    fmt = _memory_format(_checks.is_channels_last(x))
-    out = torch.empty(geom.output_size, dtype=x.dtype, device=x.device, memory_format=fmt)
-    return grouped_conv2d_fwd(
-        x,
-        weight,
-        bias,
-        out,
-        stride=geom.stride,
-        padding=geom.padding,
-        dilation=geom.dilation,
-        groups=groups,
-        activation=activation,
-        input_precision=input_precision,
-    )
+    out = _new_output(geom.output_size, x, _checks.is_channels_last(x))
+    return grouped_conv2d_fwd(x, weight, bias, out, activation=activation, **_launch_kwargs(geom, input_precision))
 
 
 @grouped_conv2d_forward.register_fake
@@ -89,19 +92,9 @@ def grouped_conv2d_backward_input(
 ) -> Tensor:
     """The input gradient (``input_size``, channels_last or contiguous); grad_out may have any strides."""
     geom = _geometry(input_size, weight.shape, stride, padding, dilation, groups)
-    out = torch.empty(
-        geom.input_size, dtype=grad_out.dtype, device=grad_out.device, memory_format=_memory_format(channels_last)
-    )
+    out = _new_output(geom.input_size, grad_out, channels_last)
     return grouped_conv2d_bwd_input(
-        grad_out,
-        weight,
-        out,
-        stride=geom.stride,
-        padding=geom.padding,
-        dilation=geom.dilation,
-        groups=groups,
-        relu_output=relu_output,
-        input_precision=input_precision,
+        grad_out, weight, out, relu_output=relu_output, **_launch_kwargs(geom, input_precision)
     )
 
 
@@ -126,21 +119,15 @@ def grouped_conv2d_backward_weight(
 ) -> tuple[Tensor, Tensor]:
     """``(grad_weight, grad_bias)``; grad_weight in the weight's format, grad_bias empty ``(0,)`` without bias."""
     geom = _geometry(x.shape, weight_size, stride, padding, dilation, groups)
-    grad_w = torch.empty(
-        geom.weight_size, dtype=x.dtype, device=x.device, memory_format=_memory_format(channels_last)
-    )
+    grad_w = _new_output(geom.weight_size, x, channels_last)
     grad_b = x.new_empty((groups * geom.cout_g,) if has_bias else (0,))
     grouped_conv2d_bwd_weight(
         x,
         grad_out,
         grad_w,
         grad_b if has_bias else None,
-        stride=geom.stride,
-        padding=geom.padding,
-        dilation=geom.dilation,
-        groups=groups,
         relu_output=relu_output,
-        input_precision=input_precision,
+        **_launch_kwargs(geom, input_precision),
     )
     return grad_w, grad_b
 
@@ -194,13 +181,6 @@ class GroupedConv2dFunction(torch.autograd.Function):
         return grad_x, grad_w, grad_b, None, None, None, None, None, None
 
 
-def _pair(v: int | Sequence[int], name: str) -> list[int]:
-    out = [v, v] if isinstance(v, int) else list(v)
-    if len(out) != 2 or not all(isinstance(i, int) and not isinstance(i, bool) for i in out):
-        raise ValueError(f"grouped_conv2d: {name} must be an int or a pair of ints, got {v!r}")
-    return out
-
-
 def grouped_conv2d(
     x: Tensor,
     weight: Tensor,
@@ -235,7 +215,11 @@ def grouped_conv2d(
     if precision not in INPUT_PRECISIONS:
         raise ValueError(f"grouped_conv2d: input_precision must be one of {INPUT_PRECISIONS}, got {precision!r}")
     check_launch_tensors("grouped_conv2d (Triton)", x.dtype, input=x, weight=weight, bias=bias)
-    stride, padding, dilation = _pair(stride, "stride"), _pair(padding, "padding"), _pair(dilation, "dilation")
+    # The custom ops take lists; the error names this op ("grouped_conv2d: stride must be an int or a pair ...").
+    stride, padding, dilation = [
+        list(_pair(v, f"grouped_conv2d: {name}"))
+        for v, name in ((stride, "stride"), (padding, "padding"), (dilation, "dilation"))
+    ]
     g = branches * groups
     ConvGeometry.of(x.shape, weight.shape, tuple(stride), tuple(padding), tuple(dilation), g)  # validates sizes
     return GroupedConv2dFunction.apply(x, weight, bias, stride, padding, dilation, g, activation, precision)

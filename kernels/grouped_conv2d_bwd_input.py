@@ -19,26 +19,17 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import CompileSpec, autotune_configs
-from ._grouped_conv2d_common import (
-    GPU_DOT_SETTINGS,
-    ConvGeometry,
-    check_launch_tensors,
-    check_out,
-    conv_compile_spec,
-    dot_settings,
-    launch,
-)
+from . import _grouped_conv2d_common as common
+from ._common import CompileSpec, autotune_configs, launch
+from ._grouped_conv2d_common import block_range, pixel_coords, store_pixel_tile, tile_of
 
 # 128-row tiles use 8 warps: with 4 the fp32 (tf32) variant spills registers on sm_80.
-BWD_INPUT_CONFIGS = [
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32}, num_warps=8, num_stages=3),
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 32}, num_warps=8, num_stages=3),
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 32}, num_warps=4, num_stages=4),
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32}, num_warps=4, num_stages=4),
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 32}, num_warps=4, num_stages=4),
-]
-INTERPRETER_CONFIG = triton.Config({"BLOCK_M": 32, "BLOCK_N": 16, "BLOCK_K": 16}, num_warps=4, num_stages=1)
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)
+BWD_INPUT_CONFIGS = common.tile_configs(
+    common.MNK_BLOCKS,
+    [(128, 128, 32, 8, 3), (128, 64, 32, 8, 3), (64, 128, 32, 4, 4), (64, 64, 32, 4, 4), (64, 32, 32, 4, 4)],
+)
+INTERPRETER_CONFIG = common.MNK_INTERPRETER_CONFIG
 
 
 @triton.jit
@@ -69,25 +60,19 @@ def _grouped_conv2d_bwd_input_kernel(
     HQ = cdiv(H, stride_h), WQ = cdiv(W, stride_w), MQ = N*HQ*WQ pixels per phase;
     grid = (cdiv(MQ, BLOCK_M) * cdiv(CIN_G, BLOCK_N), stride_h*stride_w, G).
     """
-    pid = tl.program_id(0)
+    pid_m, pid_n = tile_of(tl.program_id(0), CIN_G, BLOCK_N)
     phase = tl.program_id(1)
     g = tl.program_id(2).to(tl.int64)
-    tiles_n = tl.cdiv(CIN_G, BLOCK_N)
-    pid_m = pid // tiles_n
-    pid_n = pid % tiles_n
     phase_h = phase // stride_w
     phase_w = phase % stride_w
 
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m, in_phase = block_range(pid_m, MQ, BLOCK_M)
+    offs_n, mask_n = block_range(pid_n, CIN_G, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
-    qw = offs_m % WQ
-    qh = (offs_m // WQ) % HQ
-    n = (offs_m // (WQ * HQ)).to(tl.int64)
+    n, qh, qw = pixel_coords(offs_m, HQ, WQ)
     ih = phase_h + qh * stride_h
     iw = phase_w + qw * stride_w
-    mask_m = (offs_m < MQ) & (ih < H) & (iw < W)
-    mask_n = offs_n < CIN_G
+    mask_m = in_phase & (ih < H) & (iw < W)
 
     # Contributing taps of this phase: kh = kh0 + j*STEP_H, j < n_kh; oh = qh + (c_h - kh*dil_h) / stride_h.
     c_h = phase_h + pad_h
@@ -137,9 +122,7 @@ def _grouped_conv2d_bwd_input_kernel(
         )
         acc = tl.dot(dy, w.to(DOT_DTYPE), acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
 
-    dx_off = n * sdx_n + ih.to(tl.int64) * sdx_h + iw.to(tl.int64) * sdx_w
-    dx_ptrs = dx_ptr + dx_off[:, None] + ((g * CIN_G + offs_n) * sdx_c)[None, :]
-    tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+    store_pixel_tile(dx_ptr, acc, n, ih, iw, g * CIN_G + offs_n, sdx_n, sdx_c, sdx_h, sdx_w, mask_m, mask_n)
 
 
 _grouped_conv2d_bwd_input_autotuned = triton.autotune(
@@ -166,21 +149,18 @@ def grouped_conv2d_bwd_input(
     ``grad_out`` may have any strides, including the stride 0 of an expanded gradient. With ``relu_output`` (the
     forward output of a conv with ReLU epilogue) the gradient is masked by ``relu_output > 0`` first.
     """
-    check_launch_tensors(
+    common.check_launch_tensors(
         "grouped_conv2d_bwd_input", grad_out.dtype, grad_out=grad_out, weight=weight, out=out, relu_output=relu_output
     )
-    geom = ConvGeometry.of(out.shape, weight.shape, stride, padding, dilation, groups)
-    for name, t in (("grad_out", grad_out), ("relu_output", relu_output)):
-        if t is not None and tuple(t.shape) != geom.output_size:
-            raise ValueError(f"grouped_conv2d_bwd_input: {name} must be {geom.output_size}, got {tuple(t.shape)}")
-    check_out("grouped_conv2d_bwd_input", out, geom.input_size, grad_out.dtype, grad_out.device)
+    geom = common.ConvGeometry.of(out.shape, weight.shape, stride, padding, dilation, groups)
+    common.check_output_shaped("grouped_conv2d_bwd_input", geom, grad_out=grad_out, relu_output=relu_output)
+    common.check_out("grouped_conv2d_bwd_input", out, geom.input_size, grad_out.dtype, grad_out.device)
     (sh, sw), (dh, dw) = geom.stride, geom.dilation
     hq, wq = triton.cdiv(geom.h, sh), triton.cdiv(geom.w, sw)
     mq = geom.n * hq * wq
     if mq == 0:
         return out
-    if mq >= 2**31:
-        raise ValueError(f"grouped_conv2d_bwd_input: {mq} input pixels per phase exceeds the int32 pixel index")
+    common.check_int32_pixels("grouped_conv2d_bwd_input", mq, f"{mq} input pixels per phase")
 
     def grid(meta):
         return (triton.cdiv(mq, meta["BLOCK_M"]) * triton.cdiv(geom.cin_g, meta["BLOCK_N"]), sh * sw, groups)
@@ -192,23 +172,18 @@ def grouped_conv2d_bwd_input(
         *geom.conv_args(), sh // math.gcd(sh, dh), sw // math.gcd(sw, dw),
         *grad_out.stride(), *weight.stride(), *y.stride(), *out.stride(),
     )  # fmt: skip
-    constexprs = {"RELU_GRAD": relu_output is not None, **dot_settings(grad_out.dtype, input_precision)}
+    constexprs = {"RELU_GRAD": relu_output is not None, **common.dot_settings(grad_out.dtype, input_precision)}
     launch(_grouped_conv2d_bwd_input_autotuned, grid, args, constexprs, config)
     return out
 
 
 def bwd_input_compile_specs() -> list[CompileSpec]:
     """The input gradient (with the ReLU mask) for every GPU config and dtype, channels_last tensors."""
-    return [
-        conv_compile_spec(
-            "bwd_input",
-            _grouped_conv2d_bwd_input_kernel,
-            dtype,
-            config,
-            pointers={name: f"*{dtype}" for name in ("dy_ptr", "w_ptr", "y_ptr", "dx_ptr")},
-            unit_strides=("sdy_c", "sw_i", "sy_c", "sdx_c"),
-            flags={"RELU_GRAD": True},
-        )
-        for config in BWD_INPUT_CONFIGS
-        for dtype in GPU_DOT_SETTINGS
-    ]
+    return common.conv_compile_specs(
+        "bwd_input",
+        _grouped_conv2d_bwd_input_kernel,
+        BWD_INPUT_CONFIGS,
+        pointers=("dy_ptr", "w_ptr", "y_ptr", "dx_ptr"),
+        unit_strides=("sdy_c", "sw_i", "sy_c", "sdx_c"),
+        flags={"RELU_GRAD": True},
+    )

@@ -16,25 +16,17 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import CompileSpec, autotune_configs
-from ._grouped_conv2d_common import (
-    GPU_DOT_SETTINGS,
-    ConvGeometry,
-    check_launch_tensors,
-    check_out,
-    conv_compile_spec,
-    dot_settings,
-    launch,
-)
+from . import _grouped_conv2d_common as common
+from ._common import CompileSpec, autotune_configs, launch
+from ._grouped_conv2d_common import block_range, pixel_coords
 
-BWD_WEIGHT_CONFIGS = [
-    triton.Config({"BLOCK_CO": 128, "BLOCK_CI": 128, "BLOCK_R": 32}, num_warps=8, num_stages=3),
-    triton.Config({"BLOCK_CO": 128, "BLOCK_CI": 64, "BLOCK_R": 32}, num_warps=4, num_stages=4),
-    triton.Config({"BLOCK_CO": 64, "BLOCK_CI": 128, "BLOCK_R": 32}, num_warps=4, num_stages=4),
-    triton.Config({"BLOCK_CO": 64, "BLOCK_CI": 64, "BLOCK_R": 32}, num_warps=4, num_stages=4),
-    triton.Config({"BLOCK_CO": 64, "BLOCK_CI": 32, "BLOCK_R": 64}, num_warps=4, num_stages=3),
-]
-INTERPRETER_CONFIG = triton.Config({"BLOCK_CO": 16, "BLOCK_CI": 16, "BLOCK_R": 16}, num_warps=4, num_stages=1)
+BLOCKS = ("BLOCK_CO", "BLOCK_CI", "BLOCK_R")
+# (BLOCK_CO, BLOCK_CI, BLOCK_R, num_warps, num_stages)
+BWD_WEIGHT_CONFIGS = common.tile_configs(
+    BLOCKS,
+    [(128, 128, 32, 8, 3), (128, 64, 32, 4, 4), (64, 128, 32, 4, 4), (64, 64, 32, 4, 4), (64, 32, 64, 4, 3)],
+)
+(INTERPRETER_CONFIG,) = common.tile_configs(BLOCKS, [(16, 16, 16, 4, 1)])
 
 # Split sizing: on a GPU aim for about 4 waves of programs, never fewer than MIN_SPLIT_ROWS rows per split, and
 # keep split boundaries on multiples of the largest BLOCK_R. The interpreter uses tiny splits so that the tests
@@ -77,10 +69,8 @@ def _grouped_conv2d_bwd_weight_kernel(
     kh = tap // KW
     kw = tap - kh * KW
 
-    offs_co = pid_co * BLOCK_CO + tl.arange(0, BLOCK_CO)
-    offs_ci = pid_ci * BLOCK_CI + tl.arange(0, BLOCK_CI)
-    mask_co = offs_co < COUT_G
-    mask_ci = offs_ci < CIN_G
+    offs_co, mask_co = block_range(pid_co, COUT_G, BLOCK_CO)
+    offs_ci, mask_ci = block_range(pid_ci, CIN_G, BLOCK_CI)
     dy_cols = dy_ptr + ((g * COUT_G + offs_co) * sdy_c)[:, None]  # [BLOCK_CO, 1]
     y_cols = y_ptr + ((g * COUT_G + offs_co) * sy_c)[:, None]
     x_cols = x_ptr + ((g * CIN_G + offs_ci) * sx_c)[None, :]  # [1, BLOCK_CI]
@@ -92,9 +82,7 @@ def _grouped_conv2d_bwd_weight_kernel(
     for r0 in range(r_start, r_end, BLOCK_R):
         offs_r = r0 + tl.arange(0, BLOCK_R)
         mask_r = offs_r < r_end
-        ow = offs_r % OW
-        oh = (offs_r // OW) % OH
-        n = (offs_r // (OW * OH)).to(tl.int64)
+        n, oh, ow = pixel_coords(offs_r, OH, OW)
         ih = oh * stride_h - pad_h + kh * dil_h
         iw = ow * stride_w - pad_w + kw * dil_w
         x_ok = mask_r & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
@@ -135,7 +123,7 @@ _grouped_conv2d_bwd_weight_autotuned = triton.autotune(
 )(_grouped_conv2d_bwd_weight_kernel)
 
 
-def default_split_rows(geom: ConvGeometry, device: torch.device) -> int:
+def default_split_rows(geom: common.ConvGeometry, device: torch.device) -> int:
     """Output pixels per split of the weight-gradient reduction (see the module docstring)."""
     rows = geom.n * geom.oh * geom.ow
     if device.type != "cuda":
@@ -170,7 +158,7 @@ def grouped_conv2d_bwd_weight(
     ``weight_out`` has the weight's shape and any strides; ``grad_out`` may have any strides (stride 0 included).
     ``relu_output`` masks the gradient by ``relu_output > 0`` first. ``split_rows`` overrides the split size.
     """
-    check_launch_tensors(
+    common.check_launch_tensors(
         "grouped_conv2d_bwd_weight",
         x.dtype,
         x=x,
@@ -179,20 +167,17 @@ def grouped_conv2d_bwd_weight(
         bias_out=bias_out,
         relu_output=relu_output,
     )
-    geom = ConvGeometry.of(x.shape, weight_out.shape, stride, padding, dilation, groups)
-    for name, t in (("grad_out", grad_out), ("relu_output", relu_output)):
-        if t is not None and tuple(t.shape) != geom.output_size:
-            raise ValueError(f"grouped_conv2d_bwd_weight: {name} must be {geom.output_size}, got {tuple(t.shape)}")
+    geom = common.ConvGeometry.of(x.shape, weight_out.shape, stride, padding, dilation, groups)
+    common.check_output_shaped("grouped_conv2d_bwd_weight", geom, grad_out=grad_out, relu_output=relu_output)
     if bias_out is not None:
-        check_out("grouped_conv2d_bwd_weight bias_out", bias_out, (groups * geom.cout_g,), x.dtype, x.device)
+        common.check_out("grouped_conv2d_bwd_weight bias_out", bias_out, (groups * geom.cout_g,), x.dtype, x.device)
     rows = geom.n * geom.oh * geom.ow
     if rows == 0:  # an empty batch: the sums are empty
         weight_out.zero_()
         if bias_out is not None:
             bias_out.zero_()
         return weight_out, bias_out
-    if rows >= 2**31:
-        raise ValueError(f"grouped_conv2d_bwd_weight: N*OH*OW = {rows} output pixels exceeds the int32 pixel index")
+    common.check_int32_pixels("grouped_conv2d_bwd_weight", rows, f"N*OH*OW = {rows} output pixels")
     split_rows = default_split_rows(geom, x.device) if split_rows is None else split_rows
     if split_rows < 1:
         raise ValueError(f"grouped_conv2d_bwd_weight: split_rows must be >= 1, got {split_rows}")
@@ -232,7 +217,7 @@ def grouped_conv2d_bwd_weight(
     constexprs = {
         "HAS_BIAS": bias_out is not None,
         "RELU_GRAD": relu_output is not None,
-        **dot_settings(x.dtype, input_precision),
+        **common.dot_settings(x.dtype, input_precision),
     }
     launch(_grouped_conv2d_bwd_weight_autotuned, grid, args, constexprs, config)
     if splits > 1:
@@ -246,20 +231,12 @@ def grouped_conv2d_bwd_weight(
 def bwd_weight_compile_specs() -> list[CompileSpec]:
     """The split-K weight + bias gradient (ReLU mask, fp32 partials) for every GPU config and dtype,
     channels_last activations and weight."""
-    return [
-        conv_compile_spec(
-            "bwd_weight",
-            _grouped_conv2d_bwd_weight_kernel,
-            dtype,
-            config,
-            pointers={
-                **{name: f"*{dtype}" for name in ("x_ptr", "dy_ptr", "y_ptr")},
-                "dw_ptr": "*fp32",
-                "db_ptr": "*fp32",
-            },
-            unit_strides=("sx_c", "sdy_c", "sy_c", "sdw_i", "sdb_c"),
-            flags={"HAS_BIAS": True, "RELU_GRAD": True},
-        )
-        for config in BWD_WEIGHT_CONFIGS
-        for dtype in GPU_DOT_SETTINGS
-    ]
+    return common.conv_compile_specs(
+        "bwd_weight",
+        _grouped_conv2d_bwd_weight_kernel,
+        BWD_WEIGHT_CONFIGS,
+        pointers=("x_ptr", "dy_ptr", "y_ptr"),
+        fp32_pointers=("dw_ptr", "db_ptr"),
+        unit_strides=("sx_c", "sdy_c", "sy_c", "sdw_i", "sdb_c"),
+        flags={"HAS_BIAS": True, "RELU_GRAD": True},
+    )

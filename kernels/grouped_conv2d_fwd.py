@@ -11,28 +11,18 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import CompileSpec, autotune_configs
-from ._grouped_conv2d_common import (
-    GPU_DOT_SETTINGS,
-    ConvGeometry,
-    check_launch_tensors,
-    check_out,
-    conv_compile_spec,
-    dot_settings,
-    launch,
-)
+from . import _grouped_conv2d_common as common
+from ._common import CompileSpec, autotune_configs, launch
+from ._grouped_conv2d_common import block_range, pixel_coords, store_pixel_tile, tile_of
 
 ACTIVATIONS = (None, "relu")
 
-FWD_CONFIGS = [
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32}, num_warps=8, num_stages=3),
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 32}, num_warps=4, num_stages=4),
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 32}, num_warps=4, num_stages=4),
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 32, "BLOCK_K": 32}, num_warps=4, num_stages=4),
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=3),
-]
-# Small blocks: the interpreter runs programs one by one, and small tiles exercise multi-tile tails on tiny tests.
-INTERPRETER_CONFIG = triton.Config({"BLOCK_M": 32, "BLOCK_N": 16, "BLOCK_K": 16}, num_warps=4, num_stages=1)
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)
+FWD_CONFIGS = common.tile_configs(
+    common.MNK_BLOCKS,
+    [(128, 128, 32, 8, 3), (128, 64, 32, 4, 4), (64, 128, 32, 4, 4), (128, 32, 32, 4, 4), (64, 64, 64, 4, 3)],
+)
+INTERPRETER_CONFIG = common.MNK_INTERPRETER_CONFIG
 
 
 @triton.jit
@@ -52,21 +42,12 @@ def _grouped_conv2d_fwd_kernel(
     x: (N, G*CIN_G, H, W), w: (G*COUT_G, CIN_G, KH, KW), b: (G*COUT_G,), y: (N, G*COUT_G, OH, OW), all strided.
     M = N*OH*OW (< 2**31); grid = (cdiv(M, BLOCK_M) * cdiv(COUT_G, BLOCK_N), G).
     """
-    pid = tl.program_id(0)
+    pid_m, pid_n = tile_of(tl.program_id(0), COUT_G, BLOCK_N)
     g = tl.program_id(1).to(tl.int64)
-    # Column tiles vary fastest so the programs sharing one input tile run together (it stays in L2).
-    tiles_n = tl.cdiv(COUT_G, BLOCK_N)
-    pid_m = pid // tiles_n
-    pid_n = pid % tiles_n
-
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m, mask_m = block_range(pid_m, M, BLOCK_M)
+    offs_n, mask_n = block_range(pid_n, COUT_G, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
-    mask_m = offs_m < M
-    mask_n = offs_n < COUT_G
-    ow = offs_m % OW
-    oh = (offs_m // OW) % OH
-    n = (offs_m // (OW * OH)).to(tl.int64)
+    n, oh, ow = pixel_coords(offs_m, OH, OW)
     ih0 = oh * stride_h - pad_h
     iw0 = ow * stride_w - pad_w
 
@@ -102,9 +83,7 @@ def _grouped_conv2d_fwd_kernel(
         acc += bias.to(ACC_DTYPE)[None, :]
     if ACTIVATION == "relu":
         acc = tl.maximum(acc, 0.0)
-    y_off = n * sy_n + oh.to(tl.int64) * sy_h + ow.to(tl.int64) * sy_w
-    y_ptrs = y_ptr + y_off[:, None] + ((g * COUT_G + offs_n) * sy_c)[None, :]
-    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+    store_pixel_tile(y_ptr, acc, n, oh, ow, g * COUT_G + offs_n, sy_n, sy_c, sy_h, sy_w, mask_m, mask_n)
 
 
 _grouped_conv2d_fwd_autotuned = triton.autotune(
@@ -134,16 +113,15 @@ def grouped_conv2d_fwd(
     """
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
-    check_launch_tensors("grouped_conv2d_fwd", x.dtype, x=x, weight=weight, bias=bias, out=out)
-    geom = ConvGeometry.of(x.shape, weight.shape, stride, padding, dilation, groups)
-    check_out("grouped_conv2d_fwd", out, geom.output_size, x.dtype, x.device)
+    common.check_launch_tensors("grouped_conv2d_fwd", x.dtype, x=x, weight=weight, bias=bias, out=out)
+    geom = common.ConvGeometry.of(x.shape, weight.shape, stride, padding, dilation, groups)
+    common.check_out("grouped_conv2d_fwd", out, geom.output_size, x.dtype, x.device)
     if bias is not None and tuple(bias.shape) != (groups * geom.cout_g,):
         raise ValueError(f"grouped_conv2d_fwd: bias must be ({groups * geom.cout_g},), got {tuple(bias.shape)}")
     m = geom.n * geom.oh * geom.ow
     if m == 0:
         return out
-    if m >= 2**31:
-        raise ValueError(f"grouped_conv2d_fwd: N*OH*OW = {m} output pixels exceeds the int32 pixel index")
+    common.check_int32_pixels("grouped_conv2d_fwd", m, f"N*OH*OW = {m} output pixels")
 
     def grid(meta):
         return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(geom.cout_g, meta["BLOCK_N"]), groups)
@@ -154,23 +132,18 @@ def grouped_conv2d_fwd(
         *geom.conv_args(),
         *x.stride(), *weight.stride(), *out.stride(),
     )  # fmt: skip
-    constexprs = {"HAS_BIAS": bias is not None, "ACTIVATION": activation, **dot_settings(x.dtype, input_precision)}
+    constexprs = {"HAS_BIAS": bias is not None, "ACTIVATION": activation, **common.dot_settings(x.dtype, input_precision)}
     launch(_grouped_conv2d_fwd_autotuned, grid, args, constexprs, config)
     return out
 
 
 def fwd_compile_specs() -> list[CompileSpec]:
     """The forward (bias + ReLU epilogue) for every GPU config and dtype, channels_last x/y and weight."""
-    return [
-        conv_compile_spec(
-            "fwd",
-            _grouped_conv2d_fwd_kernel,
-            dtype,
-            config,
-            pointers={name: f"*{dtype}" for name in ("x_ptr", "w_ptr", "b_ptr", "y_ptr")},
-            unit_strides=("sx_c", "sw_i", "sy_c"),
-            flags={"HAS_BIAS": True, "ACTIVATION": "relu"},
-        )
-        for config in FWD_CONFIGS
-        for dtype in GPU_DOT_SETTINGS
-    ]
+    return common.conv_compile_specs(
+        "fwd",
+        _grouped_conv2d_fwd_kernel,
+        FWD_CONFIGS,
+        pointers=("x_ptr", "w_ptr", "b_ptr", "y_ptr"),
+        unit_strides=("sx_c", "sw_i", "sy_c"),
+        flags={"HAS_BIAS": True, "ACTIVATION": "relu"},
+    )

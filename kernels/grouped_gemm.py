@@ -23,15 +23,13 @@ Glue (triton.md section 3, "hybrid"): one ``torch.library.custom_op`` per launch
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
 from groupnet import _checks
-from groupnet.kernels._common import TORCH_TO_TRITON_DTYPE, CompileSpec, autotune_configs, is_interpreter
+from groupnet.kernels._common import TORCH_TO_TRITON_DTYPE, CompileSpec, autotune_configs, is_interpreter, launch
 
 INPUT_PRECISIONS = ("ieee", "tf32")
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -239,22 +237,19 @@ def launch_grouped_gemm(
     def grid(meta):
         return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), g)
 
-    kernel = _batch_reduced_gemm if batch_reduction else _features_reduced_gemm
-    extra = {}
-    if config is not None:
-        kernel = grouped_gemm_kernel
-        extra = dict(config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
-    with torch.cuda.device(a.device) if a.is_cuda else contextlib.nullcontext():
-        kernel[grid](
-            a, b, out, bias_t,
-            m, n, kd,
-            *a.stride(), *b.stride(), *out.stride(), *bias_strides,
-            HAS_BIAS=bias is not None,
-            ACC_DTYPE=tl.float64 if a.dtype == torch.float64 else tl.float32,
-            UPCAST_OPERANDS=is_interpreter(),
-            INPUT_PRECISION=input_precision,
-            **extra,
-        )  # fmt: skip
+    args = (
+        a, b, out, bias_t,
+        m, n, kd,
+        *a.stride(), *b.stride(), *out.stride(), *bias_strides,
+    )  # fmt: skip
+    constexprs = {
+        "HAS_BIAS": bias is not None,
+        "ACC_DTYPE": tl.float64 if a.dtype == torch.float64 else tl.float32,
+        "UPCAST_OPERANDS": is_interpreter(),
+        "INPUT_PRECISION": input_precision,
+    }
+    # With a fixed config, launch() runs the raw kernel (the autotuner's .fn, grouped_gemm_kernel) with it.
+    launch(_batch_reduced_gemm if batch_reduction else _features_reduced_gemm, grid, args, constexprs, config)
     return out
 
 
@@ -407,8 +402,6 @@ UNIT_STRIDES = {
 
 def _spec(config: triton.Config, dtype: str, pass_name: str, input_precision: str) -> CompileSpec:
     """One pass of grouped_linear with contiguous tensors, as the JIT would specialize it."""
-    signature = {name: "i32" for name in grouped_gemm_kernel.arg_names}
-    signature.update({p: f"*{dtype}" for p in ("A", "B", "C", "BIAS")})
     constexprs = dict(
         config.kwargs,
         HAS_BIAS=pass_name == "forward",
@@ -417,18 +410,15 @@ def _spec(config: triton.Config, dtype: str, pass_name: str, input_precision: st
         INPUT_PRECISION=input_precision,
     )
     constexprs.update({name: 1 for name in UNIT_STRIDES[pass_name]})
-    for name in constexprs:
-        signature[name] = "constexpr"
     cfg = "x".join(str(config.kwargs[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
     precision = f"_{input_precision}" if dtype == "fp32" else ""
-    return CompileSpec(
-        name=f"grouped_gemm_{pass_name}_{dtype}{precision}_{cfg}_w{config.num_warps}_s{config.num_stages}",
-        fn=grouped_gemm_kernel,
-        signature=signature,
+    return CompileSpec.for_config(
+        f"grouped_gemm_{pass_name}_{dtype}{precision}_{cfg}",
+        grouped_gemm_kernel,
+        config,
+        dtype,
+        pointers={p: f"*{dtype}" for p in ("A", "B", "C", "BIAS")},
         constexprs=constexprs,
-        num_warps=config.num_warps,
-        num_stages=config.num_stages,
-        dot_dtype=dtype if dtype in ("fp16", "bf16") else None,
     )
 
 

@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import triton
+from _compare import float64_leaves
 from _oob import Embedded, assert_no_oob, nan_embedded, sentinel_output
 from _tolerances import assert_close
 from hypothesis import given, settings
@@ -237,7 +238,7 @@ def test_autograd_formats_and_stride0_grad(x_channels_last, w_channels_last, rel
     assert y.is_contiguous(memory_format=torch.channels_last if x_channels_last else torch.contiguous_format)
     y.sum().backward()
 
-    refs = [t.detach().double().requires_grad_() for t in (x, w, b)]
+    refs = float64_leaves(x, w, b)
     y_ref = F.conv2d(*refs, groups=k, **conv)
     (y_ref.relu() if relu else y_ref).sum().backward()
     assert_close(y, y_ref.relu() if relu else y_ref, torch.float32, reduction=18, what="forward")
@@ -254,7 +255,7 @@ def test_only_the_needed_gradients():
     w = torch.randn(6, 2, 3, 3, generator=gen)
     b = torch.randn(6, generator=gen, requires_grad=True)
     grouped_conv2d(x, w, b, branches=2, padding=1, input_precision="ieee").square().sum().backward()
-    xr, br = x.detach().double().requires_grad_(), b.detach().double().requires_grad_()
+    xr, br = float64_leaves(x, b)
     F.conv2d(xr, w.double(), br, padding=1, groups=2).square().sum().backward()
     assert w.grad is None
     assert_close(x.grad, xr.grad, torch.float32, reduction=27, what="dx")
@@ -273,7 +274,7 @@ def test_torch_compile_fullgraph(backend):
     torch._dynamo.reset()
     y = torch.compile(fn, backend=backend, fullgraph=True)(x, w)
     (y * y).sum().backward()
-    xr, wr = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    xr, wr = float64_leaves(x, w)
     y_ref = F.conv2d(xr, wr, stride=2, padding=1, groups=2).relu()
     (y_ref * y_ref).sum().backward()
     assert_close(y, y_ref, torch.float32, reduction=18, what="forward")

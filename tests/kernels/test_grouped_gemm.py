@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _compare import count_calls, float64_leaves
 from _oob import assert_no_oob, nan_embedded, sentinel_output
 from _tolerances import assert_close
 from hypothesis import given, settings
@@ -61,7 +62,7 @@ def test_grouped_linear_matches_per_branch_reference(problem, has_bias, dtype, x
     leaves = [t.detach().requires_grad_() for t in (x, weight) + ((bias,) if has_bias else ())]
     y = gg.grouped_linear(*leaves[:2], leaves[2] if has_bias else None, input_precision=input_precision)
     y.backward(grad_y)
-    ref_leaves = [t.detach().double().requires_grad_() for t in leaves]
+    ref_leaves = float64_leaves(*leaves)
     y_ref = reference_linear(*ref_leaves[:2], ref_leaves[2] if has_bias else None)
     y_ref.backward(grad_y.double())
 
@@ -123,7 +124,7 @@ def test_stride_zero_grad_from_sum():
     weight = _random((k, out_f, in_f), torch.float32, gen).requires_grad_()
     bias = _random((k, out_f), torch.float32, gen).requires_grad_()
     gg.grouped_linear(x, weight, bias).sum().backward()
-    refs = [t.detach().double().requires_grad_() for t in (x, weight, bias)]
+    refs = float64_leaves(x, weight, bias)
     reference_linear(*refs).sum().backward()
     for got, ref, what in zip((x, weight, bias), refs, ("x", "weight", "bias")):
         assert_close(got.grad, ref.grad, torch.float32, reduction=m, what=f"grad {what}")
@@ -161,7 +162,7 @@ def test_torch_compile_fullgraph(backend):
     leaves = [t.clone().requires_grad_() for t in inputs]
     compiled = torch.compile(gg.grouped_linear, backend=backend, fullgraph=True)
     (compiled(*leaves) * 2).sum().backward()
-    refs = [t.double().requires_grad_() for t in inputs]
+    refs = float64_leaves(*inputs)
     (reference_linear(*refs) * 2).sum().backward()
     for got, ref in zip(leaves, refs):
         assert_close(got.grad, ref.grad, torch.float32, reduction=m, what=f"{backend} grad")
@@ -171,16 +172,14 @@ def test_functional_dispatches_to_the_kernel(triton_backend, monkeypatch):
     """groupnet.functional.grouped_linear with GROUPNET_BACKEND=triton runs the kernel, also on (..., K*in)."""
     from groupnet import functional
 
-    calls = []
-    original = gg.launch_grouped_gemm
-    monkeypatch.setattr(gg, "launch_grouped_gemm", lambda *a, **kw: calls.append(1) or original(*a, **kw))
+    calls = count_calls(monkeypatch, gg, "launch_grouped_gemm")
     gen = torch.Generator().manual_seed(4)
     k, in_f, out_f = 3, 4, 6
     x = _random((2, 5, k * in_f), torch.float32, gen)
     weight = _random((k, out_f, in_f), torch.float32, gen)
     bias = _random((k, out_f), torch.float32, gen)
     y = functional.grouped_linear(x, weight, bias)
-    assert calls, "GROUPNET_BACKEND=triton did not reach the Triton launcher"
+    assert calls[0], "GROUPNET_BACKEND=triton did not reach the Triton launcher"
     assert y.shape == (2, 5, k * out_f)
     assert_close(y.reshape(10, -1), reference_linear(x.reshape(10, -1), weight, bias), torch.float32, reduction=in_f)
 

@@ -4,6 +4,7 @@ reference modules (``groupnet.reference_of``: K plain ``nn.Conv2d`` / ``nn.Linea
 from __future__ import annotations
 
 import torch
+from _compare import assert_branch_param_grads, backward_with_reference, count_calls
 from _tolerances import assert_close
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -14,19 +15,6 @@ from groupnet import GroupedConv2d, GroupedLinear, reference_of
 
 # The backend fixture patches the environment once per test, which is what every example needs.
 module_settings = settings(max_examples=6, suppress_health_check=[HealthCheck.function_scoped_fixture])
-
-
-def count_calls(monkeypatch, module, name: str) -> list[int]:
-    """Wrap ``module.name`` (looked up at call time by groupnet.functional) to count its calls."""
-    calls = [0]
-    original = getattr(module, name)
-
-    def counted(*args, **kwargs):
-        calls[0] += 1
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(module, name, counted)
-    return calls
 
 
 @module_settings
@@ -61,24 +49,14 @@ def test_grouped_conv2d_module_matches_reference(
         x = x.contiguous(memory_format=torch.channels_last)
     x.requires_grad_()
     calls = count_calls(monkeypatch, triton_conv, "grouped_conv2d")
-
-    y = conv(x)
-    grad_y = torch.randn(y.shape, dtype=dtype)
-    y.backward(grad_y)
-    x_ref = x.detach().double().requires_grad_()
-    y_ref = ref(x_ref)
-    y_ref.backward(grad_y.double())
+    y, y_ref, x_ref = backward_with_reference(conv, ref, x)
 
     assert calls[0] == 1, "the module did not run the Triton conv"
     taps = kernel * kernel
     pixels = y.shape[0] * y.shape[2] * y.shape[3]
     assert_close(y, y_ref, dtype, reduction=in_per_group * taps, what="forward")
     assert_close(x.grad, x_ref.grad, dtype, reduction=out_per_group * taps, what="grad input")
-    ref_w = torch.cat([m.weight.grad for m in ref.branch_modules])
-    assert_close(conv.weight.grad, ref_w, dtype, reduction=pixels, what="grad weight")
-    if bias:
-        ref_b = torch.cat([m.bias.grad for m in ref.branch_modules])
-        assert_close(conv.bias.grad, ref_b, dtype, reduction=pixels, what="grad bias")
+    assert_branch_param_grads(conv, ref, torch.cat, dtype, reduction=pixels, bias=bias)
 
 
 @module_settings
@@ -97,20 +75,10 @@ def test_grouped_linear_module_matches_reference(triton_backend, monkeypatch, k,
     ref = reference_of(lin, dim=-1).double()
     x = torch.randn(*lead, k * in_f, dtype=dtype, requires_grad=True)
     calls = count_calls(monkeypatch, triton_gemm, "grouped_linear")
-
-    y = lin(x)
-    grad_y = torch.randn(y.shape, dtype=dtype)
-    y.backward(grad_y)
-    x_ref = x.detach().double().requires_grad_()
-    y_ref = ref(x_ref)
-    y_ref.backward(grad_y.double())
+    y, y_ref, x_ref = backward_with_reference(lin, ref, x)
 
     assert calls[0] == 1, "the module did not run the Triton grouped GEMM"
     rows = x.numel() // x.shape[-1]
     assert_close(y, y_ref, dtype, reduction=in_f, what="forward")
     assert_close(x.grad, x_ref.grad, dtype, reduction=out_f, what="grad input")
-    ref_w = torch.stack([m.weight.grad for m in ref.branch_modules])
-    assert_close(lin.weight.grad, ref_w, dtype, reduction=rows, what="grad weight")
-    if bias:
-        ref_b = torch.stack([m.bias.grad for m in ref.branch_modules])
-        assert_close(lin.bias.grad, ref_b, dtype, reduction=rows, what="grad bias")
+    assert_branch_param_grads(lin, ref, torch.stack, dtype, reduction=rows, bias=bias)
