@@ -7,6 +7,8 @@ to wall time, meaningful only on a quiet machine (RESULTS.md is the wall-clock r
     python benchmarks/cpu_time_ab.py conv-passes            # every conv shape: grouped vs loop, per pass
     python benchmarks/cpu_time_ab.py inference              # loop / grouped / fused / shared input / dense
     python benchmarks/cpu_time_ab.py train groupnet,loop-cl,dense resnet56:2:8 wrn-16-4:4:8
+    python benchmarks/cpu_time_ab.py --threads 2 schedule - wrn-16-4:4:128:train  # grouped / branch-major / loop
+    python benchmarks/cpu_time_ab.py --threads 2 threads    # grouped conv vs K branch convs on K Python threads
 """
 
 from __future__ import annotations
@@ -128,16 +130,86 @@ def train(peers: list[str], specs: list[str], reps: int) -> None:
         print(f"{case.id}: " + ", ".join(f"{p} {v:.1f}" for p, v in r.items()), flush=True)
 
 
+def schedule(specs: list[str], reps: int) -> None:
+    """NOTES.md item 8: one model run grouped, branch-major and as a loop of K plain models (eager, not fused)."""
+    for spec in specs:
+        arch, k, batch, mode = spec.split(":")
+        k, batch = int(k), int(batch)
+        torch.manual_seed(0)
+        x = torch.randn(batch, 3 * k, 32, 32).contiguous(memory_format=CL)
+        y = torch.randint(0, 10, (batch,))
+        runs = {}
+        for name in ("grouped", "branch", "loop"):
+            model = build_model(arch, branches=k, num_classes=10).to(memory_format=CL)
+            model.schedule = "grouped" if name == "grouped" else "branch"
+            if name == "loop":
+                model = gn.reference_of(model).to(memory_format=CL)
+            runs[name] = step(model, x, y, k, mode)
+        r = interleaved_min(runs, reps)
+        print(f"{spec}: " + ", ".join(f"{a} {v:.1f}" for a, v in r.items()), flush=True)
+
+
+def step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, k: int, mode: str) -> Callable[[], object]:
+    if mode == "infer":
+        model.eval()
+
+        def infer():
+            with torch.inference_mode():
+                return model(x)
+        return infer
+    loss, opt = gn.CoTrainingLoss(k), torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+
+    def train_step():
+        opt.zero_grad(set_to_none=True)
+        loss(model(x), y).loss.backward()
+        opt.step()
+    return train_step
+
+
+THREAD_SHAPES = ((1, 2, 48, 32), (8, 2, 48, 32), (1, 4, 32, 32), (8, 4, 32, 32), (8, 2, 96, 16), (8, 4, 8, 32),
+                 (1, 2, 12, 32), (8, 2, 12, 32))
+
+
+def threads(reps: int) -> None:
+    """NOTES.md item 3: one grouped 3x3 conv (all threads) vs K branch convs on K Python threads (1 thread each)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    n_threads = torch.get_num_threads()
+    pool = ThreadPoolExecutor(max(k for _, k, _, _ in THREAD_SHAPES))
+    for n, k, c, h in THREAD_SHAPES:
+        x = torch.randn(n, k * c, h, h).contiguous(memory_format=CL)
+        w = torch.randn(k * c, c, 3, 3).contiguous(memory_format=CL)
+        xs = [t.contiguous(memory_format=CL) for t in x.chunk(k, 1)]
+        ws = list(w.chunk(k, 0))
+
+        def on_threads():
+            torch.set_num_threads(1)
+            futures = [pool.submit(F.conv2d, xs[i], ws[i], None, 1, 1) for i in range(k)]
+            out = torch.cat([f.result() for f in futures], 1)
+            torch.set_num_threads(n_threads)
+            return out
+
+        r = interleaved_min({
+            "grouped": lambda: F.conv2d(x, w, None, 1, 1, 1, k),
+            "threads": on_threads,
+            "loop": lambda: torch.cat([F.conv2d(xs[i], ws[i], None, 1, 1) for i in range(k)], 1),
+        }, reps)
+        print(f"N={n} K={k} C={c} H={h}: " + ", ".join(f"{a} {v:.3f}" for a, v in r.items()), flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("experiment", choices=["conv-passes", "inference", "train"])
-    parser.add_argument("peers", nargs="?", default="groupnet,loop-cl,dense", help="train: comma-separated peers")
-    parser.add_argument("cases", nargs="*", default=["resnet56:2:8", "wrn-16-4:2:8"], help="train: ARCH:K:BATCH")
+    parser.add_argument("experiment", choices=["conv-passes", "inference", "train", "schedule", "threads"])
+    parser.add_argument("peers", nargs="?", default="groupnet,loop-cl,dense",
+                        help="train: comma-separated peers ('-' for schedule)")
+    parser.add_argument("cases", nargs="*", help="train: ARCH:K:BATCH [resnet56:2:8 wrn-16-4:2:8]; "
+                        "schedule: ARCH:K:BATCH:train|infer [wrn-16-4:4:8:train wrn-16-4:4:128:train]")
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1,
                         help="intra-op threads; above 1 the clock is wall time (only meaningful on a quiet machine)")
     args = parser.parse_args()
     global CLOCK
+    gn.retain_freed_memory()  # as the benchmark suite and groupnet.train do (NOTES.md item 8)
     torch.set_num_threads(args.threads)
     if args.threads > 1:
         CLOCK = time.perf_counter
@@ -145,8 +217,12 @@ def main() -> None:
         conv_passes(args.reps)
     elif args.experiment == "inference":
         inference(args.reps)
+    elif args.experiment == "schedule":
+        schedule(args.cases or ["wrn-16-4:4:8:train", "wrn-16-4:4:128:train"], args.reps)
+    elif args.experiment == "threads":
+        threads(args.reps)
     else:
-        train(args.peers.split(","), args.cases, args.reps)
+        train(args.peers.split(","), args.cases or ["resnet56:2:8", "wrn-16-4:2:8"], args.reps)
 
 
 if __name__ == "__main__":
