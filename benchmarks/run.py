@@ -1,7 +1,7 @@
 """Run every benchmark and write benchmarks/RESULTS.md (pytest-benchmark JSON beside it as results.json).
 
-    python benchmarks/run.py            # the full suite (21 minutes on the 2-core dev machine with a warm
-                                        # torch.compile cache; a cold one adds several minutes per compiled case)
+    python benchmarks/run.py            # the full suite (7 minutes on a quiet 2-core dev machine with a warm
+                                        # torch.compile cache, 15 with a cold one)
     python benchmarks/run.py --quick    # one round per case: checks that everything runs; numbers meaningless
     python benchmarks/run.py -k "resnet56 and K2"   # a subset (pytest -k), written to the same files
 
