@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 
@@ -120,6 +121,15 @@ def test_channels_last_trains_the_same_model(tmp_path):
         assert torch.allclose(a[k].float(), b[k].float(), rtol=1e-4, atol=1e-5), k
 
 
+def test_branch_major_schedule_trains_the_same_model(tmp_path):
+    for name in ("grouped", "branch"):
+        assert main(quick(tmp_path / name, "--epochs", "1", "--schedule", name)) == 0
+    a, b = (load_ckpt(tmp_path / n / "last.pt")["model"] for n in ("grouped", "branch"))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k].float(), b[k].float(), rtol=1e-4, atol=1e-5), k
+
+
 def test_eval_cli_reproduces_the_final_accuracy(tmp_path, capsys):
     out = tmp_path / "run"
     assert main(quick(out, "--ensemble", "probs")) == 0
@@ -192,3 +202,8 @@ def test_lr_schedule_warms_up_linearly_then_decays_to_min(total, warm_frac, lr, 
     restored = WarmupCosineLR(opt, lr=lr, total_steps=total, warmup_steps=warm, warmup_lr=warm_lr, min_lr=min_lr)
     restored.load_state_dict(sched.state_dict())
     assert opt.param_groups[0]["lr"] == lrs[total]
+
+
+def test_unknown_schedule_in_a_config_is_named():
+    with pytest.raises(ConfigError, match="--schedule must be one of"):
+        make_config(dataclasses.asdict(TrainConfig()), {"schedule": "sideways"})
