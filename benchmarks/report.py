@@ -12,9 +12,10 @@ GROUPNET = ("groupnet", "groupnet-compile")
 SPLIT_PEERS = ("loop-nchw", "loop-cl", "vmap", "torch-grouped", "packed-tu", "compile-loop")
 MODEL_PEERS = GROUPNET + SPLIT_PEERS + ("dense",)
 GOAL_TRAIN_VS_DENSE, GOAL_TRAIN_VS_BEST_PEER, GOAL_INFER_VS_LOOP = 1.10, 1.25, 1.5
-SPREAD_NOTE = ("- run-to-run spread on the 2-core dev VM is large: two full runs 40 minutes apart, both at load "
-               "average below 2, differed by up to 1.5-1.8x on single cases (benchmarks/NOTES.md, 'Run-to-run "
-               "spread'); read a single case's ratio within about 30% of a goal as undecided, not as met or missed")
+SPREAD_NOTE = ("- run-to-run spread on the 2-core dev VM: two full runs 25 minutes apart on a quiet machine "
+               "(2026-11-29) differed by up to 1.2x on single cases, two under load (2026-11-22) by up to 1.5-1.8x "
+               "(benchmarks/NOTES.md, 'Run-to-run spread'); read a single case's ratio within about 20% of a goal "
+               "as undecided, not as met or missed")
 
 
 def medians(bench_json: dict) -> dict[str, dict[str, float]]:
