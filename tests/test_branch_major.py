@@ -107,3 +107,15 @@ def test_auto_rule_switches_at_half_the_last_level_cache():
     assert model._runs_branch_major(torch.empty(large, 12, 32, 32))
     model.schedule = "grouped"
     assert not model._runs_branch_major(torch.empty(large, 12, 32, 32))
+
+
+def test_modules_replaced_after_a_forward_are_used():
+    torch.manual_seed(0)
+    model = build_model("small_cnn", branches=2, num_classes=3).double()
+    model.schedule = "branch"
+    x = torch.randn(2, 6, 8, 8, dtype=torch.float64)
+    model(x)
+    model.head = gn.GroupedLinear(model.head.in_features, 3, branches=2).double()  # e.g. a new head for fine-tuning
+    want = copy.deepcopy(model)
+    want.schedule = "grouped"
+    torch.testing.assert_close(model(x), want(x))
