@@ -59,17 +59,27 @@ class _Plan:
                 f"branch-major execution needs every parameter and buffer inside a grouped layer; "
                 f"{type(model).__name__} also holds {stray[:3]}"
             )
-        self.modules = list(model.modules())  # to notice modules replaced after the plan was made
+        self.modules = _module_signature(model)  # to notice modules replaced or converted after the plan was made
         self.grouped = list(grouped.items())
         self.skeleton = extract_branch(model, 0).to("meta")
         modules = dict(model.named_modules())
         self.pairs = [(s, modules[n]) for n, s in self.skeleton.named_modules()]
+        for skel, mod in self.pairs:
+            # A layer whose class changes its forward (e.g. the trainer's synchronised batch norm under DDP) says how
+            # its plain branch module must change to keep that behaviour.
+            wrap = getattr(mod, "wrap_branch_module", None)
+            if wrap is not None:
+                wrap(skel)
         self.counters = [m for _, m in self.grouped if getattr(m, "num_batches_tracked", None) is not None]
+
+
+def _module_signature(model: nn.Module) -> list[tuple[nn.Module, type]]:
+    return [(m, type(m)) for m in model.modules()]
 
 
 def _plan(model: nn.Module) -> _Plan:
     plan = model.__dict__.get("_groupnet_branch_major")
-    if plan is None or plan.modules != list(model.modules()):
+    if plan is None or plan.modules != _module_signature(model):
         plan = _Plan(model)
         model.__dict__["_groupnet_branch_major"] = plan  # not a submodule: no state_dict entry, no parameters
     return plan

@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from groupnet.models import build_model
@@ -19,8 +20,9 @@ from groupnet.training.distributed import convert_sync_batchnorm, revert_sync_ba
 from trainer_utils import load_ckpt, quick
 
 
-def test_two_processes_match_one_process(tmp_path):
-    opts = ["--epochs", "2", "--batch-size", "32", "--cutout", "2", "--flip"]
+@pytest.mark.parametrize("schedule", ["grouped", "branch"])
+def test_two_processes_match_one_process(tmp_path, schedule):
+    opts = ["--epochs", "2", "--batch-size", "32", "--cutout", "2", "--flip", "--schedule", schedule]
     single, multi = tmp_path / "single", tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
@@ -62,3 +64,18 @@ def test_sync_batchnorm_conversion_is_transparent_in_one_process():
     assert not any(type(m).__name__.startswith("Sync") for m in branch.modules())
     revert_sync_batchnorm(model)
     assert not any(type(m).__name__.startswith("Sync") for m in model.modules())
+
+
+def test_branch_major_runs_synchronised_batch_norms_per_branch():
+    from groupnet.branch_major import branch_major_forward
+
+    model = build_model("resnet20", branches=2, num_classes=10)
+    x = torch.randn(4, 6, 8, 8)
+    branch_major_forward(model, x)  # a plan made before the conversion must not be reused after it
+    convert_sync_batchnorm(model)
+    reference = build_model("resnet20", branches=2, num_classes=10)
+    reference.load_state_dict(model.state_dict())
+    torch.testing.assert_close(branch_major_forward(model, x), reference(x))
+    plan = model.__dict__["_groupnet_branch_major"]
+    norms = [type(m).__name__ for m in plan.skeleton.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert norms and all(n == "SyncBatchNorm2d" for n in norms), norms

@@ -83,6 +83,10 @@ def barrier() -> None:
 class _SyncBatchNormMixin:
     """Training forward with statistics over the whole global batch (two differentiable all-reduces)."""
 
+    def wrap_branch_module(self, plain: nn.Module) -> None:
+        """Branch-major execution (:mod:`groupnet.branch_major`) runs a plain batch norm per branch: sync it too."""
+        plain.__class__ = _sync_class(type(plain))
+
     def forward(self, x: Tensor) -> Tensor:  # type: ignore[override]
         if not (self.training and world_is_distributed()):
             return super().forward(x)  # type: ignore[misc]
