@@ -73,6 +73,12 @@ class _Plan:
         self.counters = [m for _, m in self.grouped if getattr(m, "num_batches_tracked", None) is not None]
 
 
+def hooked_modules(model: nn.Module) -> list[str]:
+    """Names of the modules of ``model`` with forward hooks or pre-hooks, which branch-major execution cannot call
+    (it runs a plain skeleton, not these modules)."""
+    return [n or type(model).__name__ for n, m in model.named_modules() if m._forward_hooks or m._forward_pre_hooks]
+
+
 def _module_signature(model: nn.Module) -> list[tuple[nn.Module, type]]:
     return [(m, type(m)) for m in model.modules()]
 
@@ -96,6 +102,10 @@ def branch_major_forward(model: nn.Module, x: Tensor, *, shared_input: bool = Fa
 
     Returns the branch-stacked output ``(N, K*out, ...)``, in x's memory format.
     """
+    hooked = hooked_modules(model)
+    if hooked:
+        raise ValueError(f"branch-major execution would skip the forward hooks on {hooked[:3]}; remove them or run "
+                         "the model grouped (schedule='grouped')")
     plan = _plan(model)
     k = plan.branches
     if x.dim() < 2:

@@ -119,3 +119,15 @@ def test_modules_replaced_after_a_forward_are_used():
     want = copy.deepcopy(model)
     want.schedule = "grouped"
     torch.testing.assert_close(model(x), want(x))
+
+
+def test_forward_hooks_keep_auto_grouped_and_refuse_forced_branch_major():
+    model = build_model("wrn-16-4", branches=4, num_classes=10, depths=(1, 1, 1))
+    large = torch.empty(last_level_cache_bytes() // (2 * 4 * 32 * 32 * 32 * 4) + 1, 12, 32, 32)
+    assert model._runs_branch_major(large)
+    seen = []
+    model.features[0].register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    assert not model._runs_branch_major(large)
+    model.schedule = "branch"
+    with pytest.raises(ValueError, match=r"skip the forward hooks on \['features.0'\]"):
+        model(torch.randn(2, 12, 8, 8))

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from groupnet.branch_major import SCHEDULES, branch_major_forward, prefer_branch_major
+from groupnet.branch_major import SCHEDULES, branch_major_forward, hooked_modules, prefer_branch_major
 from groupnet.functional import grouped_conv2d
 from groupnet.models.spec import ArchSpec
 from groupnet.modules import GroupedBatchNorm2d, GroupedConv2d, GroupedLinear
@@ -53,7 +53,8 @@ class GroupedClassifier(nn.Module):
         ``self.schedule`` picks how the K branches run: ``"grouped"`` (every layer once for all branches),
         ``"branch"`` (branch after branch on views of the stacked weights, :mod:`groupnet.branch_major`), or
         ``"auto"`` (the default): branch-major on the CPU when the widest activation of all K branches outgrows half
-        the last-level cache, grouped otherwise and under ``torch.compile``. All compute the same function.
+        the last-level cache, grouped otherwise, under ``torch.compile`` and when modules carry forward hooks. All
+        compute the same function.
         """
         shared = self._input_is_shared(x)
         if self._runs_branch_major(x):
@@ -71,7 +72,7 @@ class GroupedClassifier(nn.Module):
             return False
         widest = max(self.spec.stem_width, self.spec.widths[0])  # the first stage runs at the input's resolution
         stacked = x.shape[0] * self.branches * widest * x.shape[2] * x.shape[3] * x.element_size()
-        return prefer_branch_major(stacked, x.device)
+        return prefer_branch_major(stacked, x.device) and not hooked_modules(self)  # hooks need the grouped modules
 
     def _grouped_forward(self, x: Tensor, shared: bool) -> Tensor:
         x = self._first_conv(x, shared)
