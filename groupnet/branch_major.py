@@ -59,7 +59,7 @@ class _Plan:
                 f"branch-major execution needs every parameter and buffer inside a grouped layer; "
                 f"{type(model).__name__} also holds {stray[:3]}"
             )
-        self.modules = _module_signature(model)  # to notice modules replaced or converted after the plan was made
+        self.modules = _module_signature(model)  # to notice modules replaced, converted or reconfigured since
         self.grouped = list(grouped.items())
         self.skeleton = extract_branch(model, 0).to("meta")
         modules = dict(model.named_modules())
@@ -79,8 +79,17 @@ def hooked_modules(model: nn.Module) -> list[str]:
     return [n or type(model).__name__ for n, m in model.named_modules() if m._forward_hooks or m._forward_pre_hooks]
 
 
-def _module_signature(model: nn.Module) -> list[tuple[nn.Module, type]]:
-    return [(m, type(m)) for m in model.modules()]
+_CONFIG_TYPES = (int, float, bool, str, tuple, type(None))
+
+
+def _module_signature(model: nn.Module) -> list[tuple[nn.Module, type, list]]:
+    """Each module, its class and its plain settings (drop rates, momenta, ...): the skeleton is a copy of them, so a
+    change to any of them (training mode aside, which is mirrored per call) must rebuild it."""
+    return [
+        (m, type(m), sorted((k, v) for k, v in vars(m).items()
+                            if not k.startswith("_") and k != "training" and isinstance(v, _CONFIG_TYPES)))
+        for m in model.modules()
+    ]
 
 
 def _plan(model: nn.Module) -> _Plan:

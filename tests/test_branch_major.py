@@ -131,3 +131,13 @@ def test_forward_hooks_keep_auto_grouped_and_refuse_forced_branch_major():
     model.schedule = "branch"
     with pytest.raises(ValueError, match=r"skip the forward hooks on \['features.0'\]"):
         model(torch.randn(2, 12, 8, 8))
+
+
+def test_settings_changed_after_a_forward_are_used():
+    torch.manual_seed(0)
+    model = build_model("small_cnn", branches=2, num_classes=3).double()
+    model.schedule = "branch"
+    x = torch.randn(2, 6, 8, 8, dtype=torch.float64)
+    model(x)
+    model.drop_rate = 1.0  # dropout before the head now zeroes every feature: the logits are the head's bias
+    torch.testing.assert_close(model(x), model.head.bias.detach().reshape(1, -1).expand(2, -1))
