@@ -23,6 +23,7 @@ def main(argv: list[str] | None = None) -> int:
         from_file, from_cli = parse_options(argv)
         cfg, ckpt = config_for_run(from_file, from_cli)
         run(cfg, ckpt)
+        destroy_process_group(wait_for_all=True)
         return 0
     except (UserError, DataError) as e:
         print(f"groupnet.train: error: {one_line(e)}", file=sys.stderr)
