@@ -109,12 +109,17 @@ def test_auto_rule_switches_at_half_the_last_level_cache():
     assert not model._runs_branch_major(torch.empty(large, 12, 32, 32))
 
 
-def test_modules_replaced_after_a_forward_are_used():
+def small_model_after_one_branch_major_forward():
     torch.manual_seed(0)
     model = build_model("small_cnn", branches=2, num_classes=3).double()
     model.schedule = "branch"
     x = torch.randn(2, 6, 8, 8, dtype=torch.float64)
-    model(x)
+    model(x)  # makes the plan that the changes below must invalidate
+    return model, x
+
+
+def test_modules_replaced_after_a_forward_are_used():
+    model, x = small_model_after_one_branch_major_forward()
     model.head = gn.GroupedLinear(model.head.in_features, 3, branches=2).double()  # e.g. a new head for fine-tuning
     want = copy.deepcopy(model)
     want.schedule = "grouped"
@@ -134,10 +139,6 @@ def test_forward_hooks_keep_auto_grouped_and_refuse_forced_branch_major():
 
 
 def test_settings_changed_after_a_forward_are_used():
-    torch.manual_seed(0)
-    model = build_model("small_cnn", branches=2, num_classes=3).double()
-    model.schedule = "branch"
-    x = torch.randn(2, 6, 8, 8, dtype=torch.float64)
-    model(x)
+    model, x = small_model_after_one_branch_major_forward()
     model.drop_rate = 1.0  # dropout before the head now zeroes every feature: the logits are the head's bias
     torch.testing.assert_close(model(x), model.head.bias.detach().reshape(1, -1).expand(2, -1))
