@@ -31,6 +31,12 @@ def check_branch_index(k: int, branches: int) -> None:
         raise IndexError(f"branch index must be in [0, {branches}), got {k!r}")
 
 
+def load_branch(plain: nn.Module, tensors: dict[str, Tensor]) -> nn.Module:
+    """Copy one branch's tensors (an entry of a grouped layer's ``branch_tensors()``) into its plain module."""
+    plain.load_state_dict(tensors, strict=True)
+    return plain
+
+
 def split_rows(tensors: dict[str, Tensor], branches: int) -> list[dict[str, Tensor]]:
     """K dicts of views: each tensor's dim 0 cut into K equal blocks (channel-stacked weights and statistics).
 

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from groupnet import _checks
 from groupnet.functional import _pair, grouped_conv2d
-from groupnet.modules._stack import check_branch_index, check_branch_modules, split_rows
+from groupnet.modules._stack import check_branch_index, check_branch_modules, load_branch, split_rows
 
 
 class GroupedConv2d(nn.Module):
@@ -107,12 +107,7 @@ class GroupedConv2d(nn.Module):
             device=self.weight.device,
             dtype=self.weight.dtype,
         )
-        c = self.out_channels
-        with torch.no_grad():
-            conv.weight.copy_(self.weight[k * c : (k + 1) * c])
-            if self.bias is not None:
-                conv.bias.copy_(self.bias[k * c : (k + 1) * c])
-        return conv
+        return load_branch(conv, self.branch_tensors()[k])
 
     @classmethod
     def from_modules(cls, modules: Sequence[nn.Conv2d]) -> GroupedConv2d:

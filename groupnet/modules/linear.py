@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from groupnet import _checks
 from groupnet.functional import grouped_linear
-from groupnet.modules._stack import check_branch_index, check_branch_modules, unbind_branches
+from groupnet.modules._stack import check_branch_index, check_branch_modules, load_branch, unbind_branches
 
 
 class GroupedLinear(nn.Module):
@@ -64,11 +64,7 @@ class GroupedLinear(nn.Module):
         check_branch_index(k, self.branches)
         lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
                         device=self.weight.device, dtype=self.weight.dtype)
-        with torch.no_grad():
-            lin.weight.copy_(self.weight[k])
-            if self.bias is not None:
-                lin.bias.copy_(self.bias[k])
-        return lin
+        return load_branch(lin, self.branch_tensors()[k])
 
     @classmethod
     def from_modules(cls, modules: Sequence[nn.Linear]) -> GroupedLinear:

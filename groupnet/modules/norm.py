@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from groupnet import _checks
-from groupnet.modules._stack import check_branch_index, check_branch_modules, split_rows, unbind_branches
+from groupnet.modules._stack import check_branch_index, check_branch_modules, load_branch, split_rows, unbind_branches
 
 
 class _GroupedBatchNormMixin:
@@ -53,15 +53,7 @@ class _GroupedBatchNormMixin:
         bn = self._plain(c, eps=self.eps, momentum=self.momentum, affine=self.affine,
                          track_running_stats=self.track_running_stats,
                          device=None if ref is None else ref.device, dtype=None if ref is None else ref.dtype)
-        sl = slice(k * c, (k + 1) * c)
-        with torch.no_grad():
-            if self.affine:
-                bn.weight.copy_(self.weight[sl])
-                bn.bias.copy_(self.bias[sl])
-            if self.track_running_stats:
-                bn.running_mean.copy_(self.running_mean[sl])
-                bn.running_var.copy_(self.running_var[sl])
-                bn.num_batches_tracked.copy_(self.num_batches_tracked)
+        load_branch(bn, self.branch_tensors()[k])
         bn.train(self.training)
         return bn
 
@@ -179,12 +171,7 @@ class GroupedLayerNorm(nn.Module):
         ln = nn.LayerNorm(self.num_features, eps=self.eps, elementwise_affine=self.elementwise_affine,
                           bias=self.bias is not None, device=None if ref is None else ref.device,
                           dtype=None if ref is None else ref.dtype)
-        with torch.no_grad():
-            if self.weight is not None:
-                ln.weight.copy_(self.weight[k])
-            if self.bias is not None:
-                ln.bias.copy_(self.bias[k])
-        return ln
+        return load_branch(ln, self.branch_tensors()[k])
 
     @classmethod
     def from_modules(cls, modules: Sequence[nn.LayerNorm]) -> GroupedLayerNorm:
