@@ -24,6 +24,11 @@ INFER_BATCHES = (1, 8, 128)
 LR, MOMENTUM, WEIGHT_DECAY = 1e-3, 0.9, 5e-4
 
 
+def glibc_default() -> bool:
+    """GROUPNET_BENCH_GLIBC_DEFAULT=1: leave glibc's malloc as it is instead of retaining freed memory (NOTES item 8)."""
+    return os.environ.get("GROUPNET_BENCH_GLIBC_DEFAULT", "0") == "1"
+
+
 def quick() -> bool:
     """GROUPNET_BENCH_QUICK=1: one small round per case, to check the suite runs (numbers meaningless)."""
     return os.environ.get("GROUPNET_BENCH_QUICK", "0") == "1"

@@ -11,7 +11,7 @@ import os
 import pytest
 import torch
 
-from cases import set_threads
+from cases import glibc_default, set_threads
 from groupnet.cpu_memory import retain_freed_memory
 
 
@@ -25,7 +25,7 @@ def pytest_collect_file(file_path, parent):
 
 def pytest_configure(config):
     set_threads()
-    if os.environ.get("GROUPNET_BENCH_GLIBC_DEFAULT", "0") != "1":
+    if not glibc_default():
         # As groupnet.train does on CPU, for every peer alike (process-wide): see groupnet/cpu_memory.py.
         retain_freed_memory()
 
@@ -35,7 +35,7 @@ def pytest_benchmark_update_machine_info(config, machine_info):
     machine_info["torch_threads"] = torch.get_num_threads()
     machine_info["mkldnn"] = torch.backends.mkldnn.is_available()
     machine_info["groupnet_env"] = {k: v for k, v in os.environ.items() if k.startswith("GROUPNET_")}
-    machine_info["glibc_freed_memory_retained"] = os.environ.get("GROUPNET_BENCH_GLIBC_DEFAULT", "0") != "1"
+    machine_info["glibc_freed_memory_retained"] = not glibc_default()
     try:
         machine_info["load_average_at_start"] = os.getloadavg()
     except OSError:  # pragma: no cover - not on every platform

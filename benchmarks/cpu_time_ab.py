@@ -131,7 +131,10 @@ def train(peers: list[str], specs: list[str], reps: int) -> None:
 
 
 def schedule(specs: list[str], reps: int) -> None:
-    """NOTES.md item 8: one model run grouped, branch-major and as a loop of K plain models (eager, not fused)."""
+    """NOTES.md item 8: one model run grouped, branch-major and as a loop of K plain models (eager, not fused; the
+    step of the benchmarks, ``peers.step_runner``)."""
+    from peers import plain, step_runner
+
     for spec in specs:
         arch, k, batch, mode = spec.split(":")
         k, batch = int(k), int(batch)
@@ -144,26 +147,9 @@ def schedule(specs: list[str], reps: int) -> None:
             model.schedule = "grouped" if name == "grouped" else "branch"
             if name == "loop":
                 model = gn.reference_of(model).to(memory_format=CL)
-            runs[name] = step(model, x, y, k, mode)
+            runs[name] = step_runner(plain(model, x, k), y, mode)
         r = interleaved_min(runs, reps)
         print(f"{spec}: " + ", ".join(f"{a} {v:.1f}" for a, v in r.items()), flush=True)
-
-
-def step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, k: int, mode: str) -> Callable[[], object]:
-    if mode == "infer":
-        model.eval()
-
-        def infer():
-            with torch.inference_mode():
-                return model(x)
-        return infer
-    loss, opt = gn.CoTrainingLoss(k), torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
-
-    def train_step():
-        opt.zero_grad(set_to_none=True)
-        loss(model(x), y).loss.backward()
-        opt.step()
-    return train_step
 
 
 THREAD_SHAPES = ((1, 2, 48, 32), (8, 2, 48, 32), (1, 4, 32, 32), (8, 4, 32, 32), (8, 2, 96, 16), (8, 4, 8, 32),

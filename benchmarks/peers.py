@@ -281,8 +281,13 @@ def make_runner(peer: str, case: ModelCase) -> Callable[[], object]:
     """The function pytest-benchmark times: one training step or one inference forward of ``peer`` on ``case``."""
     prepared, targets = prepare(peer, case)
     check_same_function(prepared, case)
+    return step_runner(prepared, targets, case.mode)
+
+
+def step_runner(prepared: Prepared, targets: Tensor, mode: str) -> Callable[[], object]:
+    """One training step (forward, loss, backward, SGD step) or one inference forward of a prepared peer."""
     forward, x = prepared.forward, prepared.input
-    if case.mode == "infer":
+    if mode == "infer":
         prepared.module.eval()
 
         def infer() -> Tensor:

@@ -27,7 +27,7 @@ sys.path.insert(0, str(HERE))
 import torch  # noqa: E402
 
 import report  # noqa: E402
-from cases import ARCHS, BRANCHES, rounds_summary, set_threads  # noqa: E402
+from cases import ARCHS, BRANCHES, glibc_default, rounds_summary, set_threads  # noqa: E402
 
 MEMORY_BATCH = 128
 MEMORY_PEERS = ("groupnet", "loop-cl", "dense")
@@ -142,7 +142,7 @@ def main() -> int:
         f"{' -k ' + repr(args.keyword) if args.keyword else ''}`; rounds (`benchmarks/cases.py`): {rounds_summary()}",
         f"- {skipped}",
         "- fp32, channels_last for every peer except loop-nchw and vmap; CPU only (no GPU number here)",
-        "- glibc malloc default (GROUPNET_BENCH_GLIBC_DEFAULT=1)" if env.get("GROUPNET_BENCH_GLIBC_DEFAULT") == "1"
+        "- glibc malloc default (GROUPNET_BENCH_GLIBC_DEFAULT=1)" if glibc_default()
         else "- freed memory retained by glibc malloc for every peer (`groupnet.cpu_memory.retain_freed_memory`, "
         "as `groupnet.train` runs on CPU; benchmarks/NOTES.md item 8)",
     ]
