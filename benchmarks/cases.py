@@ -25,7 +25,8 @@ LR, MOMENTUM, WEIGHT_DECAY = 1e-3, 0.9, 5e-4
 
 
 def glibc_default() -> bool:
-    """GROUPNET_BENCH_GLIBC_DEFAULT=1: leave glibc's malloc as it is instead of retaining freed memory (NOTES item 8)."""
+    """GROUPNET_BENCH_GLIBC_DEFAULT=1: leave glibc's malloc as it is instead of retaining freed memory
+    (NOTES.md item 8)."""
     return os.environ.get("GROUPNET_BENCH_GLIBC_DEFAULT", "0") == "1"
 
 

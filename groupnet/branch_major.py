@@ -3,9 +3,10 @@
 The grouped model runs each layer once for all K branches, so every activation it streams is K branches wide. At
 large batch those activations outgrow the CPU's last-level cache, and every batch norm, ReLU and add of a training
 step then streams from DRAM; a per-branch loop keeps one branch's (K times smaller) working set in cache and wins
-(WRN-16-4 at batch 64-128: 4-20% per training step, ``benchmarks/NOTES.md`` item 8). Branch-major execution gives the grouped model that schedule without a second
-copy of its weights: a plain one-branch skeleton of the model (built once, on the meta device, holding no data)
-is called K times with ``torch.func.functional_call`` on views of the stacked parameters and running statistics.
+(WRN-16-4 at batch 64-128: 4-20% per training step, ``benchmarks/NOTES.md`` item 8). Branch-major execution gives
+the grouped model that schedule without a second copy of its weights: a plain one-branch skeleton of the model
+(built once, on the meta device, holding no data) is called K times with ``torch.func.functional_call`` on views
+of the stacked parameters and running statistics.
 Gradients flow back into the stacked parameters (one concatenation per parameter), training-mode batch norms
 update the stacked running statistics in place, and the result equals the grouped forward.
 """
@@ -59,7 +60,7 @@ class _Plan:
                 f"branch-major execution needs every parameter and buffer inside a grouped layer; "
                 f"{type(model).__name__} also holds {stray[:3]}"
             )
-        self.modules = _module_signature(model)  # to notice modules replaced, converted or reconfigured since
+        self.signature = _module_signature(model)  # to notice modules replaced, converted or reconfigured since
         self.grouped = list(grouped.items())
         self.skeleton = extract_branch(model, 0).to("meta")
         modules = dict(model.named_modules())
@@ -94,7 +95,7 @@ def _module_signature(model: nn.Module) -> list[tuple[nn.Module, type, list]]:
 
 def _plan(model: nn.Module) -> _Plan:
     plan = model.__dict__.get("_groupnet_branch_major")
-    if plan is None or plan.modules != _module_signature(model):
+    if plan is None or plan.signature != _module_signature(model):
         plan = _Plan(model)
         model.__dict__["_groupnet_branch_major"] = plan  # not a submodule: no state_dict entry, no parameters
     return plan
