@@ -1,9 +1,30 @@
-"""Input validation shared by the grouped modules and functional ops: errors name what was expected and what came."""
+"""Input validation shared by the grouped modules, the ops and the kernels: errors name what was expected and what came.
+
+This module sits below everything else in groupnet (the Triton kernels may import it and nothing else of groupnet),
+so it holds only plain checks and the few names every layer must agree on.
+"""
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
+
+
+DIVERGENCES = ("js", "kl")
+"""Divergences of the co-training loss: generalised Jensen-Shannon, and SplitNet's pairwise KL with detached teachers."""
+
+
+def pair(v: int | tuple[int, int], name: str) -> tuple[int, int]:
+    """An int or a pair of ints as a pair (conv stride, padding, dilation, kernel size)."""
+    out = (v, v) if isinstance(v, int) else tuple(v)
+    if len(out) != 2 or not all(isinstance(i, int) for i in out):
+        raise ValueError(f"{name} must be an int or a pair of ints, got {v!r}")
+    return out  # type: ignore[return-value]
+
+
+def check_divergence(divergence: str, what: str = "divergence") -> None:
+    if divergence not in DIVERGENCES:
+        raise ValueError(f"{what} must be one of {DIVERGENCES}, got {divergence!r}")
 
 
 def check_positive(**values: int) -> None:
@@ -36,6 +57,18 @@ def check_same(x: Tensor, p: Tensor, what: str) -> None:
         raise TypeError(f"{what}: input dtype {x.dtype} does not match weight dtype {p.dtype}")
 
 
+def check_bias(bias: Tensor | None, weight: Tensor, shape: tuple[int, ...], what: str) -> None:
+    """The bias (if any) has ``shape`` and the weight's dtype and device."""
+    if bias is None:
+        return
+    if tuple(bias.shape) != shape:
+        raise ValueError(f"{what} bias must have shape {shape}, got {tuple(bias.shape)}")
+    if bias.device != weight.device:
+        raise RuntimeError(f"{what}: bias is on {bias.device} but the weights are on {weight.device}")
+    if bias.dtype != weight.dtype:
+        raise TypeError(f"{what}: bias dtype {bias.dtype} does not match weight dtype {weight.dtype}")
+
+
 def check_conv_args(x: Tensor, weight: Tensor, bias: Tensor | None, *, branches: int, groups: int) -> None:
     check_positive(branches=branches, groups=groups)
     check_rank(x, 4, "grouped_conv2d")
@@ -48,8 +81,7 @@ def check_conv_args(x: Tensor, weight: Tensor, bias: Tensor | None, *, branches:
         )
     check_channels(x.shape[1], g, weight.shape[1], "grouped_conv2d", "input channels")
     check_same(x, weight, "grouped_conv2d")
-    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
-        raise ValueError(f"grouped_conv2d bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
+    check_bias(bias, weight, (weight.shape[0],), "grouped_conv2d")
 
 
 def check_linear_args(x: Tensor, weight: Tensor, bias: Tensor | None) -> None:
@@ -60,8 +92,7 @@ def check_linear_args(x: Tensor, weight: Tensor, bias: Tensor | None) -> None:
         raise ValueError("grouped_linear expects an input of at least 1 dimension, got a scalar")
     check_channels(x.shape[-1], k, in_f, "grouped_linear", "features")
     check_same(x, weight, "grouped_linear")
-    if bias is not None and tuple(bias.shape) != (k, out_f):
-        raise ValueError(f"grouped_linear bias must have shape ({k}, {out_f}), got {tuple(bias.shape)}")
+    check_bias(bias, weight, (k, out_f), "grouped_linear")
 
 
 def is_channels_last(x: Tensor) -> bool:

@@ -26,13 +26,10 @@ import math
 from typing import Any, NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from groupnet.functional import backend_for
-
-DIVERGENCES = ("js", "kl")
-_KERNEL_MAX_BRANCHES = 128  # groupnet.kernels.cotrain_loss.MAX_BRANCHES (not imported: that module needs triton)
+from groupnet._checks import check_divergence
+from groupnet.ops import cotrain_loss
 
 
 class CoTrainingOutput(NamedTuple):
@@ -79,9 +76,9 @@ class CoTrainingLoss(nn.Module):
           fp16/bf16 logits are computed in fp32, fp64 in fp64.
         - targets: ``(N,)`` class indices (integer dtype) or ``(N, C)`` soft targets (floating dtype).
 
-    Backend: :func:`groupnet.functional.backend_for` (CUDA tensors use the fused kernel
-    :mod:`groupnet.kernels.cotrain_loss`, CPU tensors the torch path; ``GROUPNET_BACKEND`` overrides). The kernel
-    takes up to 128 branches; more always use the torch path.
+    Backend: the op :func:`groupnet.ops.cotrain_loss` validates the inputs and picks the fused Triton kernel
+    (:mod:`groupnet.kernels.cotrain_loss`) or the torch path (:mod:`groupnet.ops.backend`: CUDA tensors use the
+    kernel, CPU tensors torch, unless :func:`groupnet.ops.use_backend` says otherwise).
     """
 
     def __init__(
@@ -98,8 +95,7 @@ class CoTrainingLoss(nn.Module):
         super().__init__()
         if isinstance(branches, bool) or not isinstance(branches, int) or branches < 1:
             raise ValueError(f"branches must be a positive int, got {branches!r}")
-        if divergence not in DIVERGENCES:
-            raise ValueError(f"divergence must be one of {DIVERGENCES}, got {divergence!r}")
+        check_divergence(divergence)
         if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
             raise ValueError(f"ignore_index must be an int, got {ignore_index!r}")
         self.branches = branches
@@ -127,140 +123,26 @@ class CoTrainingLoss(nn.Module):
 
     def forward(self, logits: Tensor, targets: Tensor) -> CoTrainingOutput:
         """Co-training loss of ``logits`` (``(N, K*C)`` or ``(K, N, C)``) against ``targets``."""
-        n, c = self._check_inputs(logits, targets)
-        soft = targets.dim() == 2
-        targets = targets.detach() if soft else targets.long()
-        if backend_for(logits) == "triton" and self.branches <= _KERNEL_MAX_BRANCHES:
-            from groupnet.kernels.cotrain_loss import cotrain_loss
-
-            loss_rows, ce_rows, div_rows = cotrain_loss(
-                logits,
-                targets,
-                branches=self.branches,
-                weight=self.weight,
-                temperature=self.temperature,
-                ignore_index=self.ignore_index,
-                divergence=self.divergence,
-            )
-        else:
-            loss_rows, ce_rows, div_rows = self._rows_torch(logits, targets, n, c)
-        if soft:
-            count = loss_rows.new_full((), float(max(n, 1)))
-        else:
-            count = (targets != self.ignore_index).sum().clamp(min=1).to(loss_rows.dtype)
-        return CoTrainingOutput(
-            loss=loss_rows.sum() / count,
-            ce=ce_rows.detach().sum(0) / count,
-            divergence=div_rows.detach().sum() / count,
+        rows = cotrain_loss(
+            logits,
+            targets,
+            branches=self.branches,
             weight=self.weight,
+            divergence=self.divergence,
+            temperature=self.temperature,
+            ignore_index=self.ignore_index,
+            check_finite=self.check_finite,
+            check_targets=self.check_targets,
         )
-
-    def _rows_torch(self, logits: Tensor, targets: Tensor, n: int, c: int) -> tuple[Tensor, Tensor, Tensor]:
-        """Per-sample (loss, ce (N, K), T^2 * D) by torch ops; ignored samples give 0."""
-        k, t = self.branches, self.temperature
-        z = logits.unflatten(1, (k, c)) if logits.dim() == 2 else logits.transpose(0, 1)  # (N, K, C)
-        if z.dtype in (torch.float16, torch.bfloat16):
-            z = z.float()
-        log_p1 = F.log_softmax(z, dim=-1)
         if targets.dim() == 2:
-            valid = None
-            ce = -(targets.to(z.dtype).unsqueeze(1) * log_p1).sum(-1)
+            count = rows.loss.new_full((), float(max(targets.shape[0], 1)))
         else:
-            valid = targets != self.ignore_index
-            index = torch.where(valid, targets, 0).view(n, 1, 1).expand(n, k, 1)
-            ce = -log_p1.gather(-1, index).squeeze(-1)
-        log_p = log_p1 if t == 1.0 else F.log_softmax(z / t, dim=-1)
-        if k == 1:
-            div = z.new_zeros(n)
-        elif self.divergence == "js":
-            log_m = torch.logsumexp(log_p, dim=1, keepdim=True) - math.log(k)
-            div = (log_p.exp() * (log_p - log_m)).sum(-1).mean(1)
-        else:
-            # 1/(K-1) sum_{i != j} KL(p_j || p_i) = K/(K-1) sum_{i,c} (p_i log p_i - m_c log p_i) with m = mean_j p_j
-            # (the i == j terms are 0); with the teacher p_j detached only the second log p_i carries gradient.
-            teacher = log_p.detach()
-            p_teacher = teacher.exp()
-            m = p_teacher.mean(1, keepdim=True)
-            div = (p_teacher * teacher - m * log_p).sum((1, 2)) * (k / (k - 1))
-        div = div * (t * t)
-        loss = ce.sum(1) + self.weight * div
-        if valid is not None:
-            loss = torch.where(valid, loss, 0.0)
-            ce = torch.where(valid.unsqueeze(1), ce, 0.0)
-            div = torch.where(valid, div, 0.0)
-        return loss, ce, div
-
-    def _check_inputs(self, logits: Tensor, targets: Tensor) -> tuple[int, int]:
-        """Validate shapes, dtypes and devices (and values, per check_finite/check_targets); return (N, C)."""
-        k = self.branches
-        if not isinstance(logits, Tensor) or not isinstance(targets, Tensor):
-            raise TypeError(f"CoTrainingLoss expects tensors, got {type(logits).__name__}, {type(targets).__name__}")
-        if not logits.is_floating_point():
-            raise TypeError(f"CoTrainingLoss expects floating-point logits, got {logits.dtype}")
-        if logits.dim() == 2:
-            n, width = logits.shape
-            if width == 0 or width % k:
-                raise ValueError(
-                    f"CoTrainingLoss expects logits (N, K*C) with K={k}: "
-                    f"width {width} is not a positive multiple of {k}"
-                )
-            c = width // k
-        elif logits.dim() == 3:
-            if logits.shape[0] != k:
-                raise ValueError(
-                    f"CoTrainingLoss expects logits (K, N, C) with K={k}, got shape {tuple(logits.shape)}"
-                )
-            _, n, c = logits.shape
-            if c == 0:
-                raise ValueError(f"CoTrainingLoss expects at least one class, got shape {tuple(logits.shape)}")
-        else:
-            raise ValueError(
-                f"CoTrainingLoss expects logits (N, K*C) or (K, N, C), got shape {tuple(logits.shape)}"
-            )
-        if targets.device != logits.device:
-            raise RuntimeError(f"CoTrainingLoss: logits are on {logits.device} but targets on {targets.device}")
-        if targets.dim() == 1:
-            if targets.is_floating_point() or targets.is_complex() or targets.dtype == torch.bool:
-                raise TypeError(f"CoTrainingLoss: hard targets (N,) must be an integer dtype, got {targets.dtype}")
-            if targets.shape[0] != n:
-                raise ValueError(f"CoTrainingLoss: targets have shape {tuple(targets.shape)}, expected ({n},)")
-        elif targets.dim() == 2:
-            if not targets.is_floating_point():
-                raise TypeError(f"CoTrainingLoss: soft targets (N, C) must be floating point, got {targets.dtype}")
-            if tuple(targets.shape) != (n, c):
-                raise ValueError(
-                    f"CoTrainingLoss: soft targets have shape {tuple(targets.shape)}, expected (N, C) = ({n}, {c})"
-                )
-        else:
-            raise ValueError(
-                f"CoTrainingLoss expects targets (N,) class indices or (N, C) soft targets, "
-                f"got shape {tuple(targets.shape)}"
-            )
-        self._check_values(logits, targets, c)
-        return n, c
-
-    def _check_values(self, logits: Tensor, targets: Tensor, c: int) -> None:
-        """NaN/inf and target-range checks, reduced to one device-to-host transfer."""
-        flags = []
-        if self.check_finite:
-            finite = torch.isfinite(logits).all()
-            if targets.dim() == 2:
-                finite = finite & torch.isfinite(targets).all()
-            flags.append(~finite)
-        out_of_range = None
-        if self.check_targets and targets.dim() == 1:
-            out_of_range = ((targets < 0) | (targets >= c)) & (targets != self.ignore_index)
-            flags.append(out_of_range.any())
-        if not flags or not torch.stack(flags).any().item():
-            return
-        if self.check_finite and bool(flags[0]):
-            raise ValueError(
-                "CoTrainingLoss: logits or soft targets contain NaN or inf (check_finite=True); "
-                f"{int((~torch.isfinite(logits)).sum())} non-finite logits"
-            )
-        bad = targets[out_of_range].unique()[:8].tolist()
-        raise ValueError(
-            f"CoTrainingLoss: targets must be in [0, {c}) or ignore_index={self.ignore_index}, got values {bad}"
+            count = (targets != self.ignore_index).sum().clamp(min=1).to(rows.loss.dtype)
+        return CoTrainingOutput(
+            loss=rows.loss.sum() / count,
+            ce=rows.ce.detach().sum(0) / count,
+            divergence=rows.divergence.detach().sum() / count,
+            weight=self.weight,
         )
 
 

@@ -1,5 +1,5 @@
-"""Shared helpers for groupnet's Triton kernels: interpreter detection, autotune config lists, the launch helper,
-offline compilation.
+"""Shared helpers for groupnet's Triton kernels: supported dtypes and dot precisions, the accumulator rule, the
+launch-time tensor checks, interpreter detection, autotune config lists, the launch helper, offline compilation.
 
 Every kernel file exposes ``compile_specs() -> list[CompileSpec]`` naming each ``@triton.jit`` kernel with a
 concrete signature and every config it can be launched with, so that ``tests/kernels/test_compile.py`` and
@@ -15,11 +15,58 @@ from typing import Any
 
 import torch
 import triton
+from torch import Tensor
+from triton.runtime.autotuner import Autotuner
 
 SHARED_MEMORY_LIMIT = {80: 166912, 90: 232448}
 """Static shared memory per block a kernel may use, by compute capability (bytes)."""
 
 TORCH_TO_TRITON_DTYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64"}
+
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+"""Element types the kernels load and store (fp64 for gradcheck under the interpreter)."""
+
+INPUT_PRECISIONS = ("ieee", "tf32")
+"""``tl.dot`` input precisions of fp32 operands on a GPU."""
+
+
+def default_input_precision(op: str) -> str:
+    """PyTorch's own fp32 precision for ``op``: ``"conv"`` follows ``torch.backends.cudnn.allow_tf32`` (on by
+    default), ``"matmul"`` follows ``torch.backends.cuda.matmul.allow_tf32`` (off by default)."""
+    if op == "conv":
+        return "tf32" if torch.backends.cudnn.allow_tf32 else "ieee"
+    if op == "matmul":
+        return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+    raise ValueError(f"default_input_precision: op must be 'conv' or 'matmul', got {op!r}")
+
+
+def check_input_precision(what: str, input_precision: str) -> None:
+    if input_precision not in INPUT_PRECISIONS:
+        raise ValueError(f"{what}: input_precision must be one of {INPUT_PRECISIONS}, got {input_precision!r}")
+
+
+def accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
+    """What the kernels accumulate in: fp64 for fp64 operands, fp32 for every other supported dtype."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def check_launch_tensors(what: str, dtype: torch.dtype, **tensors: Tensor | None) -> None:
+    """All given tensors share ``dtype`` (a supported one) and one device the kernels can run on: CUDA, or CPU under
+    ``TRITON_INTERPRET=1``. These checks protect memory: a kernel reads raw pointers of the dtype it was built for."""
+    if dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"{what} supports dtypes {SUPPORTED_DTYPES}, got {dtype}")
+    devices = {name: t.device for name, t in tensors.items() if t is not None}
+    first = next(iter(devices.values()))
+    if any(d != first for d in devices.values()):
+        raise RuntimeError(f"{what}: all tensors must be on one device, got {devices}")
+    if not (first.type == "cuda" or (first.type == "cpu" and is_interpreter())):
+        raise RuntimeError(
+            f"{what}: the Triton kernels need CUDA tensors (or CPU tensors with TRITON_INTERPRET=1, set before triton "
+            f"is imported), got a tensor on {first}"
+        )
+    for name, t in tensors.items():
+        if t is not None and t.dtype != dtype:
+            raise TypeError(f"{what}: {name} has dtype {t.dtype}, expected {dtype}")
 
 
 def is_interpreter() -> bool:
@@ -37,16 +84,18 @@ def autotune_configs(configs: list[triton.Config], interpreter_config: triton.Co
 
 
 def launch(kernel, grid, args: tuple, constexprs: dict[str, Any], config: triton.Config | None) -> None:
-    """Launch an autotuned kernel, or its raw ``@triton.jit`` function with one fixed ``config``, on the device
-    of the first tensor argument (triton launches on the current CUDA device)."""
+    """Launch ``kernel`` on the device of the first tensor argument (triton launches on the current CUDA device).
+
+    ``kernel`` is an autotuned kernel or a raw ``@triton.jit`` function. With ``config`` the raw function runs with
+    that one config (an autotuned kernel's own function, its ``.fn``); without, an autotuned kernel tunes.
+    """
     device = args[0].device
     with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
         if config is None:
             kernel[grid](*args, **constexprs)
         else:
-            kernel.fn[grid](
-                *args, **constexprs, **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages
-            )
+            fn = kernel.fn if isinstance(kernel, Autotuner) else kernel
+            fn[grid](*args, **constexprs, **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
 
 
 @dataclass(frozen=True)

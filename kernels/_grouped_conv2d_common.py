@@ -18,9 +18,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import CompileSpec, is_interpreter
-
-SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+from ._common import INPUT_PRECISIONS, SUPPORTED_DTYPES, CompileSpec, check_input_precision, is_interpreter
 
 MNK_BLOCKS = ("BLOCK_M", "BLOCK_N", "BLOCK_K")
 """Tile constexprs of the passes that tile (pixels x channels) and reduce BLOCK_K at a time (fwd, bwd_input)."""
@@ -104,14 +102,6 @@ class ConvGeometry:
         return (*self.stride, *self.padding, *self.dilation)
 
 
-INPUT_PRECISIONS = ("ieee", "tf32")
-
-
-def default_input_precision() -> str:
-    """PyTorch's own choice for fp32 convolutions: tf32 when ``torch.backends.cudnn.allow_tf32`` (its default)."""
-    return "tf32" if torch.backends.cudnn.allow_tf32 else "ieee"
-
-
 def dot_settings(dtype: torch.dtype, input_precision: str) -> dict[str, Any]:
     """Constexprs choosing the ``tl.dot`` operand dtype, accumulator dtype and fp32 input precision.
 
@@ -119,8 +109,7 @@ def dot_settings(dtype: torch.dtype, input_precision: str) -> dict[str, Any]:
     cannot do bf16 arithmetic: there they are upcast to fp32 right after the load. ``input_precision`` ("ieee" or
     "tf32") only matters for fp32 dots on a GPU; fp64 (for gradcheck) accumulates in fp64 with "ieee".
     """
-    if input_precision not in INPUT_PRECISIONS:
-        raise ValueError(f"grouped conv2d input_precision must be one of {INPUT_PRECISIONS}, got {input_precision!r}")
+    check_input_precision("grouped conv2d", input_precision)
     if dtype == torch.float64:
         return {"DOT_DTYPE": tl.float64, "ACC_DTYPE": tl.float64, "INPUT_PRECISION": "ieee"}
     if dtype == torch.float32:
@@ -131,23 +120,6 @@ def dot_settings(dtype: torch.dtype, input_precision: str) -> dict[str, Any]:
         dot = tl.float32 if is_interpreter() else tl.bfloat16
         return {"DOT_DTYPE": dot, "ACC_DTYPE": tl.float32, "INPUT_PRECISION": input_precision}
     raise TypeError(f"grouped conv2d supports dtypes {SUPPORTED_DTYPES}, got {dtype}")
-
-
-def check_launch_tensors(what: str, dtype: torch.dtype, **tensors: Tensor | None) -> None:
-    """All tensors share ``dtype`` and one device the kernels can run on (CUDA, or CPU under the interpreter)."""
-    if dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"{what} supports dtypes {SUPPORTED_DTYPES}, got {dtype}")
-    devices = {name: t.device for name, t in tensors.items() if t is not None}
-    first = next(iter(devices.values()))
-    if any(d != first for d in devices.values()):
-        raise RuntimeError(f"{what}: all tensors must be on one device, got {devices}")
-    if first.type == "cpu" and not is_interpreter():
-        raise RuntimeError(f"{what}: CPU tensors need TRITON_INTERPRET=1 (set before triton is imported)")
-    if first.type not in ("cpu", "cuda"):
-        raise RuntimeError(f"{what}: expected CUDA tensors (or CPU under TRITON_INTERPRET=1), got {first}")
-    for name, t in tensors.items():
-        if t is not None and t.dtype != dtype:
-            raise TypeError(f"{what}: {name} has dtype {t.dtype}, expected {dtype}")
 
 
 def check_out(what: str, out: Tensor, size: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> None:

@@ -32,14 +32,18 @@ fp32 loss under autocast would). Forward-mode AD, double backward and ``torch.fu
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from groupnet.kernels._common import TORCH_TO_TRITON_DTYPE, CompileSpec
+from groupnet._checks import DIVERGENCES
 
-DIVERGENCES = ("js", "kl")
+from ._common import TORCH_TO_TRITON_DTYPE, CompileSpec, accumulator_dtype, check_launch_tensors, launch
+
 MAX_BRANCHES = 128
 """Largest K the kernel takes: a [BLOCK_K, 16] tile must fit the register budget (checked by compile_specs())."""
 _MAX_TILE = {torch.float64: 1024}  # elements of one [BLOCK_K, BLOCK_C] tile; fp64 keeps ptxas under 255 registers
@@ -198,10 +202,6 @@ def _cotrain_loss_kernel(
             tl.store(grad_row + cs[None, :], grad, mask=mask)
 
 
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def launch_config(branches: int, classes: int, dtype: torch.dtype, block_c: int = 0) -> dict[str, int]:
     """BLOCK_K, BLOCK_C and num_warps for K branches and C classes (``block_c`` > 0 forces BLOCK_C, for tests)."""
     block_k = triton.next_power_of_2(branches)
@@ -244,12 +244,13 @@ def cotrain_loss_forward(
     sample's loss w.r.t. the logits (logits' shape, fp32 or fp64; an empty tensor when ``compute_grad`` is False).
 
     ``logits``: ``(N, K*C)`` or ``(K, N, C)``; ``targets``: ``(N,)`` int64 or ``(N, C)`` floating. Inputs are
-    assumed validated (see :class:`groupnet.cotraining.CoTrainingLoss`).
+    assumed validated (``groupnet.ops.cotrain_loss``); only the logits' dtype and device are checked here.
     """
+    check_launch_tensors("cotrain_loss", logits.dtype, logits=logits)
     if logits.stride(-1) != 1:
         logits = logits.contiguous()
     n, c = _layout_sizes(logits, branches)
-    acc = _acc_dtype(logits.dtype)
+    acc = accumulator_dtype(logits.dtype)
     if targets.dim() == 2:
         targets = targets.to(acc)
         if targets.stride(-1) != 1:
@@ -264,38 +265,25 @@ def cotrain_loss_forward(
     stride_ln, stride_lk = _row_strides(logits, branches)
     stride_gn, stride_gk = _row_strides(grad, branches) if compute_grad else (0, 0)
     cfg = launch_config(branches, c, logits.dtype, block_c)
-    _cotrain_loss_kernel[(n,)](
-        loss,
-        ce,
-        div,
-        grad,
-        stride_gn,
-        stride_gk,
-        logits,
-        stride_ln,
-        stride_lk,
-        targets,
-        targets.stride(0),
-        c,
-        branches,
-        float(weight),
-        float(temperature),
-        ignore_index,
-        SOFT_TARGETS=targets.dim() == 2,
-        DIVERGENCE=DIVERGENCES.index(divergence),
-        COMPUTE_GRAD=compute_grad,
-        BLOCK_K=cfg["BLOCK_K"],
-        BLOCK_C=cfg["BLOCK_C"],
-        ACC_DTYPE=tl.float64 if acc == torch.float64 else tl.float32,
-        num_warps=cfg["num_warps"],
-    )
+    args = (
+        loss, ce, div, grad, stride_gn, stride_gk, logits, stride_ln, stride_lk, targets, targets.stride(0),
+        c, branches, float(weight), float(temperature), ignore_index,
+    )  # fmt: skip
+    constexprs = {
+        "SOFT_TARGETS": targets.dim() == 2,
+        "DIVERGENCE": DIVERGENCES.index(divergence),
+        "COMPUTE_GRAD": compute_grad,
+        "ACC_DTYPE": tl.float64 if acc == torch.float64 else tl.float32,
+    }
+    config = triton.Config({"BLOCK_K": cfg["BLOCK_K"], "BLOCK_C": cfg["BLOCK_C"]}, num_warps=cfg["num_warps"])
+    launch(_cotrain_loss_kernel, (n,), args, constexprs, config)
     return loss, ce, div, grad
 
 
 @cotrain_loss_forward.register_fake
 def _(logits, targets, branches, weight, temperature, ignore_index, divergence, compute_grad, block_c):
     n, _c = _layout_sizes(logits, branches)
-    acc = _acc_dtype(logits.dtype)
+    acc = accumulator_dtype(logits.dtype)
     new = logits.new_empty
     grad = new(logits.shape if compute_grad else (0,), dtype=acc)
     return new((n,), dtype=acc), new((n, branches), dtype=acc), new((n,), dtype=acc), grad
@@ -429,12 +417,20 @@ def compile_specs() -> list[CompileSpec]:
 _FLOPS_PER_LOGIT = 40.0
 
 
-def roofline_cases() -> list[dict]:
-    """Co-training loss launches of SplitNet recipes: CIFAR-100 (C = 100), ImageNet (C = 1000), and a 32k-class
-    head. Minimum traffic: the logits read once, the fp32 gradient written once (plus per-sample outputs)."""
+class LossWorkload(NamedTuple):
+    """One co-training loss launch: N samples, K branches, C classes, logits dtype ("fp32" or "bf16")."""
+
+    samples: int
+    branches: int
+    classes: int
+    dtype: str
+
+
+def roofline_cases(workloads: Sequence[LossWorkload]) -> list[dict]:
+    """Minimum traffic of each launch: the logits read once, the fp32 gradient written once (plus per-sample
+    outputs)."""
     cases = []
-    shapes = ((128, 4, 100, "fp32"), (256, 2, 1000, "bf16"), (256, 4, 1000, "bf16"), (64, 2, 32000, "bf16"))
-    for n, k, c, dtype in shapes:
+    for n, k, c, dtype in workloads:
         logits_bytes = n * k * c * (2 if dtype == "bf16" else 4)
         cases.append(
             {

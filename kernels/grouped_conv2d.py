@@ -1,7 +1,7 @@
 """Grouped conv2d with Triton: the public op, its autograd, the compile specs and the roofline cases.
 
 The three passes live in their own files (``grouped_conv2d_fwd``, ``grouped_conv2d_bwd_input``,
-``grouped_conv2d_bwd_weight``). Glue (triton.md section 3, "hybrid"): one ``torch.library.custom_op`` per launcher
+``grouped_conv2d_bwd_weight``). Glue: one ``torch.library.custom_op`` per launcher
 (``groupnet::grouped_conv2d_forward``, ``..._backward_input``, ``..._backward_weight``), each with a fake whose
 strides match the real output, and an outer ``torch.autograd.Function`` calling them. Memory formats: the output
 and the input gradient take the input's format (channels_last or contiguous), the weight gradient the weight's.
@@ -9,19 +9,16 @@ and the input gradient take the input's format (channels_last or contiguous), th
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import NamedTuple
+
 import torch
 from torch import Tensor
 
 from groupnet import _checks
-from groupnet.functional import _pair  # functional imports groupnet.kernels lazily: no import cycle
 
-from ._common import CompileSpec
-from ._grouped_conv2d_common import (
-    INPUT_PRECISIONS,
-    ConvGeometry,
-    check_launch_tensors,
-    default_input_precision,
-)
+from ._common import CompileSpec, check_input_precision, default_input_precision
+from ._grouped_conv2d_common import ConvGeometry
 from .grouped_conv2d_bwd_input import bwd_input_compile_specs, grouped_conv2d_bwd_input
 from .grouped_conv2d_bwd_weight import bwd_weight_compile_specs, grouped_conv2d_bwd_weight
 from .grouped_conv2d_fwd import ACTIVATIONS, fwd_compile_specs, grouped_conv2d_fwd
@@ -196,6 +193,9 @@ def grouped_conv2d(
 ) -> Tensor:
     """K independent 2-d convolutions of a channel-stacked input with the Triton implicit-GEMM kernels.
 
+    The entry for direct callers: it validates every argument, then runs :func:`run_grouped_conv2d`
+    (``groupnet.ops.grouped_conv2d`` validates once itself and calls that directly).
+
     Args:
         x: ``(N, K*Cin, H, W)``, NCHW, channels_last or any strided view; branch k reads channels
             ``[k*Cin, (k+1)*Cin)``.
@@ -209,20 +209,40 @@ def grouped_conv2d(
         ``(N, K*Cout, OH, OW)`` in x's memory format (channels_last stays channels_last).
     """
     _checks.check_conv_args(x, weight, bias, branches=branches, groups=groups)
+    stride, padding, dilation = (
+        _checks.pair(v, f"grouped_conv2d: {name}")
+        for v, name in ((stride, "stride"), (padding, "padding"), (dilation, "dilation"))
+    )
+    return run_grouped_conv2d(x, weight, bias, branches=branches, stride=stride, padding=padding, dilation=dilation,
+                              groups=groups, activation=activation, input_precision=input_precision)
+
+
+def run_grouped_conv2d(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    *,
+    branches: int,
+    stride: tuple[int, int],
+    padding: tuple[int, int],
+    dilation: tuple[int, int],
+    groups: int,
+    activation: str | None = None,
+    input_precision: str | None = None,
+) -> Tensor:
+    """:func:`grouped_conv2d` on arguments the caller has validated (shapes, K, groups, pairs of ints).
+
+    Only the kernel options are checked here; each pass launcher checks what protects memory (dtypes, devices,
+    sizes against the buffers, int32 index ranges).
+    """
     if activation not in ACTIVATIONS:
         raise ValueError(f"grouped_conv2d: activation must be one of {ACTIVATIONS}, got {activation!r}")
-    precision = default_input_precision() if input_precision is None else input_precision
-    if precision not in INPUT_PRECISIONS:
-        raise ValueError(f"grouped_conv2d: input_precision must be one of {INPUT_PRECISIONS}, got {precision!r}")
-    check_launch_tensors("grouped_conv2d (Triton)", x.dtype, input=x, weight=weight, bias=bias)
-    # The custom ops take lists; the error names this op ("grouped_conv2d: stride must be an int or a pair ...").
-    stride, padding, dilation = [
-        list(_pair(v, f"grouped_conv2d: {name}"))
-        for v, name in ((stride, "stride"), (padding, "padding"), (dilation, "dilation"))
-    ]
+    precision = default_input_precision("conv") if input_precision is None else input_precision
+    check_input_precision("grouped_conv2d", precision)
     g = branches * groups
-    ConvGeometry.of(x.shape, weight.shape, tuple(stride), tuple(padding), tuple(dilation), g)  # validates sizes
-    return GroupedConv2dFunction.apply(x, weight, bias, stride, padding, dilation, g, activation, precision)
+    return GroupedConv2dFunction.apply(
+        x, weight, bias, list(stride), list(padding), list(dilation), g, activation, precision
+    )
 
 
 def compile_specs() -> list[CompileSpec]:
@@ -230,49 +250,43 @@ def compile_specs() -> list[CompileSpec]:
     return fwd_compile_specs() + bwd_input_compile_specs() + bwd_weight_compile_specs()
 
 
-# Split WRN-28-10 on CIFAR (splitnet.md 1.2): widen factor int(10/sqrt(K) + 0.4) per branch, stem 16 channels.
-_WRN_SPLIT_WIDEN = {2: 7, 4: 5}
+class ConvWorkload(NamedTuple):
+    """One conv launch shape for the roofline estimates: sizes per branch, a square input, padding ``kernel // 2``."""
+
+    name: str
+    branches: int
+    cin: int
+    cout: int
+    kernel: int
+    stride: int
+    size: int  # input height = width
+    batch: int
 
 
-def _wrn_convs(widen: int) -> list[tuple[str, int, int, int, int, int]]:
-    """The distinct convs of one WRN-28-``widen`` branch: (name, cin, cout, kernel, stride, input size)."""
-    c1, c2, c3 = 16 * widen, 32 * widen, 64 * widen
-    return [
-        ("stem", 3, 16, 3, 1, 32),
-        ("g1_conv1_first", 16, c1, 3, 1, 32),
-        ("g1_shortcut", 16, c1, 1, 1, 32),
-        ("g1_conv", c1, c1, 3, 1, 32),
-        ("g2_conv1_first", c1, c2, 3, 2, 32),
-        ("g2_shortcut", c1, c2, 1, 2, 32),
-        ("g2_conv", c2, c2, 3, 1, 16),
-        ("g3_conv1_first", c2, c3, 3, 2, 16),
-        ("g3_shortcut", c2, c3, 1, 2, 16),
-        ("g3_conv", c3, c3, 3, 1, 8),
-    ]
-
-
-def roofline_cases(batch: int = 128) -> list[dict]:
-    """FLOPs and minimum HBM bytes of each pass of every distinct split WRN-28-10 conv (K = 2 and 4), bf16.
+def roofline_cases(workloads: Sequence[ConvWorkload]) -> list[dict]:
+    """FLOPs and minimum HBM bytes of each pass of each workload, bf16, channels_last.
 
     Protocol of kernels/report.py: name, flops (2 per multiply-add), bytes (every operand read once, every result
-    written once; the weight gradient's split-K partial buffer is not counted), dtype, notes.
+    written once; the weight gradient's split-K partial buffer is not counted), dtype, notes. Which shapes to
+    estimate is the caller's choice (``python -m groupnet.roofline`` takes them from the model zoo).
     """
     size = 2  # bf16
     cases = []
-    for k, widen in _WRN_SPLIT_WIDEN.items():
-        for name, cin, cout, ks, s, hw in _wrn_convs(widen):
-            out_hw = (hw + 2 * (ks // 2) - ks) // s + 1
-            x_el, y_el = batch * k * cin * hw * hw, batch * k * cout * out_hw * out_hw
-            w_el = k * cout * cin * ks * ks
-            flops = 2 * batch * out_hw * out_hw * k * cout * cin * ks * ks
-            for pass_name in ("fwd", "bwd_input", "bwd_weight"):
-                cases.append(
-                    {
-                        "name": f"conv {pass_name} K={k} {name} {cin}->{cout} k{ks}s{s} {hw}px",
-                        "flops": float(flops),
-                        "bytes": float((x_el + y_el + w_el) * size),
-                        "dtype": "bf16",
-                        "notes": f"WRN-28-{widen} per branch, batch {batch}, channels_last",
-                    }
-                )
+    for w in workloads:
+        out_hw = (w.size + 2 * (w.kernel // 2) - w.kernel) // w.stride + 1
+        x_el = w.batch * w.branches * w.cin * w.size * w.size
+        y_el = w.batch * w.branches * w.cout * out_hw * out_hw
+        w_el = w.branches * w.cout * w.cin * w.kernel * w.kernel
+        flops = 2 * w.batch * out_hw * out_hw * w.branches * w.cout * w.cin * w.kernel * w.kernel
+        for pass_name in ("fwd", "bwd_input", "bwd_weight"):
+            cases.append(
+                {
+                    "name": f"conv {pass_name} K={w.branches} {w.name} {w.cin}->{w.cout} k{w.kernel}s{w.stride} "
+                    f"{w.size}px",
+                    "flops": float(flops),
+                    "bytes": float((x_el + y_el + w_el) * size),
+                    "dtype": "bf16",
+                    "notes": f"batch {w.batch}, channels_last",
+                }
+            )
     return cases

@@ -20,7 +20,7 @@ import triton.language as tl
 from torch import Tensor
 
 from . import _grouped_conv2d_common as common
-from ._common import CompileSpec, autotune_configs, launch
+from ._common import CompileSpec, autotune_configs, check_launch_tensors, launch
 from ._grouped_conv2d_common import block_range, pixel_coords, store_pixel_tile, tile_of
 
 # 128-row tiles use 8 warps: with 4 the fp32 (tf32) variant spills registers on sm_80.
@@ -149,7 +149,7 @@ def grouped_conv2d_bwd_input(
     ``grad_out`` may have any strides, including the stride 0 of an expanded gradient. With ``relu_output`` (the
     forward output of a conv with ReLU epilogue) the gradient is masked by ``relu_output > 0`` first.
     """
-    common.check_launch_tensors(
+    check_launch_tensors(
         "grouped_conv2d_bwd_input", grad_out.dtype, grad_out=grad_out, weight=weight, out=out, relu_output=relu_output
     )
     geom = common.ConvGeometry.of(out.shape, weight.shape, stride, padding, dilation, groups)

@@ -17,7 +17,7 @@ import triton.language as tl
 from torch import Tensor
 
 from . import _grouped_conv2d_common as common
-from ._common import CompileSpec, autotune_configs, launch
+from ._common import CompileSpec, autotune_configs, check_launch_tensors, launch
 from ._grouped_conv2d_common import block_range, pixel_coords
 
 BLOCKS = ("BLOCK_CO", "BLOCK_CI", "BLOCK_R")
@@ -158,7 +158,7 @@ def grouped_conv2d_bwd_weight(
     ``weight_out`` has the weight's shape and any strides; ``grad_out`` may have any strides (stride 0 included).
     ``relu_output`` masks the gradient by ``relu_output > 0`` first. ``split_rows`` overrides the split size.
     """
-    common.check_launch_tensors(
+    check_launch_tensors(
         "grouped_conv2d_bwd_weight",
         x.dtype,
         x=x,

@@ -12,7 +12,7 @@ import triton.language as tl
 from torch import Tensor
 
 from . import _grouped_conv2d_common as common
-from ._common import CompileSpec, autotune_configs, launch
+from ._common import CompileSpec, autotune_configs, check_launch_tensors, launch
 from ._grouped_conv2d_common import block_range, pixel_coords, store_pixel_tile, tile_of
 
 ACTIVATIONS = (None, "relu")
@@ -113,7 +113,7 @@ def grouped_conv2d_fwd(
     """
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
-    common.check_launch_tensors("grouped_conv2d_fwd", x.dtype, x=x, weight=weight, bias=bias, out=out)
+    check_launch_tensors("grouped_conv2d_fwd", x.dtype, x=x, weight=weight, bias=bias, out=out)
     geom = common.ConvGeometry.of(x.shape, weight.shape, stride, padding, dilation, groups)
     common.check_out("grouped_conv2d_fwd", out, geom.output_size, x.dtype, x.device)
     if bias is not None and tuple(bias.shape) != (groups * geom.cout_g,):

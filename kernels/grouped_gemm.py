@@ -17,11 +17,14 @@ operands go to ``tl.dot`` as loaded (tensor cores); under ``TRITON_INTERPRET=1``
 its load because the interpreter cannot do bf16 arithmetic. fp32 dots use ``input_precision`` "ieee" or "tf32"
 (the public op follows ``torch.backends.cuda.matmul.allow_tf32``, off by default, like torch's matmul).
 
-Glue (triton.md section 3, "hybrid"): one ``torch.library.custom_op`` per launch (``groupnet::grouped_linear_forward``,
+Glue: one ``torch.library.custom_op`` per launch (``groupnet::grouped_linear_forward``,
 ``..._backward_input``, ``..._backward_weight``), each with a fake, and an outer ``torch.autograd.Function``.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 import triton
@@ -29,10 +32,19 @@ import triton.language as tl
 from torch import Tensor
 
 from groupnet import _checks
-from groupnet.kernels._common import TORCH_TO_TRITON_DTYPE, CompileSpec, autotune_configs, is_interpreter, launch
 
-INPUT_PRECISIONS = ("ieee", "tf32")
-SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+from ._common import (
+    INPUT_PRECISIONS,
+    TORCH_TO_TRITON_DTYPE,
+    CompileSpec,
+    accumulator_dtype,
+    autotune_configs,
+    check_input_precision,
+    check_launch_tensors,
+    default_input_precision,
+    is_interpreter,
+    launch,
+)
 
 
 def _config(block_m: int, block_n: int, block_k: int, num_warps: int, num_stages: int) -> triton.Config:
@@ -165,16 +177,6 @@ _batch_reduced_gemm = triton.autotune(
 )(grouped_gemm_kernel)
 
 
-def check_kernel_device(t: Tensor, what: str) -> None:
-    """Triton kernels run on CUDA tensors, or on CPU tensors under ``TRITON_INTERPRET=1``."""
-    if t.device.type == "cuda" or (t.device.type == "cpu" and is_interpreter()):
-        return
-    raise RuntimeError(
-        f"{what}: the Triton kernels need CUDA tensors (or CPU tensors with TRITON_INTERPRET=1), got a tensor on "
-        f"{t.device}"
-    )
-
-
 def launch_grouped_gemm(
     a: Tensor,
     b: Tensor,
@@ -211,18 +213,8 @@ def launch_grouped_gemm(
         )
     if bias is not None and tuple(bias.shape) != (g, n):
         raise ValueError(f"{what}: bias must have shape {(g, n)}, got {tuple(bias.shape)}")
-    if a.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"{what}: supported dtypes are {SUPPORTED_DTYPES}, got {a.dtype}")
-    for name, t in (("b", b), ("out", out), ("bias", bias)):
-        if t is None:
-            continue
-        if t.dtype != a.dtype:
-            raise TypeError(f"{what}: {name} has dtype {t.dtype}, expected {a.dtype} like a")
-        if t.device != a.device:
-            raise RuntimeError(f"{what}: {name} is on {t.device}, expected {a.device} like a")
-    if input_precision not in INPUT_PRECISIONS:
-        raise ValueError(f"{what}: input_precision must be one of {INPUT_PRECISIONS}, got {input_precision!r}")
-    check_kernel_device(a, what)
+    check_launch_tensors(what, a.dtype, a=a, b=b, out=out, bias=bias)
+    check_input_precision(what, input_precision)
     for name, t in (("a", a), ("b", b), ("out", out), ("bias", bias)):
         if t is not None and max(t.stride()[1:], default=0) * MAX_BLOCK >= 2**31:
             raise ValueError(
@@ -244,7 +236,7 @@ def launch_grouped_gemm(
     )  # fmt: skip
     constexprs = {
         "HAS_BIAS": bias is not None,
-        "ACC_DTYPE": tl.float64 if a.dtype == torch.float64 else tl.float32,
+        "ACC_DTYPE": tl.float64 if accumulator_dtype(a.dtype) == torch.float64 else tl.float32,
         "UPCAST_OPERANDS": is_interpreter(),
         "INPUT_PRECISION": input_precision,
     }
@@ -355,15 +347,13 @@ class GroupedLinearFunction(torch.autograd.Function):
         return grad_x, grad_w, grad_b, None
 
 
-def default_input_precision() -> str:
-    """PyTorch's own choice for fp32 matmuls: tf32 only when ``torch.backends.cuda.matmul.allow_tf32`` (default off)."""
-    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
-
-
 def grouped_linear(
     x: Tensor, weight: Tensor, bias: Tensor | None = None, *, input_precision: str | None = None
 ) -> Tensor:
     """K independent linear maps on branch-stacked features with the Triton grouped GEMM.
+
+    The entry for direct callers: it validates every argument, then runs :func:`run_grouped_linear`
+    (``groupnet.ops.grouped_linear`` validates once itself and calls that directly).
 
     Args:
         x: ``(M, K*in)``, any strides; branch k reads columns ``[k*in, (k+1)*in)``.
@@ -377,16 +367,19 @@ def grouped_linear(
     """
     _checks.check_rank(x, 2, "grouped_linear (Triton)")
     _checks.check_linear_args(x, weight, bias)
-    if bias is not None and bias.device != weight.device:
-        raise RuntimeError(f"grouped_linear: bias is on {bias.device} but the weights are on {weight.device}")
-    if bias is not None and bias.dtype != weight.dtype:
-        raise TypeError(f"grouped_linear: bias dtype {bias.dtype} does not match weight dtype {weight.dtype}")
-    if x.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"grouped_linear (Triton): supported dtypes are {SUPPORTED_DTYPES}, got {x.dtype}")
-    precision = default_input_precision() if input_precision is None else input_precision
-    if precision not in INPUT_PRECISIONS:
-        raise ValueError(f"grouped_linear: input_precision must be one of {INPUT_PRECISIONS}, got {precision!r}")
-    check_kernel_device(x, "grouped_linear (Triton)")
+    return run_grouped_linear(x, weight, bias, input_precision=input_precision)
+
+
+def run_grouped_linear(
+    x: Tensor, weight: Tensor, bias: Tensor | None, *, input_precision: str | None = None
+) -> Tensor:
+    """:func:`grouped_linear` on a 2-d ``x`` and arguments the caller has validated (shapes, K).
+
+    The precision is resolved and checked here; the launcher checks what protects memory (dtypes, devices, operand
+    sizes, int32 in-tile offsets).
+    """
+    precision = default_input_precision("matmul") if input_precision is None else input_precision
+    check_input_precision("grouped_linear", precision)
     return GroupedLinearFunction.apply(x, weight, bias, precision)
 
 
@@ -436,19 +429,25 @@ def compile_specs() -> list[CompileSpec]:
     ]
 
 
-# SplitNet's rule for WRN-28-10 split into K branches: widen factor 10 -> 7 (K=2), 5 (K=4); the classifier
-# reads 64 * widen features per branch. CIFAR-100 classes, batch 128.
-WRN28_SPLIT_WIDEN = {2: 7, 4: 5}
-ROOFLINE_BATCH = 128
-ROOFLINE_CLASSES = 100
+class LinearWorkload(NamedTuple):
+    """One grouped linear launch shape for the roofline estimates: K branches, M rows, per-branch in/out features."""
+
+    name: str
+    branches: int
+    rows: int
+    in_features: int
+    out_features: int
+
+
 _BYTES_PER_ELEMENT = {"bf16": 2, "fp16": 2, "tf32": 4, "fp32": 4}
 
 
-def roofline_cases() -> list[dict]:
-    """The classifier of a split WRN-28-10 (K = 2, 4; batch 128; 100 classes): forward, dX and dW launches."""
+def roofline_cases(workloads: Sequence[LinearWorkload]) -> list[dict]:
+    """Forward, dX and dW launches of each workload, bf16 and fp32 (which shapes: the caller's choice;
+    ``python -m groupnet.roofline`` takes them from the model zoo)."""
     cases = []
-    for k, widen in WRN28_SPLIT_WIDEN.items():
-        m, in_f, out_f = ROOFLINE_BATCH, 64 * widen, ROOFLINE_CLASSES
+    for wl in workloads:
+        k, m, in_f, out_f = wl.branches, wl.rows, wl.in_features, wl.out_features
         flops = 2.0 * k * m * in_f * out_f
         x, w, b, y = m * k * in_f, k * out_f * in_f, k * out_f, m * k * out_f
         elements = {"forward": x + w + b + y, "backward_input": y + w + x, "backward_weight": y + x + w}
@@ -460,7 +459,7 @@ def roofline_cases() -> list[dict]:
                         "flops": flops,
                         "bytes": float(count * _BYTES_PER_ELEMENT[dtype]),
                         "dtype": dtype,
-                        "notes": "split WRN-28-10 classifier"
+                        "notes": wl.name
                         + ("; db = dY.sum(0) is a separate torch reduction" if pass_name == "backward_weight" else ""),
                     }
                 )

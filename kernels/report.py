@@ -1,4 +1,4 @@
-"""Offline report on groupnet's Triton kernels: compile for sm_80/sm_90 without a GPU, resources, roofline estimates.
+"""Offline report on groupnet's Triton kernels: compile for sm_80/sm_90 without a GPU, and the resources used.
 
 ``python -m groupnet.kernels.report`` prints, for every kernel module of ``groupnet.kernels``:
 
@@ -6,22 +6,22 @@
    config x dtype signature) is compiled with ``triton.compile`` for ``GPUTarget("cuda", cc, 32)``; the report gives
    static shared memory (triton's metadata), registers and spill bytes (``ptxas -v`` on the PTX, with the ptxas
    bundled in the triton wheel) and whether the PTX uses ``wgmma``.
-2. Roofline ESTIMATES (not measurements) for the shapes a module lists in its optional ``roofline_cases()``.
+Roofline estimates for the shapes of real models are ``python -m groupnet.roofline`` (the kernels know no model).
 
 Must run WITHOUT ``TRITON_INTERPRET`` (the interpreter makes ``@triton.jit`` functions uncompilable).
 
 Protocol for kernel modules (a module in ``kernels/`` takes part by defining these functions):
 
 - ``compile_specs() -> list[CompileSpec]`` (see ``kernels/_common.py``): required for the compile checks.
-- ``roofline_cases() -> list[dict]`` (optional): one dict per launch shape, with keys
-  ``name`` (str, e.g. ``"fwd K=2 M=128 in=448 out=100"``), ``flops`` (float, useful floating-point ops: 2 per
-  multiply-add), ``bytes`` (float, the minimum bytes the launch must move to/from HBM: every input read once,
-  every output written once), ``dtype`` (``"bf16"``, ``"fp16"``, ``"tf32"`` or ``"fp32"``: picks the peak used for
-  the compute floor), and optionally ``notes`` (str).
+- ``roofline_cases(workloads) -> list[dict]`` (optional): one dict per launch of the given shapes, with keys
+  ``name`` (str), ``flops`` (float, useful floating-point ops: 2 per multiply-add), ``bytes`` (float, the minimum
+  bytes the launch must move to/from HBM: every input read once, every output written once), ``dtype``
+  (``"bf16"``, ``"fp16"``, ``"tf32"`` or ``"fp32"``: picks the peak used for the compute floor), and optionally
+  ``notes`` (str). Read by ``python -m groupnet.roofline``.
 
 ``--check`` exits non-zero when a spec fails to compile, exceeds ``SHARED_MEMORY_LIMIT[cc]``, spills registers, or
 (sm_90 only) feeds 16-bit operands to ``tl.dot`` (``CompileSpec.dot_dtype``) without producing ``wgmma``.
-``--json`` prints one JSON object (``{"results": [...], "failures": [...], "roofline": [...]}``) instead of tables.
+``--json`` prints one JSON object (``{"results": [...], "failures": [...], "modules": [...]}``) instead of tables.
 """
 
 from __future__ import annotations
@@ -37,16 +37,6 @@ import sys
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
-
-H100_SXM_PEAKS = {
-    # Dense (no sparsity) peaks of the H100 SXM5 from NVIDIA's datasheet; FLOP/s.
-    "bf16": 989.4e12,
-    "fp16": 989.4e12,
-    "tf32": 494.7e12,
-    "fp32": 66.9e12,  # CUDA cores (FMA): what fp32 dots with input_precision="ieee" run on
-}
-H100_SXM_HBM_BYTES_PER_S = 3.35e12
-ASSUMED_LAUNCH_OVERHEAD_S = 3e-6  # typical launch + tail latency of one small kernel; an assumption, not measured
 
 SPILL_RE = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
 REGISTERS_RE = re.compile(r"Used (\d+) registers")
@@ -189,32 +179,6 @@ def failures_of(record: dict) -> list[str]:
     return out
 
 
-def roofline_rows(only: list[str] | None = None) -> list[dict]:
-    """Roofline ESTIMATES for every module's ``roofline_cases()`` on an H100 SXM (peaks in H100_SXM_PEAKS)."""
-    rows = []
-    for module in modules_with("roofline_cases", only):
-        for case in importlib.import_module(module).roofline_cases():
-            dtype = case.get("dtype", "bf16")
-            compute_s = case["flops"] / H100_SXM_PEAKS[dtype]
-            memory_s = case["bytes"] / H100_SXM_HBM_BYTES_PER_S
-            rows.append(
-                {
-                    "module": module.rsplit(".", 1)[-1],
-                    "name": case["name"],
-                    "dtype": dtype,
-                    "flops": case["flops"],
-                    "bytes": case["bytes"],
-                    "intensity_flop_per_byte": case["flops"] / case["bytes"],
-                    "compute_floor_us": compute_s * 1e6,
-                    "memory_floor_us": memory_s * 1e6,
-                    "roofline_floor_us": max(compute_s, memory_s) * 1e6,
-                    "bound": "compute" if compute_s >= memory_s else "memory",
-                    "notes": case.get("notes", ""),
-                }
-            )
-    return rows
-
-
 def run_compile_jobs(jobs: list[tuple[str, int, int]], workers: int) -> list[dict]:
     if workers <= 1:
         return [_compile_one(job) for job in jobs]
@@ -224,7 +188,7 @@ def run_compile_jobs(jobs: list[tuple[str, int, int]], workers: int) -> list[dic
         return list(pool.map(_compile_one, jobs, chunksize=max(1, len(jobs) // (4 * workers))))
 
 
-def _print_tables(results: list[dict], roofline: list[dict], failures: list[str]) -> None:
+def _print_tables(results: list[dict], failures: list[str]) -> None:
     print("== Compiled kernels (triton.compile offline; registers/spills from ptxas -v) ==")
     print(f"{'module':<16} {'spec':<58} {'sm':>3} {'regs':>5} {'spill':>6} {'smem B':>8} {'wgmma':>5} {'s':>6}")
     for r in results:
@@ -235,24 +199,6 @@ def _print_tables(results: list[dict], roofline: list[dict], failures: list[str]
         print(
             f"{r['module']:<16} {r['name']:<58} {r['capability']:>3} {r['registers']:>5} {spill:>6} "
             f"{r['shared']:>8} {str(r['wgmma']):>5} {r['compile_s']:>6.2f}"
-        )
-    print()
-    print("== Roofline ESTIMATES on an H100 SXM (not measurements) ==")
-    print(
-        "Assumed peaks: dense bf16/fp16 tensor {:.1f} TFLOP/s, tf32 {:.1f} TFLOP/s, fp32 FMA {:.1f} TFLOP/s, "
-        "HBM3 {:.2f} TB/s. Launch overhead (~{:.0f} us per kernel, assumed) is not in the floor.".format(
-            H100_SXM_PEAKS["bf16"] / 1e12,
-            H100_SXM_PEAKS["tf32"] / 1e12,
-            H100_SXM_PEAKS["fp32"] / 1e12,
-            H100_SXM_HBM_BYTES_PER_S / 1e12,
-            ASSUMED_LAUNCH_OVERHEAD_S * 1e6,
-        )
-    )
-    print(f"{'module':<16} {'case':<46} {'dtype':>5} {'MFLOP':>10} {'MB':>9} {'F/B':>7} {'floor us':>9} {'bound':>7}")
-    for r in roofline:
-        print(
-            f"{r['module']:<16} {r['name']:<46} {r['dtype']:>5} {r['flops'] / 1e6:>10.2f} {r['bytes'] / 1e6:>9.3f} "
-            f"{r['intensity_flop_per_byte']:>7.1f} {r['roofline_floor_us']:>9.3f} {r['bound']:>7}"
         )
     if failures:
         print()
@@ -272,7 +218,6 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
     parser.add_argument("--jobs", type=int, default=max(1, min(2, os.cpu_count() or 1)))
     parser.add_argument("--modules", nargs="+", help="short module names to report (default: all)")
-    parser.add_argument("--no-roofline", action="store_true")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         parser.error("run without TRITON_INTERPRET=1: the interpreter cannot compile kernels for a GPU")
@@ -281,13 +226,11 @@ def main(argv: list[str] | None = None) -> int:
     jobs = compile_jobs(args.capabilities, args.sm80 == "subset", args.modules)
     results = run_compile_jobs(jobs, args.jobs)
     failures = [f for r in results for f in failures_of(r)]
-    roofline = [] if args.no_roofline else roofline_rows(args.modules)
     if args.json:
         json.dump(
             {
                 "results": results,
                 "failures": failures,
-                "roofline": roofline,
                 "modules": modules_with("compile_specs", args.modules),
                 "wall_s": round(time.perf_counter() - start, 2),
             },
@@ -295,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         print()
     else:
-        _print_tables(results, roofline, failures)
+        _print_tables(results, failures)
         print(f"\n{len(results)} compiles in {time.perf_counter() - start:.1f} s, {len(failures)} failures")
     return 1 if args.check and failures else 0
 

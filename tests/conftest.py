@@ -14,6 +14,8 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from hypothesis import HealthCheck, settings  # noqa: E402
 
+from groupnet.ops import use_backend  # noqa: E402
+
 settings.register_profile(
     "groupnet",
     deadline=None,
@@ -27,13 +29,14 @@ torch.set_num_threads(1)  # small test ops are far slower with 2 threads on a sh
 
 
 @pytest.fixture
-def triton_backend(monkeypatch):
-    """Route groupnet.functional to the Triton kernels (run by the interpreter on CPU tensors)."""
-    monkeypatch.setenv("GROUPNET_BACKEND", "triton")
-    yield
+def triton_backend():
+    """Route the grouped ops to the Triton kernels (run by the interpreter on CPU tensors)."""
+    with use_backend("triton"):
+        yield
 
 
 @pytest.fixture
-def torch_backend(monkeypatch):
-    monkeypatch.setenv("GROUPNET_BACKEND", "torch")
-    yield
+def torch_backend():
+    """Route the grouped ops to the torch path."""
+    with use_backend("torch"):
+        yield

@@ -247,13 +247,14 @@ def test_soft_targets_get_no_gradient():
 def test_cpu_tensors_use_the_torch_path_by_default(monkeypatch):
     import groupnet.kernels.cotrain_loss as kernel_module
 
-    monkeypatch.delenv("GROUPNET_BACKEND", raising=False)
+    from groupnet.ops import use_backend
 
     def fail(*args, **kwargs):
         raise AssertionError("the kernel must not run on CPU tensors by default")
 
     monkeypatch.setattr(kernel_module, "cotrain_loss", fail)
-    CoTrainingLoss(2)(make_logits(2, 2, 3, "nkc"), make_targets(2, 3, "hard"))
+    with use_backend("auto"):
+        CoTrainingLoss(2)(make_logits(2, 2, 3, "nkc"), make_targets(2, 3, "hard"))
 
 
 def test_triton_backend_runs_the_kernel(triton_backend, monkeypatch):

@@ -1,5 +1,9 @@
 """Bad input raises an error that names what was expected and what came."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -83,11 +87,40 @@ def test_functional_weight_shape_errors():
         GF.grouped_linear(torch.randn(2, 6), torch.randn(2, 4, 3), torch.randn(8))
 
 
-def test_backend_env_is_validated(monkeypatch):
-    monkeypatch.setenv("GROUPNET_BACKEND", "cuda-please")
-    with pytest.raises(ValueError, match="GROUPNET_BACKEND must be one of"):
-        gn.GroupedLinear(3, 4, branches=2)(torch.randn(2, 6))
-    monkeypatch.setenv("GROUPNET_BACKEND", "torch")
-    monkeypatch.setenv("GROUPNET_CPU_CONV", "fastest")
-    with pytest.raises(ValueError, match="GROUPNET_CPU_CONV must be one of"):
-        gn.GroupedConv2d(3, 4, 3, branches=2)(torch.randn(1, 6, 5, 5))
+def test_backend_env_is_validated():
+    """GROUPNET_BACKEND is read once, at the first op call of a process: a bad value fails that call by name."""
+    code = "import torch, groupnet as gn; gn.GroupedLinear(3, 4, branches=2)(torch.randn(2, 6))"
+    env = {**os.environ, "GROUPNET_BACKEND": "cuda-please"}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0
+    assert "ValueError: GROUPNET_BACKEND must be one of" in done.stderr, done.stderr
+
+
+def test_use_backend_is_validated_and_restores():
+    from groupnet.ops import get_backend, use_backend
+
+    with pytest.raises(ValueError, match="use_backend: backend must be one of"):
+        use_backend("cuda-please")
+    before = get_backend()
+    with use_backend("torch"):
+        assert get_backend() == "torch"
+        with use_backend("triton"):
+            assert get_backend() == "triton"
+        assert get_backend() == "torch"
+    assert get_backend() == before
+
+
+def test_use_backend_takes_precedence_over_the_environment():
+    """The environment is read once; use_backend then overrides it, and leaving the block restores it."""
+    code = (
+        "import os, groupnet.ops as ops\n"
+        "assert ops.get_backend() == 'triton'\n"
+        "os.environ['GROUPNET_BACKEND'] = 'auto'\n"
+        "assert ops.get_backend() == 'triton', 'the environment must be read once'\n"
+        "with ops.use_backend('torch'):\n"
+        "    assert ops.get_backend() == 'torch'\n"
+        "assert ops.get_backend() == 'triton'\n"
+    )
+    env = {**os.environ, "GROUPNET_BACKEND": "triton"}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr

@@ -64,7 +64,7 @@ def conv_cases(draw):
     w = draw(st.integers(dilation[1] * (kw - 1) + 1, 9))
     return dict(k=k, groups=groups, cin=cin, cout=cout, ks=(kh, kw), stride=stride, padding=padding,
                 dilation=dilation, n=n, h=h, w=w, bias=draw(st.booleans()),
-                channels_last=draw(st.booleans()), strategy=draw(st.sampled_from(["grouped", "loop"])))
+                channels_last=draw(st.booleans()))
 
 
 @given(conv_cases(), st.integers(0, 2**31 - 1))
@@ -77,12 +77,10 @@ def test_grouped_conv2d_equals_reference(case, seed):
     if case["channels_last"]:
         x = x.contiguous(memory_format=torch.channels_last)
         conv = conv.to(memory_format=torch.channels_last)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("GROUPNET_CPU_CONV", case["strategy"])
-        y = conv(x)
-        if case["channels_last"]:
-            assert y.is_contiguous(memory_format=torch.channels_last)
-        compare(conv, x)
+    y = conv(x)
+    if case["channels_last"]:
+        assert y.is_contiguous(memory_format=torch.channels_last)
+    compare(conv, x)
 
 
 @given(st.integers(1, 6), st.integers(1, 7), st.integers(1, 7), st.booleans(),

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from groupnet.branch_major import SCHEDULES, branch_major_forward, hooked_modules, prefer_branch_major
-from groupnet.functional import grouped_conv2d
+from groupnet.ops import grouped_conv2d
 from groupnet.models.spec import ArchSpec
 from groupnet.modules import GroupedBatchNorm2d, GroupedConv2d, GroupedLinear
 

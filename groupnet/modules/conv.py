@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from groupnet import _checks
-from groupnet.functional import _pair, grouped_conv2d
+from groupnet.ops import grouped_conv2d
 from groupnet.modules._stack import check_branch_index, check_branch_modules, load_branch, split_rows
 
 
@@ -48,10 +48,10 @@ class GroupedConv2d(nn.Module):
                 f"in_channels ({in_channels}) and out_channels ({out_channels}) must be divisible by groups ({groups})"
             )
         self.in_channels, self.out_channels, self.branches, self.groups = in_channels, out_channels, branches, groups
-        self.kernel_size = _pair(kernel_size, "kernel_size")
-        self.stride = _pair(stride, "stride")
-        self.padding = _pair(padding, "padding")
-        self.dilation = _pair(dilation, "dilation")
+        self.kernel_size = _checks.pair(kernel_size, "kernel_size")
+        self.stride = _checks.pair(stride, "stride")
+        self.padding = _checks.pair(padding, "padding")
+        self.dilation = _checks.pair(dilation, "dilation")
         _checks.check_positive(kernel_size=min(self.kernel_size), stride=min(self.stride), dilation=min(self.dilation))
         if min(self.padding) < 0:
             raise ValueError(f"padding must be >= 0, got {self.padding}")
@@ -74,8 +74,6 @@ class GroupedConv2d(nn.Module):
                     nn.init.uniform_(self.bias[k * c : (k + 1) * c], -bound, bound)
 
     def forward(self, x: Tensor) -> Tensor:
-        _checks.check_rank(x, 4, type(self).__name__)
-        _checks.check_channels(x.shape[1], self.branches, self.in_channels, type(self).__name__)
         return grouped_conv2d(
             x,
             self.weight,

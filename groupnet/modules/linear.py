@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from groupnet import _checks
-from groupnet.functional import grouped_linear
+from groupnet.ops import grouped_linear
 from groupnet.modules._stack import check_branch_index, check_branch_modules, load_branch, unbind_branches
 
 
@@ -49,9 +49,6 @@ class GroupedLinear(nn.Module):
                     nn.init.uniform_(self.bias[k], -bound, bound)
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.dim() < 1:
-            raise ValueError(f"{type(self).__name__} expects (..., K*in_features), got a scalar")
-        _checks.check_channels(x.shape[-1], self.branches, self.in_features, type(self).__name__, "features")
         return grouped_linear(x, self.weight, self.bias)
 
     def branch_tensors(self) -> list[dict[str, Tensor]]:

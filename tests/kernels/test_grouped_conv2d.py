@@ -381,20 +381,24 @@ def test_compile_specs_cover_every_pass_config_and_dtype():
 
 def test_roofline_cases_count_what_torch_counts():
     """FLOPs of each case equal torch's FlopCounterMode on the same conv (meta tensors); bytes are the sizes of
-    input, weight and output in bf16."""
+    input, weight and output in bf16. The shapes are those of the split WRN-28-10 the roofline report uses."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    cases = roofline_cases(batch=4)
+    from groupnet.roofline import workloads
+
+    convs = [w for w in workloads(batch=4)["grouped_conv2d"] if w.branches == 2]
+    assert len(convs) >= 8  # stem, the first conv and shortcut of each stage, the repeated convs
+    cases = roofline_cases(convs)
     assert {c["dtype"] for c in cases} == {"bf16"}
-    k, widen = 2, conv_module._WRN_SPLIT_WIDEN[2]
-    for name, cin, cout, ks, s, hw in conv_module._wrn_convs(widen):
-        x = torch.empty(4, k * cin, hw, hw, device="meta")
-        w = torch.empty(k * cout, cin, ks, ks, device="meta")
+    for w in convs:
+        k, ks, s, hw = w.branches, w.kernel, w.stride, w.size
+        x = torch.empty(4, k * w.cin, hw, hw, device="meta")
+        weight = torch.empty(k * w.cout, w.cin, ks, ks, device="meta")
         with FlopCounterMode(display=False) as counter:
-            y = F.conv2d(x, w, stride=s, padding=ks // 2, groups=k)
-        fwd = next(c for c in cases if c["name"].startswith(f"conv fwd K={k} {name} "))
+            y = F.conv2d(x, weight, stride=s, padding=ks // 2, groups=k)
+        fwd = next(c for c in cases if c["name"].startswith(f"conv fwd K={k} {w.name} "))
         assert fwd["flops"] == counter.get_total_flops()
-        assert fwd["bytes"] == 2 * (x.numel() + w.numel() + y.numel())
+        assert fwd["bytes"] == 2 * (x.numel() + weight.numel() + y.numel())
 
 
 def test_geometry_matches_torch_output_size():

@@ -204,7 +204,7 @@ def _bad(**overrides):
         (
             dict(x=torch.zeros(4, 6, dtype=torch.int32), weight=torch.zeros(2, 5, 3, dtype=torch.int32), bias=None),
             TypeError,
-            "supported dtypes are",
+            "supports dtypes",
         ),
     ],
 )

@@ -48,7 +48,7 @@ def test_grouped_conv2d_module_matches_reference(
         conv = conv.to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)
     x.requires_grad_()
-    calls = count_calls(monkeypatch, triton_conv, "grouped_conv2d")
+    calls = count_calls(monkeypatch, triton_conv, "run_grouped_conv2d")
     y, y_ref, x_ref = backward_with_reference(conv, ref, x)
 
     assert calls[0] == 1, "the module did not run the Triton conv"
@@ -74,7 +74,7 @@ def test_grouped_linear_module_matches_reference(triton_backend, monkeypatch, k,
     lin = GroupedLinear(in_f, out_f, branches=k, bias=bias, dtype=dtype)
     ref = reference_of(lin, dim=-1).double()
     x = torch.randn(*lead, k * in_f, dtype=dtype, requires_grad=True)
-    calls = count_calls(monkeypatch, triton_gemm, "grouped_linear")
+    calls = count_calls(monkeypatch, triton_gemm, "run_grouped_linear")
     y, y_ref, x_ref = backward_with_reference(lin, ref, x)
 
     assert calls[0] == 1, "the module did not run the Triton grouped GEMM"

@@ -1,0 +1,23 @@
+"""The grouped ops: the one place that picks torch or the Triton kernels, and validates each call once.
+
+One file per op (``conv2d``, ``linear``, ``cotrain_loss``), each holding its validation, its torch path and its
+dispatch to ``groupnet.kernels``; :mod:`groupnet.ops.backend` holds the switch (:func:`use_backend` and the
+environment variable it overrides). :mod:`groupnet.functional` is the public name of the tensor ops.
+"""
+
+from groupnet.ops.backend import BACKENDS, backend_for, get_backend, triton_available, use_backend
+from groupnet.ops.conv2d import grouped_conv2d
+from groupnet.ops.cotrain_loss import CoTrainLossRows, cotrain_loss
+from groupnet.ops.linear import grouped_linear
+
+__all__ = [
+    "BACKENDS",
+    "CoTrainLossRows",
+    "backend_for",
+    "cotrain_loss",
+    "get_backend",
+    "grouped_conv2d",
+    "grouped_linear",
+    "triton_available",
+    "use_backend",
+]
