@@ -1,4 +1,4 @@
-"""Grouped modules running on the Triton kernels (interpreter, ``GROUPNET_BACKEND=triton``) against their per-branch
+"""Grouped modules running on the Triton kernels (interpreter, ``use_backend("triton")``) against their per-branch
 reference modules (``groupnet.reference_of``: K plain ``nn.Conv2d`` / ``nn.Linear`` run in a loop, in float64)."""
 
 from __future__ import annotations
