@@ -31,13 +31,25 @@ INPUT_PRECISIONS = ("ieee", "tf32")
 
 
 def default_input_precision(op: str) -> str:
-    """PyTorch's own fp32 precision for ``op``: ``"conv"`` follows ``torch.backends.cudnn.allow_tf32`` (on by
-    default), ``"matmul"`` follows ``torch.backends.cuda.matmul.allow_tf32`` (off by default)."""
+    """PyTorch's own fp32 precision for ``op``: ``"conv"`` as cuDNN convolutions (tf32 by default), ``"matmul"`` as
+    cuBLAS matmuls (ieee by default).
+
+    Read through the ``fp32_precision`` attributes where torch has them (the most specific level that is not
+    ``"none"``: ``torch.backends.cudnn.conv`` or ``torch.backends.cuda.matmul``, then their parents): reading the
+    legacy ``allow_tf32`` flags after a user set the new attributes raises in torch. Older torch: the legacy flags.
+    """
     if op == "conv":
-        return "tf32" if torch.backends.cudnn.allow_tf32 else "ieee"
-    if op == "matmul":
-        return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
-    raise ValueError(f"default_input_precision: op must be 'conv' or 'matmul', got {op!r}")
+        levels = (getattr(torch.backends.cudnn, "conv", None), torch.backends.cudnn, torch.backends)
+    elif op == "matmul":
+        levels = (torch.backends.cuda.matmul, torch.backends.cuda, torch.backends)
+    else:
+        raise ValueError(f"default_input_precision: op must be 'conv' or 'matmul', got {op!r}")
+    settings = [getattr(level, "fp32_precision", None) for level in levels if level is not None]
+    if any(v is not None for v in settings):
+        chosen = next((v for v in settings if v not in (None, "none")), "ieee")
+        return "tf32" if chosen == "tf32" else "ieee"
+    legacy = torch.backends.cudnn.allow_tf32 if op == "conv" else torch.backends.cuda.matmul.allow_tf32
+    return "tf32" if legacy else "ieee"
 
 
 def check_input_precision(what: str, input_precision: str) -> None:

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 from _compare import count_calls, float64_leaves
@@ -256,3 +260,28 @@ def test_autotune_keys_exclude_the_batch():
     """The batch size is M in forward/dX and KD in dW: neither may be an autotune key (no retune per batch)."""
     assert "M" not in gg._features_reduced_gemm.keys
     assert "KD" not in gg._batch_reduced_gemm.keys
+
+
+def test_default_precision_follows_the_new_and_the_legacy_tf32_settings():
+    """torch's fp32_precision attributes and its legacy allow_tf32 flags both decide the default, and setting the new
+    ones does not make the kernels read the legacy flags (torch raises on that mix). In a fresh process: the
+    settings are global."""
+    code = (
+        "import torch\n"
+        "from groupnet.kernels._common import default_input_precision as p\n"
+        "assert (p('matmul'), p('conv')) == ('ieee', 'tf32'), (p('matmul'), p('conv'))\n"
+        "torch.backends.cuda.matmul.allow_tf32 = True\n"
+        "assert p('matmul') == 'tf32'\n"
+        "torch.backends.cuda.matmul.fp32_precision = 'ieee'\n"
+        "torch.backends.cudnn.conv.fp32_precision = 'ieee'\n"
+        "assert (p('matmul'), p('conv')) == ('ieee', 'ieee'), (p('matmul'), p('conv'))\n"
+        "torch.backends.cuda.matmul.fp32_precision = 'tf32'\n"
+        "assert p('matmul') == 'tf32'\n"
+        "from groupnet.kernels.grouped_gemm import grouped_linear\n"
+        "from groupnet.kernels.grouped_conv2d import grouped_conv2d\n"
+        "grouped_linear(torch.randn(3, 4), torch.randn(2, 5, 2))\n"
+        "grouped_conv2d(torch.randn(1, 4, 5, 5), torch.randn(4, 2, 3, 3), branches=2)\n"
+    )
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
