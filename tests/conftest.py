@@ -11,6 +11,9 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 
 import pytest  # noqa: E402
+
+pytest.register_assert_rewrite("helpers")  # detailed assert messages in the shared helpers too
+
 import torch  # noqa: E402
 from hypothesis import HealthCheck, settings  # noqa: E402
 

@@ -1,8 +1,8 @@
 """The Triton grouped conv2d (run by the interpreter on CPU tensors) against float64 torch references.
 
 Each pass is compared with ``F.conv2d`` / ``torch.nn.grad.conv2d_input`` / ``conv2d_weight`` (``groups=K*groups``)
-computed in float64 on the same, already rounded inputs (tolerances: tests/kernels/_tolerances.py). Inputs live
-inside NaN-filled buffers and outputs inside sentinel-filled buffers (tests/kernels/_oob.py): a kernel reading or
+computed in float64 on the same, already rounded inputs (tolerances: tests/helpers/tolerances.py). Inputs live
+inside NaN-filled buffers and outputs inside sentinel-filled buffers (tests/helpers/oob.py): a kernel reading or
 writing out of bounds, or leaving an output element unwritten, shows up as a NaN or a sentinel.
 """
 
@@ -12,9 +12,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 import triton
-from _compare import float64_leaves
-from _oob import Embedded, assert_no_oob, nan_embedded, sentinel_output
-from _tolerances import assert_close
+from helpers.compare import float64_leaves
+from helpers.oob import Embedded, assert_no_oob, nan_embedded, sentinel_output
+from helpers.tolerances import assert_close
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import Tensor
