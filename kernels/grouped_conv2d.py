@@ -1,7 +1,7 @@
 """Grouped conv2d with Triton: the public op, its autograd, the compile specs and the roofline cases.
 
 The three passes live in their own files (``grouped_conv2d_fwd``, ``grouped_conv2d_bwd_input``,
-``grouped_conv2d_bwd_weight``). Glue (triton.md section 3, "hybrid"): one ``torch.library.custom_op`` per launcher
+``grouped_conv2d_bwd_weight``). Glue: one ``torch.library.custom_op`` per launcher
 (``groupnet::grouped_conv2d_forward``, ``..._backward_input``, ``..._backward_weight``), each with a fake whose
 strides match the real output, and an outer ``torch.autograd.Function`` calling them. Memory formats: the output
 and the input gradient take the input's format (channels_last or contiguous), the weight gradient the weight's.
@@ -230,7 +230,7 @@ def compile_specs() -> list[CompileSpec]:
     return fwd_compile_specs() + bwd_input_compile_specs() + bwd_weight_compile_specs()
 
 
-# Split WRN-28-10 on CIFAR (splitnet.md 1.2): widen factor int(10/sqrt(K) + 0.4) per branch, stem 16 channels.
+# Split WRN-28-10 on CIFAR by SplitNet's rule: widen factor int(10/sqrt(K) + 0.4) per branch, stem 16 channels.
 _WRN_SPLIT_WIDEN = {2: 7, 4: 5}
 
 

@@ -17,7 +17,7 @@ operands go to ``tl.dot`` as loaded (tensor cores); under ``TRITON_INTERPRET=1``
 its load because the interpreter cannot do bf16 arithmetic. fp32 dots use ``input_precision`` "ieee" or "tf32"
 (the public op follows ``torch.backends.cuda.matmul.allow_tf32``, off by default, like torch's matmul).
 
-Glue (triton.md section 3, "hybrid"): one ``torch.library.custom_op`` per launch (``groupnet::grouped_linear_forward``,
+Glue: one ``torch.library.custom_op`` per launch (``groupnet::grouped_linear_forward``,
 ``..._backward_input``, ``..._backward_weight``), each with a fake, and an outer ``torch.autograd.Function``.
 """
 

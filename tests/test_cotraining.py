@@ -336,7 +336,8 @@ def test_bad_constructor_arguments_raise(kwargs, match):
 
 
 def splitnet_weight(epoch: int, final: float = 0.5, warmup: int = 40, floor: float = 0.005) -> float:
-    """SplitNet's train_split.py rule, written out as in the notes."""
+    """The co-training weight ramp of the SplitNet code (train_split.py), written out per epoch: ``final * epoch /
+    warmup`` (at least ``floor``) for the first ``warmup`` epochs, then ``final``."""
     return max(final * epoch / warmup, floor) if epoch < warmup else final
 
 
