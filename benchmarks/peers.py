@@ -5,7 +5,7 @@ forward function, the parameters to optimise, its input, and its loss. :func:`ma
 argument function that pytest-benchmark times: one training step (forward, loss, backward, optimizer step) or one
 inference forward.
 
-Peers (issue 6):
+Peers:
 
 - ``groupnet``: the grouped model as groupnet runs it on CPU (channels_last; inference through
   :func:`groupnet.fuse.fuse_for_inference`).

@@ -1,7 +1,7 @@
 """Turn one pytest-benchmark JSON (plus op counts and memory) into benchmarks/RESULTS.md.
 
-Ratios are groupnet's median over the peer's median: below 1 means groupnet is faster. The goals of issue 6 are
-checked against the same medians and written out as met or NOT met with the measured ratio.
+Ratios are groupnet's median over the peer's median: below 1 means groupnet is faster. The speed goals (``GOAL_*``)
+are checked against the same medians and written out as met or NOT met with the measured ratio.
 """
 
 from __future__ import annotations
@@ -91,7 +91,7 @@ def render(bench_json: dict, header_lines: list[str], op_counts: list[list[str]]
     ops = {c: m for c, m in meds.items() if lv[c] == "op"}
     lines = ["# groupnet benchmarks (CPU)", ""] + header_lines + [SPREAD_NOTE, ""]
 
-    lines += ["## Goals of issue 6", "",
+    lines += ["## Speed goals", "",
               "Ratios from the medians below (same run). `groupnet` is eager groupnet (inference through "
               "`groupnet.fuse.fuse_for_inference`); `groupnet-compile` is `torch.compile` of the same model. "
               "The best peer is the fastest of the split-ensemble peers (loop, vmap, torch grouped, packed, "

@@ -3,7 +3,7 @@
 The grouped model runs each layer once for all K branches, so every activation it streams is K branches wide. At
 large batch those activations outgrow the CPU's last-level cache, and every batch norm, ReLU and add of a training
 step then streams from DRAM; a per-branch loop keeps one branch's (K times smaller) working set in cache and wins
-(WRN-16-4 at batch 64-128: 4-20% per training step, ``benchmarks/NOTES.md`` item 8). Branch-major execution gives
+(WRN-16-4 at batch 64-128: 4-20% per training step; measured: see ``benchmarks/NOTES.md``). Branch-major gives
 the grouped model that schedule without a second copy of its weights: a plain one-branch skeleton of the model
 (built once, on the meta device, holding no data) is called K times with ``torch.func.functional_call`` on views
 of the stacked parameters and running statistics.
@@ -42,7 +42,7 @@ def last_level_cache_bytes() -> int:
 
 def prefer_branch_major(stacked_activation_bytes: int, device: torch.device) -> bool:
     """The ``auto`` schedule: branch-major on the CPU when the widest activation of all K branches together takes
-    more than half the last-level cache (the threshold measured in ``benchmarks/NOTES.md`` item 8)."""
+    more than half the last-level cache (measured crossover: 16-24 MiB of stacked activation, 32 MiB L3)."""
     return device.type == "cpu" and stacked_activation_bytes > last_level_cache_bytes() // 2
 
 

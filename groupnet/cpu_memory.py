@@ -5,7 +5,7 @@ threshold (at most 32 MiB) with a fresh ``mmap`` and hands it back with ``munmap
 activation of every step is a new mapping whose 4 KiB pages the kernel faults in and zero-fills on first touch.
 A grouped model holds K branches in one tensor, so its activations cross 32 MiB at K times smaller batches than
 one branch's do: a split WRN-16-4 K=4 training step at batch 128 took 2.3x as long as with freed memory kept for
-reuse (``benchmarks/NOTES.md`` item 8). PyTorch recommends jemalloc or tcmalloc through ``LD_PRELOAD`` for the
+reuse (measured: see ``benchmarks/NOTES.md``). PyTorch recommends jemalloc or tcmalloc through ``LD_PRELOAD`` for the
 same reason; :func:`retain_freed_memory` gets the effect from glibc itself, with no extra library.
 """
 

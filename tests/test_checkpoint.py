@@ -17,7 +17,7 @@ from groupnet.models import build_model
 from groupnet.train import main
 from groupnet.training import trainer as trainer_module
 from groupnet.training import checkpoint as ckpt_io
-from trainer_utils import assert_tensors_equal, load_ckpt, quick
+from helpers.train_runs import assert_tensors_equal, load_ckpt, quick
 
 # mixup and cutout exercise every random stream of a step; 2 workers check the loader side of resuming
 RANDOM_EVERYTHING = ["--mixup-alpha", "0.4", "--cutout", "3", "--flip", "--workers", "2"]

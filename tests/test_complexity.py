@@ -80,7 +80,8 @@ def test_counting_runs_no_real_compute_and_leaves_the_model_alone():
 
 
 def test_k_splitting_keeps_flops_and_params_and_grows_acts_by_sqrt_k():
-    """The notes' check on CIFAR R-56 with widths / sqrt(K): flops, params ~1 and acts ~sqrt(K)."""
+    """CIFAR ResNet-56 with widths / sqrt(K): K branches of (w/sqrt(K))^2 keep flops and params (~1x), while
+    activations, linear in width, grow by sqrt(K)."""
     base = complexity(build_model("resnet56", branches=1, num_classes=10), (3, 32, 32))
     for k in (2, 4):
         with torch.device("meta"):

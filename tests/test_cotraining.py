@@ -14,31 +14,10 @@ from hypothesis import strategies as st
 
 from groupnet.cotraining import CoTrainingLoss, CoTrainingOutput, CoTrainingWeightRamp
 from groupnet.reference import cotraining_loss_reference
+from helpers.cotraining_inputs import random_logits, random_targets
+from helpers.tolerances import assert_close
 
 BACKENDS = ["torch_backend", "triton_backend"]
-
-
-def make_logits(n: int, k: int, c: int, layout: str, *, scale: float = 3.0, dtype=torch.float64, seed: int = 0):
-    """Random logits in one of the accepted layouts, some of them non-contiguous views."""
-    g = torch.Generator().manual_seed(seed)
-    if layout == "nkc":  # (N, K*C), contiguous
-        return (torch.randn(n, k * c, generator=g, dtype=torch.float64) * scale).to(dtype)
-    if layout == "nkc_strided":  # (N, K*C) as a column slice of a wider buffer
-        return (torch.randn(n, k * c + 3, generator=g, dtype=torch.float64) * scale).to(dtype)[:, : k * c]
-    if layout == "knc":  # (K, N, C), contiguous
-        return (torch.randn(k, n, c, generator=g, dtype=torch.float64) * scale).to(dtype)
-    assert layout == "knc_permuted"  # (K, N, C) as a permuted view of (N, K, C)
-    return (torch.randn(n, k, c, generator=g, dtype=torch.float64) * scale).to(dtype).permute(1, 0, 2)
-
-
-def make_targets(n: int, c: int, kind: str, *, seed: int = 0, ignore_index: int = -100, dtype=torch.float64):
-    g = torch.Generator().manual_seed(seed + 1)
-    if kind == "soft":
-        return torch.softmax(torch.randn(n, c, generator=g, dtype=torch.float64) * 2, dim=-1).to(dtype)
-    y = torch.randint(0, c, (n,), generator=g)
-    if kind == "hard_ignore":
-        y[torch.rand(n, generator=g) < 0.4] = ignore_index
-    return y
 
 
 @st.composite
@@ -61,8 +40,8 @@ def cases(draw):
 def run_both(case, dtype=torch.float64, **loss_kwargs):
     """(module output, module grad, reference (loss, ce, div), reference grad) for one case."""
     n, k, c = case["n"], case["k"], case["c"]
-    logits = make_logits(n, k, c, case["layout"], scale=case["scale"], dtype=dtype, seed=case["seed"])
-    targets = make_targets(n, c, case["targets"], seed=case["seed"], dtype=dtype)
+    logits = random_logits(n, k, c, case["layout"], scale=case["scale"], dtype=dtype, seed=case["seed"])
+    targets = random_targets(n, c, case["targets"], seed=case["seed"], dtype=dtype)
     hyper = dict(weight=case["weight"], divergence=case["divergence"], temperature=case["temperature"])
     loss_fn = CoTrainingLoss(k, **hyper, **loss_kwargs)
     x = logits.detach().clone().requires_grad_()
@@ -80,11 +59,10 @@ def run_both(case, dtype=torch.float64, **loss_kwargs):
 def test_matches_per_branch_reference_float64(backend, case, request):
     request.getfixturevalue(backend)
     out, grad, ref, grad_ref = run_both(case)
-    tol = dict(rtol=1e-9, atol=1e-10)
-    torch.testing.assert_close(out.loss, ref[0], **tol)
-    torch.testing.assert_close(out.ce, ref[1], **tol)
-    torch.testing.assert_close(out.divergence, ref[2], **tol)
-    torch.testing.assert_close(grad, grad_ref, **tol)
+    assert_close(out.loss, ref[0], kind="reference")
+    assert_close(out.ce, ref[1], kind="reference")
+    assert_close(out.divergence, ref[2], kind="reference")
+    assert_close(grad, grad_ref, kind="reference")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -105,7 +83,7 @@ def test_matches_reference_float32(backend, case, request):
 @pytest.mark.parametrize("divergence", ["js", "kl"])
 def test_all_ignored_batch_gives_zero_loss_and_zero_grad(backend, divergence, request):
     request.getfixturevalue(backend)
-    logits = make_logits(3, 4, 7, "nkc").requires_grad_()
+    logits = random_logits(3, 4, 7, "nkc").requires_grad_()
     targets = torch.full((3,), -100)
     out = CoTrainingLoss(4, divergence=divergence)(logits, targets)
     out.loss.backward()
@@ -118,7 +96,7 @@ def test_all_ignored_batch_gives_zero_loss_and_zero_grad(backend, divergence, re
 def test_ignored_samples_do_not_count(backend, request):
     """The mean is over non-ignored samples: ignoring a sample equals dropping it from the batch."""
     request.getfixturevalue(backend)
-    logits, targets = make_logits(5, 3, 6, "nkc"), make_targets(5, 6, "hard")
+    logits, targets = random_logits(5, 3, 6, "nkc"), random_targets(5, 6, "hard")
     targets[[1, 3]] = 7  # a custom ignore_index inside no class range
     loss_fn = CoTrainingLoss(3, ignore_index=7, weight=0.7)
     keep = torch.tensor([0, 2, 4])
@@ -140,11 +118,11 @@ def test_js_is_entropy_of_mean_minus_mean_entropy(backend, temperature, request)
     """D = H(mean_k p_k) - mean_k H(p_k), written with entropies instead of the KL form of the reference."""
     request.getfixturevalue(backend)
     k, c = 5, 9
-    logits = make_logits(4, k, c, "nkc", seed=3)
+    logits = random_logits(4, k, c, "nkc", seed=3)
     p = torch.softmax(logits.view(4, k, c) / temperature, dim=-1)
     entropy = lambda q: -torch.xlogy(q, q).sum(-1)  # noqa: E731
     expected = (entropy(p.mean(1)) - entropy(p).mean(1)).mean() * temperature**2
-    out = CoTrainingLoss(k, temperature=temperature)(logits, make_targets(4, c, "hard"))
+    out = CoTrainingLoss(k, temperature=temperature)(logits, random_targets(4, c, "hard"))
     torch.testing.assert_close(out.divergence, expected, rtol=1e-10, atol=1e-12)
 
 
@@ -153,17 +131,17 @@ def test_kl_is_mean_pairwise_kl_as_in_splitnet(backend, request):
     """kl: 1/(K-1) sum over ordered pairs of batch-mean KL(p_j || p_i), from explicit probabilities."""
     request.getfixturevalue(backend)
     k, c, n = 3, 5, 4
-    logits = make_logits(n, k, c, "knc", seed=5)
+    logits = random_logits(n, k, c, "knc", seed=5)
     p = torch.softmax(logits, dim=-1)
     pairs = [(p[j] * (p[j].log() - p[i].log())).sum(-1).mean() for i in range(k) for j in range(k) if i != j]
-    out = CoTrainingLoss(k, divergence="kl")(logits, make_targets(n, c, "hard"))
+    out = CoTrainingLoss(k, divergence="kl")(logits, random_targets(n, c, "hard"))
     torch.testing.assert_close(out.divergence, sum(pairs) / (k - 1), rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_single_branch_is_plain_cross_entropy(backend, request):
     request.getfixturevalue(backend)
-    logits, targets = make_logits(6, 1, 11, "nkc"), make_targets(6, 11, "hard_ignore")
+    logits, targets = random_logits(6, 1, 11, "nkc"), random_targets(6, 11, "hard_ignore")
     targets[0] = 3
     out = CoTrainingLoss(1, weight=2.0)(logits, targets)
     torch.testing.assert_close(out.loss, F.cross_entropy(logits, targets))
@@ -175,8 +153,8 @@ def test_mixup_soft_target_equals_mixed_hard_losses(backend, request):
     """lam * loss(y_a) + (1 - lam) * loss(y_b) == loss(lam * onehot(y_a) + (1 - lam) * onehot(y_b))."""
     request.getfixturevalue(backend)
     k, c, lam = 3, 8, 0.3
-    logits = make_logits(5, k, c, "nkc", seed=9)
-    y_a, y_b = make_targets(5, c, "hard", seed=1), make_targets(5, c, "hard", seed=2)
+    logits = random_logits(5, k, c, "nkc", seed=9)
+    y_a, y_b = random_targets(5, c, "hard", seed=1), random_targets(5, c, "hard", seed=2)
     soft = lam * F.one_hot(y_a, c).double() + (1 - lam) * F.one_hot(y_b, c).double()
     loss_fn = CoTrainingLoss(k, temperature=2.0)
     mixed = lam * loss_fn(logits, y_a).loss + (1 - lam) * loss_fn(logits, y_b).loss
@@ -190,9 +168,9 @@ def test_mixup_soft_target_equals_mixed_hard_losses(backend, request):
 def test_extreme_logits_stay_finite(backend, dtype, targets_kind, divergence, request):
     request.getfixturevalue(backend)
     k, c, n = 3, 13, 4
-    logits = make_logits(n, k, c, "nkc", seed=11)
+    logits = random_logits(n, k, c, "nkc", seed=11)
     logits = (torch.sign(logits) * 1e4 * (logits.abs() > 1)).to(dtype)  # entries in {-1e4, 0, 1e4}
-    targets = make_targets(n, c, targets_kind, dtype=dtype)
+    targets = random_targets(n, c, targets_kind, dtype=dtype)
     hyper = dict(weight=0.5, divergence=divergence, temperature=0.5)
     x = logits.clone().requires_grad_()
     out = CoTrainingLoss(k, **hyper)(x, targets)
@@ -212,8 +190,8 @@ def test_extreme_logits_stay_finite(backend, dtype, targets_kind, divergence, re
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_logits_compute_in_float32(backend, dtype, request):
     request.getfixturevalue(backend)
-    logits = make_logits(4, 2, 10, "nkc", dtype=dtype).requires_grad_()
-    targets = make_targets(4, 10, "hard")
+    logits = random_logits(4, 2, 10, "nkc", dtype=dtype).requires_grad_()
+    targets = random_targets(4, 10, "hard")
     out = CoTrainingLoss(2)(logits, targets)
     out.loss.backward()
     assert out.loss.dtype == torch.float32 and logits.grad.dtype == dtype
@@ -228,8 +206,8 @@ def test_half_precision_logits_compute_in_float32(backend, dtype, request):
 def test_output_fields_and_consistency():
     k = 4
     loss_fn = CoTrainingLoss(k, weight=0.25, temperature=2.0)
-    logits = make_logits(5, k, 6, "nkc").requires_grad_()
-    out = loss_fn(logits, make_targets(5, 6, "hard"))
+    logits = random_logits(5, k, 6, "nkc").requires_grad_()
+    out = loss_fn(logits, random_targets(5, 6, "hard"))
     assert isinstance(out, CoTrainingOutput)
     assert out.loss.shape == () and out.loss.requires_grad
     assert out.ce.shape == (k,) and not out.ce.requires_grad and not out.divergence.requires_grad
@@ -238,8 +216,8 @@ def test_output_fields_and_consistency():
 
 
 def test_soft_targets_get_no_gradient():
-    targets = make_targets(3, 5, "soft").requires_grad_()
-    logits = make_logits(3, 2, 5, "nkc").requires_grad_()
+    targets = random_targets(3, 5, "soft").requires_grad_()
+    logits = random_logits(3, 2, 5, "nkc").requires_grad_()
     CoTrainingLoss(2)(logits, targets).loss.backward()
     assert targets.grad is None and logits.grad is not None
 
@@ -254,7 +232,7 @@ def test_cpu_tensors_use_the_torch_path_by_default(monkeypatch):
 
     monkeypatch.setattr(kernel_module, "cotrain_loss", fail)
     with use_backend("auto"):
-        CoTrainingLoss(2)(make_logits(2, 2, 3, "nkc"), make_targets(2, 3, "hard"))
+        CoTrainingLoss(2)(random_logits(2, 2, 3, "nkc"), random_targets(2, 3, "hard"))
 
 
 def test_triton_backend_runs_the_kernel(triton_backend, monkeypatch):
@@ -268,7 +246,7 @@ def test_triton_backend_runs_the_kernel(triton_backend, monkeypatch):
         return real(*args, **kwargs)
 
     monkeypatch.setattr(kernel_module, "cotrain_loss", spy)
-    CoTrainingLoss(2, divergence="kl")(make_logits(2, 2, 3, "nkc"), make_targets(2, 3, "hard"))
+    CoTrainingLoss(2, divergence="kl")(random_logits(2, 2, 3, "nkc"), random_targets(2, 3, "hard"))
     assert len(calls) == 1 and calls[0]["divergence"] == "kl"
 
 
@@ -279,25 +257,25 @@ def test_triton_backend_runs_the_kernel(triton_backend, monkeypatch):
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
 def test_non_finite_logits_raise(backend, bad, request):
     request.getfixturevalue(backend)
-    logits = make_logits(3, 2, 4, "nkc")
+    logits = random_logits(3, 2, 4, "nkc")
     logits[1, 5] = bad
     with pytest.raises(ValueError, match="NaN or inf"):
-        CoTrainingLoss(2)(logits, make_targets(3, 4, "hard"))
+        CoTrainingLoss(2)(logits, random_targets(3, 4, "hard"))
 
 
 def test_non_finite_soft_targets_raise():
-    targets = make_targets(3, 4, "soft")
+    targets = random_targets(3, 4, "soft")
     targets[0, 0] = float("nan")
     with pytest.raises(ValueError, match="NaN or inf"):
-        CoTrainingLoss(2)(make_logits(3, 2, 4, "nkc"), targets)
+        CoTrainingLoss(2)(random_logits(3, 2, 4, "nkc"), targets)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_unchecked_nan_logits_give_nan_loss(backend, request):
     request.getfixturevalue(backend)
-    logits = make_logits(3, 2, 4, "nkc")
+    logits = random_logits(3, 2, 4, "nkc")
     logits[0, 0] = float("nan")
-    out = CoTrainingLoss(2, check_finite=False)(logits, make_targets(3, 4, "hard"))
+    out = CoTrainingLoss(2, check_finite=False)(logits, random_targets(3, 4, "hard"))
     assert torch.isnan(out.loss)
 
 
@@ -305,10 +283,10 @@ def test_unchecked_nan_logits_give_nan_loss(backend, request):
 @pytest.mark.parametrize("bad_target", [-1, 4, 1000])
 def test_targets_out_of_range_raise(backend, bad_target, request):
     request.getfixturevalue(backend)
-    targets = make_targets(3, 4, "hard")
+    targets = random_targets(3, 4, "hard")
     targets[2] = bad_target
     with pytest.raises(ValueError, match=rf"targets must be in \[0, 4\).*\[{bad_target}\]"):
-        CoTrainingLoss(2)(make_logits(3, 2, 4, "nkc"), targets)
+        CoTrainingLoss(2)(random_logits(3, 2, 4, "nkc"), targets)
 
 
 @pytest.mark.parametrize(
@@ -359,7 +337,8 @@ def test_bad_constructor_arguments_raise(kwargs, match):
 
 
 def splitnet_weight(epoch: int, final: float = 0.5, warmup: int = 40, floor: float = 0.005) -> float:
-    """SplitNet's train_split.py rule, written out as in the notes."""
+    """The co-training weight ramp of the SplitNet code (train_split.py), written out per epoch: ``final * epoch /
+    warmup`` (at least ``floor``) for the first ``warmup`` epochs, then ``final``."""
     return max(final * epoch / warmup, floor) if epoch < warmup else final
 
 

@@ -32,7 +32,7 @@ from groupnet.data import (
     sample_generator,
     train_loader,
 )
-from data_fixtures import make_fake_cifar, write_images
+from helpers.fake_datasets import make_fake_cifar, write_images
 
 # ----------------------------------------------------------------------------------------------------------- digits
 

@@ -17,7 +17,7 @@ from groupnet.models import build_model
 from groupnet.stacking import extract_branch
 from groupnet.train import main
 from groupnet.training.distributed import convert_sync_batchnorm, revert_sync_batchnorm
-from trainer_utils import load_ckpt, quick
+from helpers.train_runs import load_ckpt, quick
 
 
 @pytest.mark.parametrize("schedule", ["grouped", "branch"])

@@ -13,7 +13,7 @@ import torch
 from groupnet.eval import main as eval_main
 from groupnet.models import build_model
 from groupnet.train import main
-from trainer_utils import load_ckpt, quick
+from helpers.train_runs import load_ckpt, quick
 
 LOADER = textwrap.dedent("""
     import sys

@@ -10,8 +10,7 @@ from torch import nn
 import groupnet as gn
 from groupnet.fuse import FusedConv2d, fuse_for_inference, onednn_pointwise_available
 from groupnet.models import build_model
-
-TOL = {torch.float64: 1e-10, torch.float32: 1e-4}
+from helpers.tolerances import assert_close
 
 
 def randomize_batch_norms(model: nn.Module, gen: torch.Generator) -> None:
@@ -23,12 +22,6 @@ def randomize_batch_norms(model: nn.Module, gen: torch.Generator) -> None:
                 m.running_var.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
                 m.weight.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
                 m.bias.copy_(torch.rand(m.num_features, generator=gen) * 2 - 1)
-
-
-def assert_close(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype) -> None:
-    scale = want.abs().max().item() + 1e-12
-    err = (got - want).abs().max().item()
-    assert err <= TOL[dtype] * scale, f"max error {err:.3g} at scale {scale:.3g}"
 
 
 @settings(max_examples=12)
@@ -52,7 +45,7 @@ def test_fused_zoo_model_matches_eval_model(arch, branches, dtype, channels_last
     fused = fuse_for_inference(model)
     assert any(isinstance(m, FusedConv2d) for m in fused.modules())
     with torch.no_grad():
-        assert_close(fused(x), model(x), dtype)
+        assert_close(fused(x), model(x), kind="fused")
 
 
 @settings(max_examples=8)
@@ -74,7 +67,7 @@ def test_fused_stacked_plain_models_match(branches, dtype, seed):
     assert not any(isinstance(m, nn.BatchNorm2d) for m in fused.modules())
     x = torch.randn(3, 3 * branches, 8, 8, generator=gen, dtype=dtype)
     with torch.no_grad():
-        assert_close(fused(x), model(x), dtype)
+        assert_close(fused(x), model(x), kind="fused")
 
 
 class SharedConvOutput(nn.Module):
@@ -99,7 +92,7 @@ def test_a_conv_with_two_users_is_not_folded(dtype):
     fused = fuse_for_inference(model)
     x = torch.randn(2, 6, 5, 5, generator=gen, dtype=dtype)
     with torch.no_grad():
-        assert_close(fused(x), model(x), dtype)
+        assert_close(fused(x), model(x), kind="fused")
     assert any(isinstance(m, nn.BatchNorm2d) for m in fused.modules())
 
 

@@ -11,13 +11,10 @@ from hypothesis import strategies as st
 from torch import nn
 
 import groupnet as gn
+from helpers.strategies import conv_cases as conv_geometries
+from helpers.tolerances import assert_close
 
 DT = torch.float64
-TOL = {"atol": 1e-10, "rtol": 1e-9}
-
-
-def assert_close(a, b):
-    torch.testing.assert_close(a, b, **TOL)
 
 
 def compare(grouped: nn.Module, x: torch.Tensor, *, dim: int = 1, steps: int = 1) -> None:
@@ -28,43 +25,32 @@ def compare(grouped: nn.Module, x: torch.Tensor, *, dim: int = 1, steps: int = 1
         xg = x.detach().clone().requires_grad_()
         xr = x.detach().clone().requires_grad_()
         yg, yr = grouped(xg), ref(xr)
-        assert_close(yg, yr)
+        assert_close(yg, yr, kind="reference")
         g = torch.randn_like(yg)
         yg.backward(g)
         yr.backward(g)
-        assert_close(xg.grad, xr.grad)
+        assert_close(xg.grad, xr.grad, kind="reference")
     k = grouped.branches
     for name, p in grouped.named_parameters():
         per_branch = [dict(m.named_parameters())[name].grad for m in ref.branch_modules]
         expected = torch.cat(per_branch) if p.dim() != len(per_branch[0].shape) + 1 else torch.stack(per_branch)
         assert p.grad is not None, name
-        assert_close(p.grad.reshape(expected.shape), expected)
+        assert_close(p.grad.reshape(expected.shape), expected, kind="reference")
     for name, b in grouped.named_buffers():
         if name == "num_batches_tracked":
             for m in ref.branch_modules:
                 assert int(dict(m.named_buffers())[name]) == int(b)
             continue
         expected = torch.cat([dict(m.named_buffers())[name] for m in ref.branch_modules])
-        assert_close(b, expected)
+        assert_close(b, expected, kind="reference")
     assert len(ref.branch_modules) == k
 
 
 @st.composite
 def conv_cases(draw):
-    k = draw(st.integers(1, 6))
-    groups = draw(st.sampled_from([1, 1, 2, 3]))
-    cin = groups * draw(st.integers(1, 3))
-    cout = groups * draw(st.integers(1, 3))
-    kh, kw = draw(st.integers(1, 3)), draw(st.integers(1, 3))
-    stride = (draw(st.integers(1, 3)), draw(st.integers(1, 2)))
-    padding = (draw(st.integers(0, 2)), draw(st.integers(0, 2)))
-    dilation = (draw(st.integers(1, 2)), draw(st.integers(1, 2)))
-    n = draw(st.integers(1, 3))
-    h = draw(st.integers(dilation[0] * (kh - 1) + 1, 9))
-    w = draw(st.integers(dilation[1] * (kw - 1) + 1, 9))
-    return dict(k=k, groups=groups, cin=cin, cout=cout, ks=(kh, kw), stride=stride, padding=padding,
-                dilation=dilation, n=n, h=h, w=w, bias=draw(st.booleans()),
-                channels_last=draw(st.booleans()))
+    case = draw(conv_geometries(max_branches=6, groups=(1, 1, 2, 3), max_stride=(3, 2), max_batch=3, max_size=9,
+                                padded_min_size=False))
+    return dict(case, bias=draw(st.booleans()), channels_last=draw(st.booleans()))
 
 
 @given(conv_cases(), st.integers(0, 2**31 - 1))
@@ -142,5 +128,5 @@ def test_plain_modules_act_per_branch_on_the_layout():
     x = torch.randn(2, k * c, 8, 8, dtype=DT)
     for m in [nn.ReLU(), nn.MaxPool2d(2), nn.AvgPool2d(3, 2, 1), nn.AdaptiveAvgPool2d(1), nn.Dropout2d(0.5).eval()]:
         ref = gn.PerBranch([m] * k)
-        assert_close(m(x), ref(x))
-    assert_close(x + x.flip(0), gn.stack([xk + xk.flip(0) for xk in gn.unstack(x, k)]))
+        assert_close(m(x), ref(x), kind="reference")
+    assert_close(x + x.flip(0), gn.stack([xk + xk.flip(0) for xk in gn.unstack(x, k)]), kind="reference")

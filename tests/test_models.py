@@ -36,16 +36,6 @@ TINY = {
 NUM_CLASSES = 5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These ops are tiny: a second intra-op thread only adds synchronisation, and on the shared 2-core machine
-    its spin-waits made this file ~100x slower (measured: 7.5 s vs 0.05 s for one forward/backward)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def tiny(family: str, branches: int, dtype=torch.float32):
     arch, overrides, in_channels = TINY[family]
     model = build_model(arch, branches=branches, num_classes=NUM_CLASSES, in_channels=in_channels, **overrides)

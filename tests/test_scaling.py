@@ -9,7 +9,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from groupnet.models import arch_spec
 from groupnet.models.resnet import resnet_spec
@@ -26,14 +25,6 @@ from groupnet.scaling import (
     scaling_rows,
     write_plot,
 )
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 # Deep and wide enough that rounding depth (per stage), width (to 4) and resolution (to 4) stays within a few percent.

@@ -23,8 +23,8 @@ from groupnet.training.config import TrainConfig, make_config, parse_options
 from groupnet.training.errors import ConfigError
 from groupnet.training.optim import parameter_groups
 from groupnet.training.schedule import WarmupCosineLR
-from data_fixtures import make_fake_cifar, write_images
-from trainer_utils import load_ckpt, quick
+from helpers.fake_datasets import make_fake_cifar, write_images
+from helpers.train_runs import load_ckpt, quick
 
 
 def test_default_run_shortened(tmp_path, capsys):

@@ -61,7 +61,7 @@ def init_process_group(ctx: DistContext, device: torch.device) -> None:
 def destroy_process_group(*, wait_for_all: bool = False) -> None:
     """Leave the process group. ``wait_for_all``: first wait until every process gets here (the end of a successful
     run), so no process tears its connections down while another still uses them; gloo then aborts that one with
-    "terminate called without an active exception" (seen once in the 2-process test under load)."""
+    "terminate called without an active exception"."""
     if dist.is_available() and dist.is_initialized():
         if wait_for_all:
             dist.barrier()

@@ -13,36 +13,14 @@ from groupnet.cotraining import CoTrainingLoss
 from groupnet.kernels import cotrain_loss as kernel_module
 from groupnet.kernels.cotrain_loss import compile_specs, cotrain_loss, launch_config
 from groupnet.reference import cotraining_loss_reference
+from helpers.cotraining_inputs import random_logits, random_targets
+from helpers.tolerances import assert_close
 
-# (rtol, atol) of the per-sample loss and of the gradient, by logits dtype. 16-bit logits are compared with the
-# reference on the same (rounded) values, so only fp32 accumulation and the final cast of the gradient count.
-TOLERANCES = {
-    torch.float64: ((1e-10, 1e-10), (1e-10, 1e-12)),
-    torch.float32: ((1e-5, 1e-5), (1e-4, 1e-6)),
-    torch.float16: ((1e-5, 1e-5), (1e-3, 1e-5)),
-    torch.bfloat16: ((1e-5, 1e-5), (8e-3, 1e-5)),
-}
-
-
-def random_logits(n, k, c, *, layout, scale, dtype, seed):
-    g = torch.Generator().manual_seed(seed)
-    if layout == "nkc":
-        x = torch.randn(n, k * c + 5, generator=g, dtype=torch.float64)[:, : k * c]  # rows strided
-    else:
-        x = torch.randn(n, k, c, generator=g, dtype=torch.float64).permute(1, 0, 2)  # (K, N, C) view
-    return (x * scale).to(dtype)
-
-
-def random_targets(n, c, *, soft, ignore, seed):
-    g = torch.Generator().manual_seed(seed + 7)
-    if soft:
-        t = torch.rand(n, c + 2, generator=g, dtype=torch.float64)[:, :c]  # a non-contiguous view
-        # Odd seeds keep rows unnormalised: the kernel's CE gradient P * sum(q) - q is exact for any q.
-        return t if seed % 2 else t / t.sum(-1, keepdim=True)
-    y = torch.randint(0, c, (n,), generator=g)
-    if ignore:
-        y[torch.rand(n, generator=g) < 0.35] = -100
-    return y
+def draw_targets(n, c, *, soft, ignore, seed):
+    """Soft targets as a non-contiguous view (rows unnormalised for odd seeds), or class indices, about 35% of them
+    ignored if ``ignore``."""
+    kind = "soft_view" if soft else "hard_ignore" if ignore else "hard"
+    return random_targets(n, c, kind, seed=seed, seed_offset=7, ignore_fraction=0.35)
 
 
 def reference_rows(logits, targets, k, **hyper):
@@ -71,21 +49,19 @@ def reference_grad(logits, targets, k, row_weights, **hyper):
 
 def check_against_reference(n, k, c, *, layout, soft, ignore, divergence, temperature, weight, scale, dtype, seed,
                             block_c=0):
-    logits = random_logits(n, k, c, layout=layout, scale=scale, dtype=dtype, seed=seed).requires_grad_()
-    targets = random_targets(n, c, soft=soft, ignore=ignore, seed=seed)
+    logits = random_logits(n, k, c, layout, scale=scale, dtype=dtype, seed=seed, row_pad=5).requires_grad_()
+    targets = draw_targets(n, c, soft=soft, ignore=ignore, seed=seed)
     hyper = dict(weight=weight, divergence=divergence, temperature=temperature)
     loss, ce, div = cotrain_loss(logits, targets, branches=k, block_c=block_c, **hyper)
     row_weights = torch.randn(n, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
     (grad,) = torch.autograd.grad((loss * row_weights.to(loss.dtype)).sum(), logits)
     ref_loss, ref_ce, ref_div = reference_rows(logits, targets, k, **hyper)
     ref_grad = reference_grad(logits, targets, k, row_weights, **hyper)
-    (rtol, atol), (grad_rtol, grad_atol) = TOLERANCES[dtype]
-    scale_of = lambda t: 1.0 + t.abs().max().item() if t.numel() else 1.0  # noqa: E731
     assert grad.dtype == dtype and grad.shape == logits.shape
-    torch.testing.assert_close(loss.double(), ref_loss, rtol=rtol, atol=atol * scale_of(ref_loss))
-    torch.testing.assert_close(ce.double(), ref_ce, rtol=rtol, atol=atol * scale_of(ref_ce))
-    torch.testing.assert_close(div.double(), ref_div, rtol=rtol, atol=atol * scale_of(ref_div))
-    torch.testing.assert_close(grad.double(), ref_grad, rtol=grad_rtol, atol=grad_atol * scale_of(ref_grad))
+    assert_close(loss, ref_loss, dtype, kind="cotrain_loss", what="loss")
+    assert_close(ce, ref_ce, dtype, kind="cotrain_loss", what="ce")
+    assert_close(div, ref_div, dtype, kind="cotrain_loss", what="divergence")
+    assert_close(grad, ref_grad, dtype, kind="cotrain_grad", what="grad")
 
 
 @settings(max_examples=30)
@@ -93,7 +69,7 @@ def check_against_reference(n, k, c, *, layout, soft, ignore, divergence, temper
     n=st.integers(1, 5),
     k=st.integers(1, 8),
     c=st.integers(1, 70),
-    layout=st.sampled_from(["nkc", "knc"]),
+    layout=st.sampled_from(["nkc_strided", "knc_permuted"]),
     soft=st.booleans(),
     ignore=st.booleans(),
     divergence=st.sampled_from(["js", "kl"]),
@@ -114,7 +90,7 @@ def test_per_sample_outputs_and_gradients_float64(n, k, c, layout, soft, ignore,
 @pytest.mark.parametrize("soft", [False, True])
 @pytest.mark.parametrize("divergence", ["js", "kl"])
 def test_input_dtypes(dtype, soft, divergence):
-    check_against_reference(4, 3, 37, layout="nkc", soft=soft, ignore=not soft, divergence=divergence,
+    check_against_reference(4, 3, 37, layout="nkc_strided", soft=soft, ignore=not soft, divergence=divergence,
                             temperature=2.0, weight=0.5, scale=3.0, dtype=dtype, seed=1, block_c=16)
 
 
@@ -122,8 +98,8 @@ def test_input_dtypes(dtype, soft, divergence):
 def test_large_class_count_uses_the_chunked_path(soft, divergence):
     n, k, c = 2, 2, 33000
     assert launch_config(k, c, torch.float32)["BLOCK_C"] < c  # more than one chunk per row
-    check_against_reference(n, k, c, layout="knc", soft=soft, ignore=False, divergence=divergence, temperature=1.5,
-                            weight=0.5, scale=4.0, dtype=torch.float32, seed=2)
+    check_against_reference(n, k, c, layout="knc_permuted", soft=soft, ignore=False, divergence=divergence,
+                            temperature=1.5, weight=0.5, scale=4.0, dtype=torch.float32, seed=2)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -131,9 +107,9 @@ def test_large_class_count_uses_the_chunked_path(soft, divergence):
 def test_extreme_logits_in_chunks(dtype, divergence):
     """|z| = 1e4 spread over several chunks, the running max changing from chunk to chunk."""
     n, k, c = 3, 4, 50
-    logits = random_logits(n, k, c, layout="nkc", scale=1.0, dtype=torch.float64, seed=4)
+    logits = random_logits(n, k, c, "nkc_strided", row_pad=5, scale=1.0, dtype=torch.float64, seed=4)
     logits = (torch.round(logits) * 5e3).clamp(-1e4, 1e4).to(dtype).requires_grad_()
-    targets = random_targets(n, c, soft=False, ignore=False, seed=4)
+    targets = draw_targets(n, c, soft=False, ignore=False, seed=4)
     loss, _ce, _div = cotrain_loss(logits, targets, branches=k, weight=1.0, temperature=0.5, divergence=divergence,
                                    block_c=16)
     loss.sum().backward()
@@ -148,7 +124,7 @@ def test_no_reads_outside_the_logits():
     n, k, c = 3, 3, 21
     buffer = torch.full((n + 2, k * c + 9), float("nan"), dtype=torch.float64)
     logits = buffer[1 : n + 1, 4 : 4 + k * c]
-    logits.copy_(random_logits(n, k, c, layout="nkc", scale=2.0, dtype=torch.float64, seed=3))
+    logits.copy_(random_logits(n, k, c, "nkc_strided", row_pad=5, scale=2.0, dtype=torch.float64, seed=3))
     logits.requires_grad_()
     loss, ce, div = cotrain_loss(logits, torch.tensor([0, 20, 7]), branches=k, weight=0.5, block_c=16)
     loss.sum().backward()
@@ -157,7 +133,7 @@ def test_no_reads_outside_the_logits():
 
 
 def test_unchecked_out_of_range_target_gives_nan_for_that_sample_only(triton_backend):
-    logits = random_logits(3, 2, 5, layout="nkc", scale=1.0, dtype=torch.float32, seed=0).requires_grad_()
+    logits = random_logits(3, 2, 5, "nkc_strided", row_pad=5, scale=1.0, dtype=torch.float32, seed=0).requires_grad_()
     loss, ce, div = cotrain_loss(logits, torch.tensor([1, 9, -100]), branches=2, weight=0.5)
     loss.sum().backward()
     assert torch.isnan(loss[1]) and torch.isnan(ce[1]).all() and torch.isnan(logits.grad[1]).all()
@@ -168,7 +144,7 @@ def test_unchecked_out_of_range_target_gives_nan_for_that_sample_only(triton_bac
 
 
 def test_no_gradient_buffer_without_autograd():
-    logits = random_logits(2, 2, 5, layout="nkc", scale=1.0, dtype=torch.float32, seed=0)
+    logits = random_logits(2, 2, 5, "nkc_strided", row_pad=5, scale=1.0, dtype=torch.float32, seed=0)
     *_, grad = torch.ops.groupnet.cotrain_loss_forward(logits, torch.tensor([0, 1]), 2, 0.5, 1.0, -100, "js", False, 0)
     assert grad.numel() == 0
     with torch.no_grad():
@@ -180,8 +156,8 @@ def test_no_gradient_buffer_without_autograd():
 @pytest.mark.parametrize("compute_grad", [False, True])
 def test_custom_op_contract(soft, compute_grad):
     """Schema, fake (meta) implementation and dispatch of the custom op (torch.library.opcheck)."""
-    logits = random_logits(3, 2, 7, layout="knc", scale=1.0, dtype=torch.float32, seed=0)
-    targets = random_targets(3, 7, soft=soft, ignore=not soft, seed=0)
+    logits = random_logits(3, 2, 7, "knc_permuted", scale=1.0, dtype=torch.float32, seed=0)
+    targets = draw_targets(3, 7, soft=soft, ignore=not soft, seed=0)
     if soft:
         targets = targets.float()
     args = (logits, targets, 2, 0.5, 2.0, -100, "kl", compute_grad, 16)
@@ -225,8 +201,8 @@ def test_compile_specs_cover_every_kernel_variant():
 
 
 def test_module_on_triton_backend_matches_cross_entropy_for_one_branch(triton_backend):
-    logits = random_logits(5, 1, 9, layout="nkc", scale=2.0, dtype=torch.float64, seed=8).requires_grad_()
-    targets = random_targets(5, 9, soft=False, ignore=True, seed=8)
+    logits = random_logits(5, 1, 9, "nkc_strided", row_pad=5, scale=2.0, dtype=torch.float64, seed=8).requires_grad_()
+    targets = draw_targets(5, 9, soft=False, ignore=True, seed=8)
     targets[0] = 2
     out = CoTrainingLoss(1)(logits, targets)
     x = logits.detach().clone().requires_grad_()

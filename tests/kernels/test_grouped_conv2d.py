@@ -1,8 +1,8 @@
 """The Triton grouped conv2d (run by the interpreter on CPU tensors) against float64 torch references.
 
 Each pass is compared with ``F.conv2d`` / ``torch.nn.grad.conv2d_input`` / ``conv2d_weight`` (``groups=K*groups``)
-computed in float64 on the same, already rounded inputs (tolerances: tests/kernels/_tolerances.py). Inputs live
-inside NaN-filled buffers and outputs inside sentinel-filled buffers (tests/kernels/_oob.py): a kernel reading or
+computed in float64 on the same, already rounded inputs (tolerances: tests/helpers/tolerances.py). Inputs live
+inside NaN-filled buffers and outputs inside sentinel-filled buffers (tests/helpers/oob.py): a kernel reading or
 writing out of bounds, or leaving an output element unwritten, shows up as a NaN or a sentinel.
 """
 
@@ -12,9 +12,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 import triton
-from _compare import float64_leaves
-from _oob import Embedded, assert_no_oob, nan_embedded, sentinel_output
-from _tolerances import assert_close
+from helpers.compare import float64_leaves
+from helpers.oob import Embedded, assert_no_oob, nan_embedded, sentinel_output
+from helpers.strategies import conv_cases
+from helpers.tolerances import assert_close
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import Tensor
@@ -48,27 +49,6 @@ def sentinel_padded(shape: tuple[int, ...], dtype: torch.dtype, channels_last: b
 def rand(shape, dtype, gen) -> Tensor:
     """fp64 normals rounded to ``dtype`` (the rounded values are what both sides see)."""
     return torch.randn(shape, dtype=torch.float64, generator=gen).to(dtype)
-
-
-@st.composite
-def conv_cases(draw, max_channels: int = 12):
-    k = draw(st.integers(1, 4))
-    groups = draw(st.integers(1, 2))
-    g = k * groups
-    cin_g = draw(st.integers(1, max(1, max_channels // g)))
-    cout_g = draw(st.integers(1, max(1, max_channels // g)))
-    kh, kw = draw(st.integers(1, 3)), draw(st.integers(1, 3))
-    stride = (draw(st.integers(1, 2)), draw(st.integers(1, 2)))
-    padding = (draw(st.integers(0, 2)), draw(st.integers(0, 2)))
-    dilation = (draw(st.integers(1, 2)), draw(st.integers(1, 2)))
-    # Smallest input with a non-empty output, then up to 7.
-    min_h = max(1, dilation[0] * (kh - 1) + 1 - 2 * padding[0])
-    min_w = max(1, dilation[1] * (kw - 1) + 1 - 2 * padding[1])
-    h, w = draw(st.integers(min_h, max(min_h, 7))), draw(st.integers(min_w, max(min_w, 7)))
-    return dict(
-        n=draw(st.integers(1, 2)), k=k, groups=groups, cin_g=cin_g, cout_g=cout_g, kh=kh, kw=kw, h=h, w=w,
-        stride=stride, padding=padding, dilation=dilation,
-    )  # fmt: skip
 
 
 def check_all_passes(case, *, dtype, bias, relu, channels_last, split_rows, seed, configs=(None, None, None)):
@@ -123,7 +103,7 @@ def check_all_passes(case, *, dtype, bias, relu, channels_last, split_rows, seed
 
 @settings(max_examples=20)
 @given(
-    case=conv_cases(),
+    case=conv_cases(max_channels=12),
     dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]),
     bias=st.booleans(),
     relu=st.booleans(),

@@ -8,9 +8,9 @@ import sys
 
 import pytest
 import torch
-from _compare import count_calls, float64_leaves
-from _oob import assert_no_oob, nan_embedded, sentinel_output
-from _tolerances import assert_close
+from helpers.compare import count_calls, float64_leaves
+from helpers.oob import assert_no_oob, nan_embedded, sentinel_output
+from helpers.tolerances import assert_close
 from hypothesis import given, settings
 from hypothesis import strategies as st
 

@@ -4,8 +4,8 @@ reference modules (``groupnet.reference_of``: K plain ``nn.Conv2d`` / ``nn.Linea
 from __future__ import annotations
 
 import torch
-from _compare import assert_branch_param_grads, backward_with_reference, count_calls
-from _tolerances import assert_close
+from helpers.compare import assert_branch_param_grads, backward_with_reference, count_calls
+from helpers.tolerances import assert_close
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-from _tolerances import assert_close
+from helpers.tolerances import assert_close
 from torch import Tensor, nn
 
 
