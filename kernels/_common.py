@@ -30,7 +30,8 @@ INPUT_PRECISIONS = ("ieee", "tf32")
 """``tl.dot`` input precisions of fp32 operands on a GPU."""
 
 
-def default_input_precision(op: str) -> str:
+@torch.compiler.assume_constant_result  # torch.compile cannot trace the fp32_precision getters: a compiled graph
+def default_input_precision(op: str) -> str:  # keeps the precision in force when it was traced
     """PyTorch's own fp32 precision for ``op``: ``"conv"`` as cuDNN convolutions (tf32 by default), ``"matmul"`` as
     cuBLAS matmuls (ieee by default).
 
