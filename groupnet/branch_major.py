@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from groupnet import _checks
-from groupnet.stacking import extract_branch, is_grouped_layer, num_branches
+from groupnet.model_stacking import extract_branch, is_grouped_layer, num_branches
 
 
 SCHEDULES = ("auto", "grouped", "branch")

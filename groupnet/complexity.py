@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from groupnet.modules import GroupedConv2d, GroupedLinear
-from groupnet.stacking import is_grouped_layer
+from groupnet.model_stacking import is_grouped_layer
 
 CONVENTIONS = (
     "flops = multiply-adds (MACs) of conv and linear layers incl. bias adds, for one image; params = all "

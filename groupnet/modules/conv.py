@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from groupnet import _checks
 from groupnet.functional import _pair, grouped_conv2d
-from groupnet.modules._stack import check_branch_index, check_branch_modules, load_branch, split_rows
+from groupnet.modules._branch_params import check_branch_index, check_branch_modules, load_branch, split_rows
 
 
 class GroupedConv2d(nn.Module):

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from groupnet import _checks
 from groupnet.functional import grouped_linear
-from groupnet.modules._stack import check_branch_index, check_branch_modules, load_branch, unbind_branches
+from groupnet.modules._branch_params import check_branch_index, check_branch_modules, load_branch, unbind_branches
 
 
 class GroupedLinear(nn.Module):

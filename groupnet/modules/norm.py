@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from groupnet import _checks
-from groupnet.modules._stack import check_branch_index, check_branch_modules, load_branch, split_rows, unbind_branches
+from groupnet.modules._branch_params import check_branch_index, check_branch_modules, load_branch, split_rows, unbind_branches
 
 
 class _GroupedBatchNormMixin:
