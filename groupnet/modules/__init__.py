@@ -14,9 +14,20 @@ from groupnet.modules.registry import (
     is_grouped_layer,
     norm_types,
 )
+from groupnet.modules.sync_batchnorm import (
+    SyncBatchNorm1d,
+    SyncBatchNorm2d,
+    SyncBatchNorm3d,
+    SyncGroupedBatchNorm1d,
+    SyncGroupedBatchNorm2d,
+    convert_sync_batchnorm,
+    revert_sync_batchnorm,
+)
 
 __all__ = [
     "GroupedConv2d", "GroupedLinear", "GroupedBatchNorm1d", "GroupedBatchNorm2d", "GroupedLayerNorm",
     "GROUPED_LAYERS", "GroupedLayerType", "grouped_class_for", "grouped_types", "is_grouped_layer", "norm_types",
     "BranchSkeletonMixin", "BranchwiseLayer",
+    "SyncBatchNorm1d", "SyncBatchNorm2d", "SyncBatchNorm3d", "SyncGroupedBatchNorm1d", "SyncGroupedBatchNorm2d",
+    "convert_sync_batchnorm", "revert_sync_batchnorm",
 ]
