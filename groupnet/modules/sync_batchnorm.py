@@ -89,26 +89,29 @@ class SyncBatchNorm3d(_GlobalBatchStatistics, nn.BatchNorm3d):
     """``nn.BatchNorm3d`` with global-batch training statistics (see the module docstring)."""
 
 
-class SyncGroupedBatchNorm1d(_GlobalBatchStatistics, GroupedBatchNorm1d):
+class _GlobalBatchStatisticsGrouped(_GlobalBatchStatistics):
+    """What the synchronised grouped batch norms add: the grouped input check and a synchronised branch skeleton."""
+
+    _sync_plain: type[nn.Module]
+
+    def _check_global_input(self, x: Tensor) -> None:
+        self._check(x)  # type: ignore[attr-defined]
+
+    def branch_skeleton(self) -> nn.Module:
+        """The synchronised plain batch norm on the meta device: one branch, synchronised as this layer is."""
+        return _holding_same_tensors(super().branch_skeleton(), self._sync_plain)  # type: ignore[misc]
+
+
+class SyncGroupedBatchNorm1d(_GlobalBatchStatisticsGrouped, GroupedBatchNorm1d):
     """:class:`~groupnet.GroupedBatchNorm1d` with global-batch training statistics (see the module docstring)."""
 
-    def _check_global_input(self, x: Tensor) -> None:
-        self._check(x)
-
-    def branch_skeleton(self) -> nn.Module:
-        """A :class:`SyncBatchNorm1d` on the meta device: one branch, synchronised as this layer is."""
-        return _holding_same_tensors(super().branch_skeleton(), SyncBatchNorm1d)
+    _sync_plain = SyncBatchNorm1d
 
 
-class SyncGroupedBatchNorm2d(_GlobalBatchStatistics, GroupedBatchNorm2d):
+class SyncGroupedBatchNorm2d(_GlobalBatchStatisticsGrouped, GroupedBatchNorm2d):
     """:class:`~groupnet.GroupedBatchNorm2d` with global-batch training statistics (see the module docstring)."""
 
-    def _check_global_input(self, x: Tensor) -> None:
-        self._check(x)
-
-    def branch_skeleton(self) -> nn.Module:
-        """A :class:`SyncBatchNorm2d` on the meta device: one branch, synchronised as this layer is."""
-        return _holding_same_tensors(super().branch_skeleton(), SyncBatchNorm2d)
+    _sync_plain = SyncBatchNorm2d
 
 
 SYNC_CLASS_OF: dict[type[nn.Module], type[nn.Module]] = {
@@ -153,8 +156,8 @@ def _replace(model: nn.Module, pick) -> nn.Module:
 
     root = replaced(model)
     for parent in list(root.modules()):
-        for name, child in list(parent.named_children()):
-            if replaced(child) is not child:
+        for name, child in list(parent._modules.items()):  # every slot: named_children skips a repeated module
+            if child is not None and replaced(child) is not child:
                 setattr(parent, name, new[child])
     return root
 
