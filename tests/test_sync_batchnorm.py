@@ -58,7 +58,7 @@ def test_round_trip_keeps_state_dict_tensors_and_optimizer_references():
 
 
 def test_plain_and_grouped_batch_norms_of_every_rank_convert_and_revert():
-    model = nn.Sequential(nn.BatchNorm1d(3), nn.BatchNorm2d(3), nn.BatchNorm3d(3, affine=False),
+    model = nn.Sequential(nn.BatchNorm1d(3), nn.BatchNorm2d(3, bias=False), nn.BatchNorm3d(3, affine=False),
                           GroupedBatchNorm1d(3, branches=2),
                           GroupedBatchNorm2d(3, branches=2, track_running_stats=False), nn.SyncBatchNorm(3))
     model[0].train(False)
@@ -66,7 +66,8 @@ def test_plain_and_grouped_batch_norms_of_every_rank_convert_and_revert():
     assert [type(m) for m in model] == [SyncBatchNorm1d, SyncBatchNorm2d, SyncBatchNorm3d, SyncGroupedBatchNorm1d,
                                         SyncGroupedBatchNorm2d, nn.SyncBatchNorm]
     assert not model[0].training and model[1].training
-    assert model[2].weight is None and model[4].running_mean is None
+    assert model[1].bias is None and model[2].weight is None and model[4].running_mean is None
+    assert all(not t.is_meta for t in model.state_dict().values())
     assert (model[3].branches, model[3].branch_features, model[3].num_features) == (2, 3, 6)
     revert_sync_batchnorm(model)
     assert [type(m) for m in model] == [nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, GroupedBatchNorm1d,

@@ -65,8 +65,10 @@ def _global_batch_norm(bn: nn.modules.batchnorm._BatchNorm, x: Tensor) -> Tensor
     centred = xf - mean.view(shape)
     var = _all_reduce_sum(centred.square().sum(dims)) / count
     y = centred * torch.rsqrt(var + bn.eps).view(shape)
-    if bn.affine:
-        y = y * bn.weight.view(shape) + bn.bias.view(shape)
+    if bn.weight is not None:
+        y = y * bn.weight.view(shape)
+    if bn.bias is not None:
+        y = y + bn.bias.view(shape)
     if bn.track_running_stats:
         with torch.no_grad():
             bn.num_batches_tracked.add_(1)
@@ -136,10 +138,10 @@ def _holding_same_tensors(bn: nn.modules.batchnorm._BatchNorm, cls: type) -> nn.
         new = cls(bn.branch_features, branches=bn.branches, **config)
     else:
         new = cls(bn.num_features, **config)
-    for name, p in bn.named_parameters(recurse=False):
-        setattr(new, name, p)
-    for name, b in bn.named_buffers(recurse=False):
-        setattr(new, name, b)
+    for name, p in bn._parameters.items():  # None entries too (affine=False, or torch's bias=False)
+        new.register_parameter(name, p)
+    for name, b in bn._buffers.items():
+        new.register_buffer(name, b, persistent=name not in bn._non_persistent_buffers_set)
     return new.train(bn.training)
 
 
