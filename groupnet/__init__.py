@@ -14,7 +14,7 @@ from groupnet.modules import (
     GroupedLinear,
 )
 from groupnet.reference import PerBranch, reference_of
-from groupnet.stacking import extract_branch, num_branches, stack_models
+from groupnet.model_stacking import extract_branch, num_branches, stack_models
 from groupnet.cotraining import CoTrainingLoss, CoTrainingOutput, CoTrainingWeightRamp
 from groupnet.ensembling import ensemble, split_branches
 from groupnet.complexity import Complexity, complexity

@@ -20,7 +20,8 @@ import torch
 from torch import Tensor, nn
 
 from groupnet import _checks
-from groupnet.stacking import extract_branch, is_grouped_layer, num_branches
+from groupnet.model_stacking import extract_branch, num_branches
+from groupnet.modules import BranchwiseLayer, is_grouped_layer
 
 
 SCHEDULES = ("auto", "grouped", "branch")
@@ -47,11 +48,16 @@ def prefer_branch_major(stacked_activation_bytes: int, device: torch.device) -> 
 
 
 class _Plan:
-    """What branch-major execution of one model needs: its meta skeleton and the module pairs to mirror modes."""
+    """What branch-major execution of one model needs: its meta skeleton and the module pairs to mirror modes.
+
+    The skeleton is the plain one-branch model (:func:`groupnet.extract_branch`) with each grouped layer's slot
+    holding that layer's ``branch_skeleton()`` (:class:`groupnet.modules.BranchwiseLayer`), so a layer whose forward
+    differs from its plain counterpart's (the synchronised batch norm) keeps the difference branch by branch.
+    """
 
     def __init__(self, model: nn.Module) -> None:
         self.branches = num_branches(model)
-        grouped = {n: m for n, m in model.named_modules() if is_grouped_layer(m)}
+        grouped: dict[str, BranchwiseLayer] = {n: m for n, m in model.named_modules() if is_grouped_layer(m)}
         owned = {f"{n}.{p}" for n, m in grouped.items() for p, _ in m.named_parameters(recurse=False)}
         owned |= {f"{n}.{b}" for n, m in grouped.items() for b, _ in m.named_buffers(recurse=False)}
         stray = [n for n, _ in (*model.named_parameters(), *model.named_buffers()) if n not in owned]
@@ -62,15 +68,15 @@ class _Plan:
             )
         self.signature = _module_signature(model)  # to notice modules replaced, converted or reconfigured since
         self.grouped = list(grouped.items())
-        self.skeleton = extract_branch(model, 0).to("meta")
+        skeleton = extract_branch(model, 0).to("meta")
+        for name, layer in self.grouped:
+            if name:
+                skeleton.set_submodule(name, layer.branch_skeleton())
+            else:
+                skeleton = layer.branch_skeleton()
+        self.skeleton = skeleton
         modules = dict(model.named_modules())
         self.pairs = [(s, modules[n]) for n, s in self.skeleton.named_modules()]
-        for skel, mod in self.pairs:
-            # A layer whose class changes its forward (e.g. the trainer's synchronised batch norm under DDP) says how
-            # its plain branch module must change to keep that behaviour.
-            wrap = getattr(mod, "wrap_branch_module", None)
-            if wrap is not None:
-                wrap(skel)
         self.counters = [m for _, m in self.grouped if getattr(m, "num_batches_tracked", None) is not None]
 
 

@@ -10,11 +10,11 @@ Conventions (pycls, Dollar et al. "Fast and Accurate Model Scaling", CVPR 2021),
   as acts; this counter does not).
 
 The count runs the model's forward on a meta tensor (no memory, no arithmetic) with forward hooks on
-``nn.Conv{1,2,3}d``, ``nn.Linear``, :class:`GroupedConv2d` and :class:`GroupedLinear`, so it follows whatever
-the forward does (a layer called twice counts twice) and works on any model built from these layers; ops called
-through ``torch.nn.functional`` directly (attention matmuls, a conv called with a module's weight) are not seen,
-and transposed convs raise NotImplementedError. A grouped model of K identical branches reports ensemble
-totals (all K branches) and per-branch counts = ensemble / K.
+``nn.Conv{1,2,3}d``, ``nn.Linear`` and the grouped layers of kind ``"conv"`` and ``"linear"`` in
+:mod:`groupnet.modules.registry`, so it follows whatever the forward does (a layer called twice counts twice) and
+works on any model built from these layers; ops called through ``torch.nn.functional`` directly (attention matmuls,
+a conv called with a module's weight) are not seen, and transposed convs raise NotImplementedError. A grouped
+model of K identical branches reports ensemble totals (all K branches) and per-branch counts = ensemble / K.
 """
 
 from __future__ import annotations
@@ -27,16 +27,15 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from groupnet.modules import GroupedConv2d, GroupedLinear
-from groupnet.stacking import is_grouped_layer
+from groupnet.modules.registry import grouped_types, is_grouped_layer
 
 CONVENTIONS = (
     "flops = multiply-adds (MACs) of conv and linear layers incl. bias adds, for one image; params = all "
     "parameters; acts = output elements of conv and linear layers; norms, activations, pooling and residual adds "
     "count nothing (pycls conventions)"
 )
-_CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, GroupedConv2d)
-_LINEAR_TYPES = (nn.Linear, GroupedLinear)
+_CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, *grouped_types("conv"))
+_LINEAR_TYPES = (nn.Linear, *grouped_types("linear"))
 
 
 @dataclass(frozen=True)

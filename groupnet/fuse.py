@@ -23,9 +23,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
-from groupnet.modules import GroupedBatchNorm2d, GroupedConv2d, GroupedLinear, GroupedLayerNorm, GroupedBatchNorm1d
+from groupnet.modules.registry import grouped_class_for, grouped_types, is_grouped_layer
 
-_LEAVES = (GroupedConv2d, GroupedLinear, GroupedBatchNorm2d, GroupedBatchNorm1d, GroupedLayerNorm)
+_LEAVES = grouped_types()  # traced as calls, not through their forward
+_FOLDABLE_CONVS = (nn.Conv2d, grouped_class_for(nn.Conv2d))
 _RELUS = {F.relu, torch.relu, torch.relu_}
 _ADDS = {operator.add, operator.iadd, torch.add}
 
@@ -109,7 +110,7 @@ def fold_batch_norm(conv: nn.Module, bn: nn.BatchNorm2d) -> FusedConv2d:
         w = w * scale.reshape(-1, 1, 1, 1)
     w = w.contiguous(memory_format=torch.channels_last) if conv.weight.is_contiguous(
         memory_format=torch.channels_last) else w.contiguous()
-    groups = conv.branches * conv.groups if isinstance(conv, GroupedConv2d) else conv.groups
+    groups = conv.branches * conv.groups if is_grouped_layer(conv) else conv.groups
     padding = conv.padding
     if isinstance(padding, str) or getattr(conv, "padding_mode", "zeros") != "zeros":
         raise ValueError(f"cannot fuse a conv with padding={padding!r}, padding_mode={conv.padding_mode!r}")
@@ -148,7 +149,7 @@ def fuse_graph(module: nn.Module) -> fx.GraphModule:
             node.replace_all_uses_with(node.args[0])
             graph.erase_node(node)
     for node in list(graph.nodes):
-        if node.op != "call_module" or not isinstance(modules.get(node.target), (GroupedConv2d, nn.Conv2d)):
+        if node.op != "call_module" or not isinstance(modules.get(node.target), _FOLDABLE_CONVS):
             continue
         conv = modules[node.target]
         user = _single_user(node)

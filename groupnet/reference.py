@@ -55,9 +55,9 @@ def reference_of(grouped: nn.Module, *, dim: int = 1) -> PerBranch:
     """The per-branch reference of a grouped module or model: its K branches taken out and run in a loop.
 
     Works for every grouped layer (anything with ``branches`` and ``branch(k)``) and for whole grouped models
-    (through :func:`groupnet.stacking.extract_branch`).
+    (through :func:`groupnet.model_stacking.extract_branch`).
     """
-    from groupnet.stacking import extract_branch, num_branches
+    from groupnet.model_stacking import extract_branch, num_branches
 
     k = num_branches(grouped)
     return PerBranch([extract_branch(grouped, i) for i in range(k)], dim=dim)

@@ -12,7 +12,7 @@ from torch import nn
 
 from groupnet.complexity import CONVENTIONS, complexity
 from groupnet.models import build_model
-from groupnet.stacking import extract_branch
+from groupnet.model_stacking import extract_branch
 
 
 def test_resnet56_matches_pycls_exactly():

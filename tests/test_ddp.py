@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from groupnet.models import build_model
-from groupnet.stacking import extract_branch
+from groupnet.model_stacking import extract_branch
 from groupnet.train import main
 from groupnet.training.distributed import convert_sync_batchnorm, revert_sync_batchnorm
 from helpers.train_runs import load_ckpt, quick

@@ -23,7 +23,7 @@ from groupnet.models import (
 from groupnet.models.parity import count_params
 from groupnet.modules import GroupedConv2d
 from groupnet.reference import PerBranch
-from groupnet.stacking import extract_branch
+from groupnet.model_stacking import extract_branch
 
 # Tiny members of every family: the arch name is divided as usual, the overrides shrink depth (and ResNeXt's widths).
 TINY = {

@@ -92,7 +92,7 @@ def test_stack_models_equals_the_loop_and_extracts_back(k, seed, train):
     assert_close(grouped(x), loop(x), kind="reference")
     for i in range(k):
         out = gn.extract_branch(grouped, i)
-        assert not any(gn.stacking.is_grouped_layer(m) for m in out.modules())
+        assert not any(gn.model_stacking.is_grouped_layer(m) for m in out.modules())
         assert state_equal(out, models[i])
 
 

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from groupnet.data import load_dataset
 from groupnet.eval import main as eval_main
 from groupnet.reference import PerBranch
-from groupnet.stacking import extract_branch
+from groupnet.model_stacking import extract_branch
 from groupnet.models import build_model
 from groupnet.modules import GroupedBatchNorm2d, GroupedConv2d, GroupedLinear
 from groupnet.train import main

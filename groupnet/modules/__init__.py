@@ -1,7 +1,33 @@
-"""Grouped layers: nn.Modules holding all K branches' weights, run as one grouped op."""
+"""Grouped layers: nn.Modules holding all K branches' weights, run as one grouped op; their registry
+(:mod:`groupnet.modules.registry`), the branch-by-branch protocol (:mod:`groupnet.modules.branchwise`) and the
+synchronised batch norm (:mod:`groupnet.modules.sync_batchnorm`)."""
 
+from groupnet.modules.branchwise import BranchSkeletonMixin, BranchwiseLayer
 from groupnet.modules.conv import GroupedConv2d
 from groupnet.modules.linear import GroupedLinear
 from groupnet.modules.norm import GroupedBatchNorm1d, GroupedBatchNorm2d, GroupedLayerNorm
+from groupnet.modules.registry import (
+    GROUPED_LAYERS,
+    GroupedLayerType,
+    grouped_class_for,
+    grouped_types,
+    is_grouped_layer,
+    norm_types,
+)
+from groupnet.modules.sync_batchnorm import (
+    SyncBatchNorm1d,
+    SyncBatchNorm2d,
+    SyncBatchNorm3d,
+    SyncGroupedBatchNorm1d,
+    SyncGroupedBatchNorm2d,
+    convert_sync_batchnorm,
+    revert_sync_batchnorm,
+)
 
-__all__ = ["GroupedConv2d", "GroupedLinear", "GroupedBatchNorm1d", "GroupedBatchNorm2d", "GroupedLayerNorm"]
+__all__ = [
+    "GroupedConv2d", "GroupedLinear", "GroupedBatchNorm1d", "GroupedBatchNorm2d", "GroupedLayerNorm",
+    "GROUPED_LAYERS", "GroupedLayerType", "grouped_class_for", "grouped_types", "is_grouped_layer", "norm_types",
+    "BranchSkeletonMixin", "BranchwiseLayer",
+    "SyncBatchNorm1d", "SyncBatchNorm2d", "SyncBatchNorm3d", "SyncGroupedBatchNorm1d", "SyncGroupedBatchNorm2d",
+    "convert_sync_batchnorm", "revert_sync_batchnorm",
+]

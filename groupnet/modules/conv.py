@@ -10,10 +10,11 @@ from torch import Tensor, nn
 
 from groupnet import _checks
 from groupnet.ops import grouped_conv2d
-from groupnet.modules._stack import check_branch_index, check_branch_modules, load_branch, split_rows
+from groupnet.modules._branch_params import check_branch_index, check_branch_modules, load_branch, split_rows
+from groupnet.modules.branchwise import BranchSkeletonMixin
 
 
-class GroupedConv2d(nn.Module):
+class GroupedConv2d(BranchSkeletonMixin, nn.Module):
     """K independent ``nn.Conv2d`` layers on a channel-stacked input ``(N, K*in_channels, H, W)``.
 
     Sizes are per branch. ``weight`` is ``(K*out_channels, in_channels/groups, kh, kw)`` (branch k owns rows

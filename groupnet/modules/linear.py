@@ -10,10 +10,11 @@ from torch import Tensor, nn
 
 from groupnet import _checks
 from groupnet.ops import grouped_linear
-from groupnet.modules._stack import check_branch_index, check_branch_modules, load_branch, unbind_branches
+from groupnet.modules._branch_params import check_branch_index, check_branch_modules, load_branch, unbind_branches
+from groupnet.modules.branchwise import BranchSkeletonMixin
 
 
-class GroupedLinear(nn.Module):
+class GroupedLinear(BranchSkeletonMixin, nn.Module):
     """K independent ``nn.Linear`` layers on branch-stacked features ``(..., K*in_features)``.
 
     Sizes are per branch. ``weight`` is ``(K, out_features, in_features)``, ``bias`` is ``(K, out_features)``.

@@ -15,10 +15,17 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from groupnet import _checks
-from groupnet.modules._stack import check_branch_index, check_branch_modules, load_branch, split_rows, unbind_branches
+from groupnet.modules._branch_params import (
+    check_branch_index,
+    check_branch_modules,
+    load_branch,
+    split_rows,
+    unbind_branches,
+)
+from groupnet.modules.branchwise import BranchSkeletonMixin
 
 
-class _GroupedBatchNormMixin:
+class _GroupedBatchNormMixin(BranchSkeletonMixin):
     _plain: type[nn.modules.batchnorm._BatchNorm]
     _ranks: tuple[int, ...]
 
@@ -126,7 +133,7 @@ class GroupedBatchNorm1d(_GroupedBatchNormMixin, nn.BatchNorm1d):
         return f"{self.branch_features}, branches={self.branches}, eps={self.eps}, momentum={self.momentum}"
 
 
-class GroupedLayerNorm(nn.Module):
+class GroupedLayerNorm(BranchSkeletonMixin, nn.Module):
     """K independent ``nn.LayerNorm(num_features)`` over the last dim of ``(..., K*num_features)``.
 
     ``weight`` and ``bias`` are ``(K, num_features)``.

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from groupnet.stacking import extract_branch, num_branches
+from groupnet.model_stacking import extract_branch, num_branches
 from groupnet.training.distributed import revert_sync_batchnorm
 
 

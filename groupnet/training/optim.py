@@ -5,9 +5,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from groupnet.modules import GroupedLayerNorm
+from groupnet.modules.registry import norm_types
 
-_NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm, GroupedLayerNorm)
+# torch's norm layers and the registry's grouped ones (grouped batch norms are torch batch norms as well)
+_NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm, *norm_types())
 
 
 def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:

@@ -1,10 +1,11 @@
 """Stack K plain models into one grouped model, and take one branch back out as a plain model.
 
-The rule is structural: every conv, linear, batch norm and layer norm of the K models is replaced by its grouped
-counterpart built with ``from_modules``; parameter-free modules (activations, pooling, dropout, flatten) are copied
-from the first model, since they act per channel on the branch-stacked layout. This holds for models whose forward
-uses only per-channel ops between layers (the usual CNN/MLP); a forward that reshapes across channels (e.g.
-``x.view(-1, C)``) needs a model written for the layout, like the models in :mod:`groupnet.models`.
+The rule is structural: every module whose type :mod:`groupnet.modules.registry` lists (conv, linear, batch norm,
+layer norm) is replaced by its grouped counterpart built with ``from_modules``; parameter-free modules (activations,
+pooling, dropout, flatten) are copied from the first model, since they act per channel on the branch-stacked layout.
+This holds for models whose forward uses only per-channel ops between layers (the usual CNN/MLP); a forward that
+reshapes across channels (e.g. ``x.view(-1, C)``) needs a model written for the layout, like the models in
+:mod:`groupnet.models`.
 """
 
 from __future__ import annotations
@@ -14,26 +15,9 @@ from collections.abc import Sequence
 
 from torch import nn
 
-from groupnet.modules import (
-    GroupedBatchNorm1d,
-    GroupedBatchNorm2d,
-    GroupedConv2d,
-    GroupedLayerNorm,
-    GroupedLinear,
-)
+from groupnet.modules.registry import grouped_class_for, is_grouped_layer
 
-GROUPED_OF: dict[type[nn.Module], type[nn.Module]] = {
-    nn.Conv2d: GroupedConv2d,
-    nn.Linear: GroupedLinear,
-    nn.BatchNorm2d: GroupedBatchNorm2d,
-    nn.BatchNorm1d: GroupedBatchNorm1d,
-    nn.LayerNorm: GroupedLayerNorm,
-}
-GROUPED_TYPES = tuple(GROUPED_OF.values())
-
-
-def is_grouped_layer(m: nn.Module) -> bool:
-    return isinstance(m, GROUPED_TYPES)
+__all__ = ["extract_branch", "is_grouped_layer", "num_branches", "stack_models"]
 
 
 def num_branches(model: nn.Module) -> int:
@@ -61,9 +45,10 @@ def _stack(mods: list[nn.Module], path: str) -> nn.Module:
     for i, m in enumerate(mods):
         if type(m) is not t:
             raise TypeError(f"stack_models: at {path}, model {i} has {type(m).__name__}, model 0 has {t.__name__}")
-    if t in GROUPED_OF:
+    grouped = grouped_class_for(t)
+    if grouped is not None:
         try:
-            return GROUPED_OF[t].from_modules(mods)
+            return grouped.from_modules(mods)
         except (ValueError, TypeError) as e:
             raise type(e)(f"stack_models: at {path}: {e}") from e
     names = [n for n, _ in mods[0].named_children()]
