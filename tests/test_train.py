@@ -22,7 +22,7 @@ from groupnet.train import main
 from groupnet.training.config import TrainConfig, make_config, parse_options
 from groupnet.training.errors import ConfigError
 from groupnet.training.optim import parameter_groups
-from groupnet.training.schedule import WarmupCosineLR
+from groupnet.training.lr_schedule import WarmupCosineLR
 from data_fixtures import make_fake_cifar, write_images
 from trainer_utils import load_ckpt, quick
 

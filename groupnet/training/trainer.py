@@ -39,8 +39,8 @@ from groupnet.training.export import export_branches
 from groupnet.training.loop import StepContext, evaluate, train_one_epoch
 from groupnet.training.metrics import PLOT, MetricsLog, plot_curves
 from groupnet.training.optim import build_sgd
-from groupnet.training.report import accuracy_table
-from groupnet.training.schedule import WarmupCosineLR
+from groupnet.training.accuracy_table import accuracy_table
+from groupnet.training.lr_schedule import WarmupCosineLR
 
 SUMMARY = "summary.json"
 BASELINE_DIR = "baseline-k1"
