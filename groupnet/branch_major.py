@@ -4,7 +4,7 @@ The grouped model runs each layer once for all K branches, so every activation i
 large batch those activations outgrow the CPU's last-level cache, and every batch norm, ReLU and add of a training
 step then streams from DRAM; a per-branch loop keeps one branch's (K times smaller) working set in cache and wins
 (WRN-16-4 at batch 64-128: 4-20% per training step, ``benchmarks/NOTES.md`` item 8). Branch-major execution gives
-the grouped model that schedule without a second copy of its weights: a plain one-branch skeleton of the model
+the grouped model that execution order without a second copy of its weights: a plain one-branch skeleton of the model
 (built once, on the meta device, holding no data) is called K times with ``torch.func.functional_call`` on views
 of the stacked parameters and running statistics.
 Gradients flow back into the stacked parameters (one concatenation per parameter), training-mode batch norms
@@ -23,7 +23,7 @@ from groupnet import _checks
 from groupnet.stacking import extract_branch, is_grouped_layer, num_branches
 
 
-SCHEDULES = ("auto", "grouped", "branch")
+EXECUTION_ORDERS = ("auto", "grouped", "branch")
 _FALLBACK_CACHE_BYTES = 32 << 20
 
 
@@ -41,7 +41,7 @@ def last_level_cache_bytes() -> int:
 
 
 def prefer_branch_major(stacked_activation_bytes: int, device: torch.device) -> bool:
-    """The ``auto`` schedule: branch-major on the CPU when the widest activation of all K branches together takes
+    """The ``auto`` execution order: branch-major on the CPU when the widest activation of all K branches together takes
     more than half the last-level cache (the threshold measured in ``benchmarks/NOTES.md`` item 8)."""
     return device.type == "cpu" and stacked_activation_bytes > last_level_cache_bytes() // 2
 
@@ -115,7 +115,7 @@ def branch_major_forward(model: nn.Module, x: Tensor, *, shared_input: bool = Fa
     hooked = hooked_modules(model)
     if hooked:
         raise ValueError(f"branch-major execution would skip the forward hooks on {hooked[:3]}; remove them or run "
-                         "the model grouped (schedule='grouped')")
+                         "the model grouped (execution_order='grouped')")
     plan = _plan(model)
     k = plan.branches
     if x.dim() < 2:

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from groupnet.branch_major import SCHEDULES
+from groupnet.branch_major import EXECUTION_ORDERS
 from groupnet.data.registry import DATASETS
 from groupnet.training.errors import ConfigError
 
@@ -181,7 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--mixup-alpha", type=float, help=f"mixup Beta(alpha, alpha), 0 = off [{d.mixup_alpha}]")
     g = p.add_argument_group("execution")
     g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, help=f"[{d.channels_last}]")
-    g.add_argument("--schedule", choices=SCHEDULES,
+    g.add_argument("--schedule", choices=EXECUTION_ORDERS,
                    help=f"run the K branches layer by layer together (grouped) or one after another (branch); auto "
                    f"picks branch on CPU when the branches' activations outgrow the cache [{d.schedule}]")
     g.add_argument("--amp", action=argparse.BooleanOptionalAction, help="float16 autocast + grad scaling (CUDA only)")
@@ -248,7 +248,7 @@ def validate(cfg: TrainConfig) -> None:
     need(cfg.lr_schedule in LR_SCHEDULES, f"--lr-schedule must be one of {LR_SCHEDULES}, got {cfg.lr_schedule!r}")
     need(cfg.divergence in DIVERGENCES, f"--divergence must be one of {DIVERGENCES}, got {cfg.divergence!r}")
     need(cfg.ensemble in ENSEMBLE_MODES, f"--ensemble must be one of {ENSEMBLE_MODES}, got {cfg.ensemble!r}")
-    need(cfg.schedule in SCHEDULES, f"--schedule must be one of {SCHEDULES}, got {cfg.schedule!r}")
+    need(cfg.schedule in EXECUTION_ORDERS, f"--schedule must be one of {EXECUTION_ORDERS}, got {cfg.schedule!r}")
     need(cfg.dataset in DATASETS, f"--dataset must be one of {DATASETS}, got {cfg.dataset!r}")
     need(cfg.workers >= 0, f"--workers must be >= 0, got {cfg.workers}")
     need(cfg.threads is None or cfg.threads >= 1, f"--threads must be >= 1, got {cfg.threads}")

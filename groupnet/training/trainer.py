@@ -157,7 +157,7 @@ class Trainer:
         seed_everything(cfg.seed)
         model = build_model(cfg.model, branches=cfg.branches, num_classes=data.num_classes,
                             in_channels=data.in_channels).to(self.device)
-        model.schedule = cfg.schedule
+        model.execution_order = cfg.schedule
         if cfg.channels_last:
             model = model.to(memory_format=torch.channels_last)
         if self.ckpt is not None:
