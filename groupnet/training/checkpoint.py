@@ -2,10 +2,10 @@
 
 A checkpoint is a dict saved with ``torch.save`` that loads with ``weights_only=True`` (tensors, numbers, strings,
 lists, dicts only). Keys: ``format``, ``version``, ``recipe`` (the TrainRecipe as a dict; run options are never
-saved), ``model_meta`` (arch, K,
-classes, input shape, normalisation), ``model``, ``optimizer``, ``lr_scheduler``, ``cot_ramp``, ``scaler``,
-``sampler`` (seed and epoch: the data order and the augmentation are functions of them), ``epoch`` (completed
-epochs), ``best_acc``, ``history`` (the metric rows so far) and ``rng`` (torch, CUDA, numpy and python states).
+saved), ``model_meta`` (arch, K, classes, input shape, normalisation), ``model``, ``optimizer``, ``lr_scheduler``,
+``cot_ramp``, ``scaler``, ``sampler`` (seed and epoch: the data order and the augmentation are functions of them),
+``epoch`` (completed epochs), ``best_acc``, ``history`` (the metric rows so far) and ``rng`` (torch, CUDA, numpy and
+python states).
 
 Version 1 checkpoints hold one flat ``config`` with the recipe and the run options together; :func:`load` reads
 them and returns them in the current form, their recipe split out of ``config``.

@@ -183,7 +183,7 @@ def split_options(options: dict[str, Any]) -> tuple[dict[str, Any], dict[str, An
 
 
 def saved_recipe(saved: dict[str, Any]) -> dict[str, Any]:
-    """The recipe in a checkpoint's or config.json's saved options.
+    """The recipe in a checkpoint's saved options.
 
     Flat configs that also hold run options (and ``schedule`` for ``execution_order``) are split: the run options
     are dropped. Names this groupnet does not know (saved by a newer one) are dropped too; missing fields take their
