@@ -7,7 +7,7 @@ to wall time, meaningful only on a quiet machine (RESULTS.md is the wall-clock r
     python benchmarks/cpu_time_ab.py conv-passes            # every conv shape: grouped vs loop, per pass
     python benchmarks/cpu_time_ab.py inference              # loop / grouped / fused / shared input / dense
     python benchmarks/cpu_time_ab.py train groupnet,loop-cl,dense resnet56:2:8 wrn-16-4:4:8
-    python benchmarks/cpu_time_ab.py --threads 2 schedule - wrn-16-4:4:128:train  # grouped / branch-major / loop
+    python benchmarks/cpu_time_ab.py --threads 2 execution-order - wrn-16-4:4:128:train  # grouped / branch-major / loop
     python benchmarks/cpu_time_ab.py --threads 2 threads    # grouped conv vs K branch convs on K Python threads
 """
 
@@ -130,7 +130,7 @@ def train(peers: list[str], specs: list[str], reps: int) -> None:
         print(f"{case.id}: " + ", ".join(f"{p} {v:.1f}" for p, v in r.items()), flush=True)
 
 
-def schedule(specs: list[str], reps: int) -> None:
+def execution_order(specs: list[str], reps: int) -> None:
     """NOTES.md item 8: one model run grouped, branch-major and as a loop of K plain models (eager, not fused; the
     step of the benchmarks, ``peers.step_runner``)."""
     from peers import plain, step_runner
@@ -144,7 +144,7 @@ def schedule(specs: list[str], reps: int) -> None:
         runs = {}
         for name in ("grouped", "branch", "loop"):
             model = build_model(arch, branches=k, num_classes=10).to(memory_format=CL)
-            model.schedule = "grouped" if name == "grouped" else "branch"
+            model.execution_order = "grouped" if name == "grouped" else "branch"
             if name == "loop":
                 model = gn.reference_of(model).to(memory_format=CL)
             runs[name] = step_runner(plain(model, x, k), y, mode)
@@ -185,11 +185,11 @@ def threads(reps: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("experiment", choices=["conv-passes", "inference", "train", "schedule", "threads"])
+    parser.add_argument("experiment", choices=["conv-passes", "inference", "train", "execution-order", "threads"])
     parser.add_argument("peers", nargs="?", default="groupnet,loop-cl,dense",
-                        help="train: comma-separated peers ('-' for schedule)")
+                        help="train: comma-separated peers ('-' for execution-order)")
     parser.add_argument("cases", nargs="*", help="train: ARCH:K:BATCH [resnet56:2:8 wrn-16-4:2:8]; "
-                        "schedule: ARCH:K:BATCH:train|infer [wrn-16-4:4:8:train wrn-16-4:4:128:train]")
+                        "execution-order: ARCH:K:BATCH:train|infer [wrn-16-4:4:8:train wrn-16-4:4:128:train]")
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1,
                         help="intra-op threads; above 1 the clock is wall time (only meaningful on a quiet machine)")
@@ -203,8 +203,8 @@ def main() -> None:
         conv_passes(args.reps)
     elif args.experiment == "inference":
         inference(args.reps)
-    elif args.experiment == "schedule":
-        schedule(args.cases or ["wrn-16-4:4:8:train", "wrn-16-4:4:128:train"], args.reps)
+    elif args.experiment == "execution-order":
+        execution_order(args.cases or ["wrn-16-4:4:8:train", "wrn-16-4:4:128:train"], args.reps)
     elif args.experiment == "threads":
         threads(args.reps)
     else:

@@ -193,7 +193,7 @@ def swap_layers(model: nn.Module, conv: Callable, linear: Callable, batch_norm: 
 
 def prepare_swapped(model: nn.Module, views: Tensor, conv: Callable, linear: Callable) -> Prepared:
     swapped = swap_layers(model, conv, linear, torch_batch_norm).to(memory_format=CL)
-    swapped.schedule = "grouped"  # torch's layers have no branch views: always one op per layer for all branches
+    swapped.execution_order = "grouped"  # torch's layers have no branch views: always one op per layer for all branches
     return plain(swapped, views.contiguous(memory_format=CL), model.branches)
 
 

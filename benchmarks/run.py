@@ -26,7 +26,7 @@ sys.path.insert(0, str(HERE))
 
 import torch  # noqa: E402
 
-import report  # noqa: E402
+import results_markdown  # noqa: E402
 from cases import ARCHS, BRANCHES, glibc_default, rounds_summary, set_threads  # noqa: E402
 
 MEMORY_BATCH = 128
@@ -146,7 +146,7 @@ def main() -> int:
         else "- freed memory retained by glibc malloc for every peer (`groupnet.cpu_memory.retain_freed_memory`, "
         "as `groupnet.train` runs on CPU; benchmarks/NOTES.md item 8)",
     ]
-    output.write_text(report.render(bench, header, counts, memory))
+    output.write_text(results_markdown.render(bench, header, counts, memory))
     print(f"wrote {output} and {json_path}")
     return 0
 

@@ -3,8 +3,8 @@
 The grouped model runs each layer once for all K branches, so every activation it streams is K branches wide. At
 large batch those activations outgrow the CPU's last-level cache, and every batch norm, ReLU and add of a training
 step then streams from DRAM; a per-branch loop keeps one branch's (K times smaller) working set in cache and wins
-(WRN-16-4 at batch 64-128: 4-20% per training step; measured: see ``benchmarks/NOTES.md``). Branch-major gives
-the grouped model that schedule without a second copy of its weights: a plain one-branch skeleton of the model
+(WRN-16-4 at batch 64-128: 4-20% per training step; measured: see ``benchmarks/NOTES.md``). Branch-major execution
+gives the grouped model that execution order without a second copy of its weights: a plain one-branch skeleton of the model
 (built once, on the meta device, holding no data) is called K times with ``torch.func.functional_call`` on views
 of the stacked parameters and running statistics.
 Gradients flow back into the stacked parameters (one concatenation per parameter), training-mode batch norms
@@ -24,7 +24,7 @@ from groupnet.model_stacking import extract_branch, num_branches
 from groupnet.modules import BranchwiseLayer, is_grouped_layer
 
 
-SCHEDULES = ("auto", "grouped", "branch")
+EXECUTION_ORDERS = ("auto", "grouped", "branch")
 _FALLBACK_CACHE_BYTES = 32 << 20
 
 
@@ -42,8 +42,8 @@ def last_level_cache_bytes() -> int:
 
 
 def prefer_branch_major(stacked_activation_bytes: int, device: torch.device) -> bool:
-    """The ``auto`` schedule: branch-major on the CPU when the widest activation of all K branches together takes
-    more than half the last-level cache (measured crossover: 16-24 MiB of stacked activation, 32 MiB L3)."""
+    """The ``auto`` execution order: branch-major on the CPU when the widest activation of all K branches together
+    takes more than half the last-level cache (measured crossover: 16-24 MiB of stacked activation, 32 MiB L3)."""
     return device.type == "cpu" and stacked_activation_bytes > last_level_cache_bytes() // 2
 
 
@@ -121,7 +121,7 @@ def branch_major_forward(model: nn.Module, x: Tensor, *, shared_input: bool = Fa
     hooked = hooked_modules(model)
     if hooked:
         raise ValueError(f"branch-major execution would skip the forward hooks on {hooked[:3]}; remove them or run "
-                         "the model grouped (schedule='grouped')")
+                         "the model grouped (execution_order='grouped')")
     plan = _plan(model)
     k = plan.branches
     if x.dim() < 2:

@@ -33,20 +33,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Evaluate a checkpoint; returns the exit status (0 ok, 2 bad input)."""
-    from groupnet.training.config import coerce
-    from groupnet.training.trainer import config_for_run, run
+    from groupnet import training
 
     args = build_parser().parse_args(argv)
-    cli = {"resume": args.checkpoint, "evaluate": True, "device": args.device, "eval_batch_size": args.batch_size,
-           "workers": args.workers, "export_branches": args.export_branches, "progress": False}
+    options = training.RunOptions(device=args.device, workers=args.workers, export_branches=args.export_branches,
+                                  progress=False)
+    recipe_changes = {"eval_batch_size": args.batch_size}
     if args.data_dir is not None:
-        cli["data_dir"] = args.data_dir
+        recipe_changes["data_dir"] = args.data_dir
     if args.ensemble is not None:
-        cli["ensemble"] = args.ensemble
+        recipe_changes["ensemble"] = args.ensemble
     try:
-        cli = {k: coerce(k, v, "command line") for k, v in cli.items()}
-        cfg, ckpt = config_for_run({}, cli)
-        run(cfg, ckpt)
+        training.evaluate_checkpoint(args.checkpoint, options, **recipe_changes)
         return 0
     except (UserError, DataError) as e:
         print(f"groupnet.eval: error: {one_line(e)}", file=sys.stderr)

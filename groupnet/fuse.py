@@ -203,7 +203,7 @@ def fuse_for_inference(model: nn.Module) -> nn.Module:
     if isinstance(model, GroupedClassifier):
         _fold_stem(model)
         model.features = fuse_graph(model.features)
-        model.schedule = "grouped"  # branch-major execution slices grouped layers; the fused convs are not grouped
+        model.execution_order = "grouped"  # branch-major execution slices grouped layers; the fused convs are not grouped
         return model.eval()
     try:
         return fuse_graph(model).eval()

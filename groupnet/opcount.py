@@ -1,8 +1,8 @@
 """Count the torch operator calls of a function with the torch profiler (dispatch overhead, not time).
 
 groupnet runs each layer for all K branches as one op, so the operator calls of a forward must not grow with K;
-a per-branch loop makes K times as many. (The zoo models' ``auto`` schedule switches to branch after branch, K times
-the calls, only at CPU batches large enough that dispatch no longer matters: :mod:`groupnet.branch_major`.)
+a per-branch loop makes K times as many. (The zoo models' ``auto`` execution order switches to branch after branch,
+K times the calls, only at CPU batches large enough that dispatch no longer matters: :mod:`groupnet.branch_major`.)
 ``tests/test_op_count.py`` checks it and ``benchmarks/run.py`` reports it.
 """
 

@@ -21,8 +21,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         from_file, from_cli = parse_options(argv)
-        cfg, ckpt = config_for_run(from_file, from_cli)
-        run(cfg, ckpt)
+        recipe, options, ckpt = config_for_run(from_file, from_cli)
+        run(recipe, options, ckpt)
         destroy_process_group(wait_for_all=True)
         return 0
     except (UserError, DataError) as e:

@@ -35,7 +35,7 @@ def pair(family: str, branches: int, momentum: float | None):
                 m.weight.normal_()
                 m.bias.normal_()
     branch = copy.deepcopy(grouped)
-    grouped.schedule, branch.schedule = "grouped", "branch"
+    grouped.execution_order, branch.execution_order = "grouped", "branch"
     return grouped, branch
 
 
@@ -82,16 +82,32 @@ def test_model_with_a_parameter_outside_grouped_layers_is_refused():
         branch_major_forward(model, torch.randn(4, 6))
 
 
-def test_bad_schedule_and_indivisible_input_are_named():
+def test_bad_execution_order_and_indivisible_input_are_named():
     model = build_model("small_cnn", branches=2, num_classes=3, in_channels=1)
-    model.schedule = "branch"
+    model.execution_order = "branch"
     with pytest.raises(ValueError, match=r"expects \(N, 2, H, W\).*got shape \(2, 4, 8, 8\)"):
         model(torch.randn(2, 4, 8, 8))
-    model.schedule = "sideways"
-    with pytest.raises(ValueError, match="schedule must be one of"):
+    model.execution_order = "sideways"
+    with pytest.raises(ValueError, match="execution_order must be one of"):
         model(torch.randn(2, 2, 8, 8))
     with pytest.raises(ValueError, match="not divisible by 2 branches"):
         branch_major_forward(model, torch.randn(2, 3, 8, 8))
+
+
+def test_schedule_is_a_deprecated_alias_of_execution_order():
+    """Code written against the old attribute name keeps working, with a DeprecationWarning on each use."""
+    from groupnet.branch_major import EXECUTION_ORDERS
+
+    assert EXECUTION_ORDERS == ("auto", "grouped", "branch")
+    model = build_model("small_cnn", branches=2, num_classes=3, in_channels=1)
+    with pytest.warns(DeprecationWarning, match="execution_order"):
+        model.schedule = "branch"
+    assert model.execution_order == "branch"
+    with pytest.warns(DeprecationWarning, match="execution_order"):
+        assert model.schedule == "branch"
+    model.execution_order = "grouped"
+    with pytest.warns(DeprecationWarning):
+        assert model.schedule == "grouped"
 
 
 def test_auto_rule_switches_at_half_the_last_level_cache():
@@ -105,14 +121,14 @@ def test_auto_rule_switches_at_half_the_last_level_cache():
     small, large = half // per_sample, half // per_sample + 1
     assert not model._runs_branch_major(torch.empty(small, 12, 32, 32))
     assert model._runs_branch_major(torch.empty(large, 12, 32, 32))
-    model.schedule = "grouped"
+    model.execution_order = "grouped"
     assert not model._runs_branch_major(torch.empty(large, 12, 32, 32))
 
 
 def small_model_after_one_branch_major_forward():
     torch.manual_seed(0)
     model = build_model("small_cnn", branches=2, num_classes=3).double()
-    model.schedule = "branch"
+    model.execution_order = "branch"
     x = torch.randn(2, 6, 8, 8, dtype=torch.float64)
     model(x)  # makes the plan that the changes below must invalidate
     return model, x
@@ -122,7 +138,7 @@ def test_modules_replaced_after_a_forward_are_used():
     model, x = small_model_after_one_branch_major_forward()
     model.head = gn.GroupedLinear(model.head.in_features, 3, branches=2).double()  # e.g. a new head for fine-tuning
     want = copy.deepcopy(model)
-    want.schedule = "grouped"
+    want.execution_order = "grouped"
     torch.testing.assert_close(model(x), want(x))
 
 
@@ -133,7 +149,7 @@ def test_forward_hooks_keep_auto_grouped_and_refuse_forced_branch_major():
     seen = []
     model.features[0].register_forward_hook(lambda m, i, o: seen.append(o.shape))
     assert not model._runs_branch_major(large)
-    model.schedule = "branch"
+    model.execution_order = "branch"
     with pytest.raises(ValueError, match=r"skip the forward hooks on \['features.0'\]"):
         model(torch.randn(2, 12, 8, 8))
 

@@ -148,7 +148,7 @@ def test_checkpoint_of_another_model_is_refused(trained_run, capsys, option):
 
 def test_checkpoint_whose_weights_do_not_fit_is_refused(trained_run, tmp_path, capsys):
     ckpt = load_ckpt(trained_run / "last.pt")
-    ckpt["config"]["branches"] = 3  # claims K=3, holds K=2 weights
+    ckpt["recipe"]["branches"] = 3  # claims K=3, holds K=2 weights
     ckpt["model_meta"]["branches"] = 3
     bad = tmp_path / "k3.pt"
     torch.save(ckpt, bad)

@@ -20,9 +20,9 @@ from groupnet.training.distributed import convert_sync_batchnorm, revert_sync_ba
 from helpers.train_runs import load_ckpt, quick
 
 
-@pytest.mark.parametrize("schedule", ["grouped", "branch"])
-def test_two_processes_match_one_process(tmp_path, schedule):
-    opts = ["--epochs", "2", "--batch-size", "32", "--cutout", "2", "--flip", "--schedule", schedule]
+@pytest.mark.parametrize("execution_order", ["grouped", "branch"])
+def test_two_processes_match_one_process(tmp_path, execution_order):
+    opts = ["--epochs", "2", "--batch-size", "32", "--cutout", "2", "--flip", "--execution-order", execution_order]
     single, multi = tmp_path / "single", tmp_path / "ddp"
     # torch 2.13 deprecates the differentiable all_reduce the synchronised batch norm uses: keep stderr readable
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore::FutureWarning"}

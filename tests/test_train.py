@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import dataclasses
 import json
 import math
 
@@ -19,10 +18,10 @@ from groupnet.model_stacking import extract_branch
 from groupnet.models import build_model
 from groupnet.modules import GroupedBatchNorm2d, GroupedConv2d, GroupedLinear
 from groupnet.train import main
-from groupnet.training.config import TrainConfig, make_config, parse_options
+from groupnet.training.config import TrainRecipe, make_config, parse_options
 from groupnet.training.errors import ConfigError
 from groupnet.training.optim import parameter_groups
-from groupnet.training.schedule import WarmupCosineLR
+from groupnet.training.lr_schedule import WarmupCosineLR
 from helpers.fake_datasets import make_fake_cifar, write_images
 from helpers.train_runs import load_ckpt, quick
 
@@ -121,9 +120,9 @@ def test_channels_last_trains_the_same_model(tmp_path):
         assert torch.allclose(a[k].float(), b[k].float(), rtol=1e-4, atol=1e-5), k
 
 
-def test_branch_major_schedule_trains_the_same_model(tmp_path):
+def test_branch_major_execution_order_trains_the_same_model(tmp_path):
     for name in ("grouped", "branch"):
-        assert main(quick(tmp_path / name, "--epochs", "1", "--schedule", name)) == 0
+        assert main(quick(tmp_path / name, "--epochs", "1", "--execution-order", name)) == 0
     a, b = (load_ckpt(tmp_path / n / "last.pt")["model"] for n in ("grouped", "branch"))
     assert a.keys() == b.keys()
     for k in a:
@@ -157,9 +156,9 @@ def test_config_file_sets_options_and_the_command_line_wins(tmp_path, suffix):
     else:
         path.write_text("epochs = 7\nbranches = 3\nlr = 1\nmixup_alpha = 0.2\nflip = true\n")
     from_file, from_cli = parse_options(["--config", str(path), "--branches", "4"])
-    cfg = make_config(TrainConfig().to_dict(), from_file, from_cli)
+    cfg, _ = make_config(TrainRecipe().to_dict(), from_file, from_cli)
     assert (cfg.epochs, cfg.branches, cfg.lr, cfg.mixup_alpha, cfg.flip) == (7, 4, 1.0, 0.2, True)
-    assert cfg.model == TrainConfig().model  # untouched options keep their defaults
+    assert cfg.model == TrainRecipe().model  # untouched options keep their defaults
     path.write_text("epochs: seven\n" if suffix == ".yaml" else 'epochs = "seven"\n')
     with pytest.raises(ConfigError, match="'epochs' must be int"):
         parse_options(["--config", str(path)])
@@ -206,4 +205,4 @@ def test_lr_schedule_warms_up_linearly_then_decays_to_min(total, warm_frac, lr, 
 
 def test_unknown_schedule_in_a_config_is_named():
     with pytest.raises(ConfigError, match="--schedule must be one of"):
-        make_config(dataclasses.asdict(TrainConfig()), {"schedule": "sideways"})
+        make_config(TrainRecipe().to_dict(), {"schedule": "sideways"})

@@ -13,11 +13,13 @@ classifier N(0, 0.01) with zero bias (pycls; SplitNet uses a smaller std, which 
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from groupnet.branch_major import SCHEDULES, branch_major_forward, hooked_modules, prefer_branch_major
+from groupnet.branch_major import EXECUTION_ORDERS, branch_major_forward, hooked_modules, prefer_branch_major
 from groupnet.ops import grouped_conv2d
 from groupnet.models.spec import ArchSpec
 from groupnet.modules import GroupedBatchNorm2d, GroupedConv2d, GroupedLinear
@@ -32,7 +34,7 @@ class GroupedClassifier(nn.Module):
 
     conv1: nn.Module
     features: nn.Module
-    schedule: str = "auto"
+    execution_order: str = "auto"
 
     def __init__(self, spec: ArchSpec, *, branches: int, num_classes: int, in_channels: int) -> None:
         super().__init__()
@@ -50,7 +52,7 @@ class GroupedClassifier(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """``(N, K*in_channels, H, W)`` or ``(N, in_channels, H, W)`` -> logits ``(N, K*num_classes)``.
 
-        ``self.schedule`` picks how the K branches run: ``"grouped"`` (every layer once for all branches),
+        ``self.execution_order`` picks how the K branches run: ``"grouped"`` (every layer once for all branches),
         ``"branch"`` (branch after branch on views of the stacked weights, :mod:`groupnet.branch_major`), or
         ``"auto"`` (the default): branch-major on the CPU when the widest activation of all K branches outgrows half
         the last-level cache, grouped otherwise, under ``torch.compile`` and when modules carry forward hooks. All
@@ -62,17 +64,29 @@ class GroupedClassifier(nn.Module):
         return self._grouped_forward(x, shared)
 
     def _runs_branch_major(self, x: Tensor) -> bool:
-        if self.schedule not in SCHEDULES:
-            raise ValueError(f"{type(self).__name__}.schedule must be one of {SCHEDULES}, got {self.schedule!r}")
-        if self.branches == 1 or self.schedule == "grouped":
+        order = self.execution_order
+        if order not in EXECUTION_ORDERS:
+            raise ValueError(f"{type(self).__name__}.execution_order must be one of {EXECUTION_ORDERS}, got {order!r}")
+        if self.branches == 1 or order == "grouped":
             return False
-        if self.schedule == "branch":
+        if order == "branch":
             return True
         if torch.compiler.is_compiling():  # auto: a compiled graph fuses the grouped layers; K sub-calls would not
             return False
         widest = max(self.spec.stem_width, self.spec.widths[0])  # the first stage runs at the input's resolution
         stacked = x.shape[0] * self.branches * widest * x.shape[2] * x.shape[3] * x.element_size()
         return prefer_branch_major(stacked, x.device) and not hooked_modules(self)  # hooks need the grouped modules
+
+    @property
+    def schedule(self) -> str:
+        """Deprecated alias of :attr:`execution_order`: warns, then reads or sets it, so older code keeps working."""
+        _warn_schedule()
+        return self.execution_order
+
+    @schedule.setter
+    def schedule(self, value: str) -> None:
+        _warn_schedule()
+        self.execution_order = value
 
     def _grouped_forward(self, x: Tensor, shared: bool) -> Tensor:
         x = self._first_conv(x, shared)
@@ -101,6 +115,10 @@ class GroupedClassifier(nn.Module):
 
     def extra_repr(self) -> str:
         return f"branches={self.branches}, num_classes={self.num_classes}, in_channels={self.in_channels}"
+
+
+def _warn_schedule() -> None:
+    warnings.warn("GroupedClassifier.schedule is deprecated: use execution_order", DeprecationWarning, stacklevel=3)
 
 
 def conv3x3(w_in: int, w_out: int, branches: int, stride: int = 1, groups: int = 1) -> GroupedConv2d:

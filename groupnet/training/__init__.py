@@ -1,11 +1,12 @@
-"""The co-training trainer behind ``python -m groupnet.train``: config, loop, checkpoints, metrics, export, DDP."""
+"""The co-training trainer behind ``python -m groupnet.train``: recipe and run options, loop, checkpoints, metrics,
+export, DDP, and :func:`evaluate_checkpoint` behind ``python -m groupnet.eval``."""
 
-from groupnet.training.config import TrainConfig, build_parser, make_config
+from groupnet.training.config import RunOptions, TrainRecipe, build_parser, make_config
 from groupnet.training.errors import CheckpointError, ConfigError, TrainingDiverged, UserError
 from groupnet.training.export import export_branches
-from groupnet.training.trainer import Trainer, run
+from groupnet.training.trainer import Trainer, evaluate_checkpoint, run
 
 __all__ = [
-    "CheckpointError", "ConfigError", "Trainer", "TrainConfig", "TrainingDiverged", "UserError", "build_parser",
-    "export_branches", "make_config", "run",
+    "CheckpointError", "ConfigError", "RunOptions", "Trainer", "TrainRecipe", "TrainingDiverged", "UserError",
+    "build_parser", "evaluate_checkpoint", "export_branches", "make_config", "run",
 ]

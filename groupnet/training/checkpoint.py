@@ -1,10 +1,14 @@
 """Checkpoints: atomic writes, validated reads, and the RNG states that make a resumed run continue exactly.
 
 A checkpoint is a dict saved with ``torch.save`` that loads with ``weights_only=True`` (tensors, numbers, strings,
-lists, dicts only). Keys: ``format``, ``version``, ``config`` (the full TrainConfig), ``model_meta`` (arch, K,
-classes, input shape, normalisation), ``model``, ``optimizer``, ``lr_scheduler``, ``cot_ramp``, ``scaler``,
-``sampler`` (seed and epoch: the data order and the augmentation are functions of them), ``epoch`` (completed
-epochs), ``best_acc``, ``history`` (the metric rows so far) and ``rng`` (torch, CUDA, numpy and python states).
+lists, dicts only). Keys: ``format``, ``version``, ``recipe`` (the TrainRecipe as a dict; run options are never
+saved), ``model_meta`` (arch, K, classes, input shape, normalisation), ``model``, ``optimizer``, ``lr_scheduler``,
+``cot_ramp``, ``scaler``, ``sampler`` (seed and epoch: the data order and the augmentation are functions of them),
+``epoch`` (completed epochs), ``best_acc``, ``history`` (the metric rows so far) and ``rng`` (torch, CUDA, numpy and
+python states).
+
+Version 1 checkpoints hold one flat ``config`` with the recipe and the run options together; :func:`load` reads
+them and returns them in the current form, their recipe split out of ``config``.
 """
 
 from __future__ import annotations
@@ -18,10 +22,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from groupnet.training.config import saved_recipe
 from groupnet.training.errors import CheckpointError
 
 FORMAT = "groupnet-train-checkpoint"
-VERSION = 1
+VERSION = 2
+#: Versions :func:`load` reads (older ones are converted to the current form on load).
+READABLE_VERSIONS = (1, 2)
 LAST, BEST = "last.pt", "best.pt"
 
 
@@ -60,7 +67,8 @@ def resolve(path: str | Path) -> Path:
 
 
 def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Read and sanity-check a trainer checkpoint; a truncated, corrupt or foreign file raises CheckpointError."""
+    """Read and sanity-check a trainer checkpoint, in the current form whatever its version; a truncated, corrupt
+    or foreign file raises CheckpointError."""
     p = resolve(path)
     try:
         ckpt = torch.load(p, map_location=map_location, weights_only=True)
@@ -70,12 +78,17 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str
             f"cannot read checkpoint {p}: the file is truncated or not a torch checkpoint ({detail})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise CheckpointError(f"{p} is not a groupnet training checkpoint (no format tag {FORMAT!r})")
-    if ckpt.get("version") != VERSION:
-        raise CheckpointError(
-            f"{p} has checkpoint version {ckpt.get('version')}, this groupnet reads version {VERSION}")
-    missing = [k for k in ("config", "model_meta", "model", "epoch") if k not in ckpt]
+    version = ckpt.get("version")
+    if version not in READABLE_VERSIONS:
+        raise CheckpointError(f"{p} has checkpoint version {version}, this groupnet reads versions "
+                              f"{', '.join(map(str, READABLE_VERSIONS))}")
+    options_key = "config" if version == 1 else "recipe"
+    missing = [k for k in (options_key, "model_meta", "model", "epoch") if k not in ckpt]
     if missing:
         raise CheckpointError(f"checkpoint {p} lacks {missing}")
+    if version == 1:  # one flat config of recipe and run options: keep the recipe
+        ckpt["recipe"] = saved_recipe(ckpt.pop("config"))
+        ckpt["version"] = VERSION
     return ckpt
 
 

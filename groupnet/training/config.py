@@ -1,7 +1,13 @@
-"""The trainer's options: one dataclass, its command-line parser, config files (YAML or TOML) and validation.
+"""The trainer's options in two kinds, their command-line parser, config files (YAML or TOML) and validation.
 
-Precedence: built-in defaults < config file (``--config``) < command line. When resuming, the checkpoint's saved
-config takes the place of the defaults, so ``--resume DIR`` alone continues the run as it was configured.
+A :class:`TrainRecipe` defines the training (model, data, optimisation, co-training, augmentation, execution
+order, seed): it is saved in every checkpoint and in the run folder's ``config.json``, and a resumed run restores
+it. :class:`RunOptions` say how one invocation runs (device, loader workers, where to write, whether to only
+evaluate): they are never saved, so each invocation starts them from their defaults. The command line and config
+files set both kinds with one flat set of option names.
+
+Precedence: built-in defaults < config file (``--config``) < command line. When resuming, the checkpoint's recipe
+takes the place of the recipe's defaults, so ``--resume DIR`` alone continues the run as it was configured.
 """
 
 from __future__ import annotations
@@ -9,25 +15,39 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import sys
 import tomllib
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from groupnet.branch_major import SCHEDULES
+from groupnet._checks import DIVERGENCES
+from groupnet.branch_major import EXECUTION_ORDERS
 from groupnet.data.registry import DATASETS
 from groupnet.training.errors import ConfigError
 
 ENSEMBLE_MODES = ("logits", "probs", "geometric")
 LR_SCHEDULES = ("cosine", "constant")
-DIVERGENCES = ("js", "kl")
-#: Options that define the model a checkpoint holds: a resumed run may not change them.
+#: Recipe fields that define the model a checkpoint holds: a resumed run may not change them.
 MODEL_IDENTITY = ("model", "branches", "dataset", "image_size")
+#: Former option names, still read from the command line, config files and saved recipes: old name -> new name.
+RENAMED = {"schedule": "execution_order"}
 
 
 @dataclass
-class TrainConfig:
-    """Every option of ``python -m groupnet.train`` (see ``--help`` for each one's meaning)."""
+class TrainRecipe:
+    """What defines a training run; saved with every checkpoint and restored on resume.
+
+    Each field is an option of ``python -m groupnet.train`` (``--help`` says what it means). Fields that could pass
+    for per-invocation settings are here because the run depends on them:
+
+    - ``data_dir``: for the ``folder`` data set it is the data itself; a resumed run reads the same data without
+      being told again (``--data-dir`` overrides it when the data has moved).
+    - ``eval_batch_size``: the per-epoch test metrics in the run's history are computed with it.
+    - ``channels_last``, ``execution_order``, ``amp``: they change the rounding of every step.
+    - ``sync_bn``: it changes the batch statistics under DDP.
+    - ``baseline``: the run includes its K=1 comparison, which a resumed run finishes too.
+    """
 
     # model and data
     model: str = "small_cnn"
@@ -36,7 +56,7 @@ class TrainConfig:
     data_dir: str | None = None
     image_size: int | None = None
     train_subset: int | None = None
-    # schedule and optimiser
+    # optimisation
     epochs: int = 30
     batch_size: int = 64
     eval_batch_size: int = 256
@@ -61,30 +81,51 @@ class TrainConfig:
     mixup_alpha: float = 0.0
     # execution
     channels_last: bool = False
-    schedule: str = "auto"
+    execution_order: str = "auto"
     amp: bool = False
     sync_bn: bool = True
+    seed: int = 0
+    baseline: bool | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def replace(self, **changes: Any) -> TrainRecipe:
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass
+class RunOptions:
+    """How one invocation runs; never saved, so a resumed or evaluated run starts these from their defaults.
+
+    - ``device``: the machine at hand (a checkpoint moves between machines).
+    - ``workers``: loader processes; the result does not depend on them (every sample is seeded).
+    - ``threads``: torch intra-op threads, a matter of the machine and its load.
+    - ``output_dir``: where this invocation writes (a resumed run defaults to its checkpoint's folder).
+    - ``resume``: the checkpoint this invocation starts from.
+    - ``overwrite``: this invocation may replace another run's checkpoints.
+    - ``evaluate``: this invocation only evaluates the ``resume`` checkpoint.
+    - ``export_branches``: this invocation also writes each branch as a torch.export program.
+    - ``progress``: progress bars on the terminal.
+    """
+
     device: str = "auto"
     workers: int = 2
     threads: int | None = None
-    seed: int = 0
-    # run management
     output_dir: str | None = None
     resume: str | None = None
     overwrite: bool = False
     evaluate: bool = False
     export_branches: bool = False
-    baseline: bool | None = None
     progress: bool = True
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    def replace(self, **changes: Any) -> TrainConfig:
+    def replace(self, **changes: Any) -> RunOptions:
         return dataclasses.replace(self, **changes)
 
 
-_FIELDS = {f.name: f for f in fields(TrainConfig)}
+_RECIPE_FIELDS = {f.name: f for f in fields(TrainRecipe)}
+_RUN_FIELDS = {f.name: f for f in fields(RunOptions)}
+_FIELDS = {**_RECIPE_FIELDS, **_RUN_FIELDS}
 
 
 def _expected_types(name: str) -> tuple[type, ...]:
@@ -110,6 +151,47 @@ def coerce(name: str, value: Any, source: str) -> Any:
     return value
 
 
+def _deprecation_note(old: str, new: str) -> None:
+    print(f"groupnet.train: {old} is deprecated, use {new} (same values)", file=sys.stderr)
+
+
+def renamed(options: dict[str, Any]) -> dict[str, Any]:
+    """``options`` with former option names replaced by their new ones (the new name wins when both are given).
+
+    A value under a former name is checked here, so an error names the option as it was written.
+    """
+    out = dict(options)
+    for old, new in RENAMED.items():
+        if old not in out:
+            continue
+        value = out.pop(old)
+        if old == "schedule" and value not in EXECUTION_ORDERS:
+            raise ConfigError(f"--schedule must be one of {EXECUTION_ORDERS}, got {value!r}")
+        out.setdefault(new, value)
+    return out
+
+
+def split_options(options: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(the recipe's options, the run options) of a flat dict of options; former names are renamed first."""
+    options = renamed(options)
+    unknown = set(options) - set(_FIELDS)
+    if unknown:
+        raise ConfigError(f"unknown options {sorted(unknown)}")
+    recipe = {k: v for k, v in options.items() if k in _RECIPE_FIELDS}
+    run = {k: v for k, v in options.items() if k in _RUN_FIELDS}
+    return recipe, run
+
+
+def saved_recipe(saved: dict[str, Any]) -> dict[str, Any]:
+    """The recipe in a checkpoint's saved options.
+
+    Flat configs that also hold run options (and ``schedule`` for ``execution_order``) are split: the run options
+    are dropped. Names this groupnet does not know (saved by a newer one) are dropped too; missing fields take their
+    defaults when the recipe is built.
+    """
+    return {k: v for k, v in renamed(saved).items() if k in _RECIPE_FIELDS}
+
+
 def load_config_file(path: str | Path) -> dict[str, Any]:
     """Options from a YAML (``.yaml``/``.yml``) or TOML (``.toml``) file; keys may use ``-`` or ``_``."""
     path = Path(path)
@@ -131,12 +213,30 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"cannot parse config file {path}: {e}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"config file {path} must hold a mapping of options, got {type(raw).__name__}")
-    return {k.replace("-", "_"): coerce(k.replace("-", "_"), v, f"config file {path}") for k, v in raw.items()}
+    options = {k.replace("-", "_"): v for k, v in raw.items()}
+    for old, new in RENAMED.items():
+        if old in options:
+            _deprecation_note(f"option {old!r} in config file {path}", repr(new))
+    options = renamed(options)
+    return {k: coerce(k, v, f"config file {path}") for k, v in options.items()}
+
+
+class _DeprecatedAlias(argparse.Action):
+    """A former option name: stores into the new option's destination and prints a deprecation note."""
+
+    def __init__(self, *args: Any, new: str, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.new = new
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        _deprecation_note(str(option_string), self.new)
+        setattr(namespace, self.dest, values)
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The command-line parser; every option defaults to 'not given' so config files and checkpoints can fill in."""
-    d = TrainConfig()
+    d, r = TrainRecipe(), RunOptions()
     p = argparse.ArgumentParser(
         prog="python -m groupnet.train",
         description="Co-train K branches of a divided network as one grouped model (SplitNet), report per-branch "
@@ -181,14 +281,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--mixup-alpha", type=float, help=f"mixup Beta(alpha, alpha), 0 = off [{d.mixup_alpha}]")
     g = p.add_argument_group("execution")
     g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, help=f"[{d.channels_last}]")
-    g.add_argument("--schedule", choices=SCHEDULES,
+    g.add_argument("--execution-order", choices=EXECUTION_ORDERS,
                    help=f"run the K branches layer by layer together (grouped) or one after another (branch); auto "
-                   f"picks branch on CPU when the branches' activations outgrow the cache [{d.schedule}]")
+                   f"picks branch on CPU when the branches' activations outgrow the cache [{d.execution_order}]")
+    g.add_argument("--schedule", dest="execution_order", choices=EXECUTION_ORDERS, action=_DeprecatedAlias,
+                   new="--execution-order", help=argparse.SUPPRESS)
     g.add_argument("--amp", action=argparse.BooleanOptionalAction, help="float16 autocast + grad scaling (CUDA only)")
     g.add_argument("--sync-bn", action=argparse.BooleanOptionalAction,
                    help=f"synchronise batch-norm statistics across processes under DDP [{d.sync_bn}]")
-    g.add_argument("--device", help=f"auto, cpu, cuda or cuda:N [{d.device}]")
-    g.add_argument("--workers", type=int, help=f"DataLoader worker processes [{d.workers}]")
+    g.add_argument("--device", help=f"auto, cpu, cuda or cuda:N [{r.device}]")
+    g.add_argument("--workers", type=int, help=f"DataLoader worker processes [{r.workers}]")
     g.add_argument("--threads", type=int, help="torch intra-op threads [data set default: 1 for digits (its 8x8 "
                    "ops are too small to split, and spinning threads fight the loader workers), torch's otherwise]")
     g.add_argument("--seed", type=int, help=f"[{d.seed}]")
@@ -207,7 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_options(argv: list[str] | None) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(options from the config file, options given on the command line), both validated for type."""
+    """(options from the config file, options given on the command line), flat, validated for type."""
     args = vars(build_parser().parse_args(argv))
     config_path = args.pop("config", None)
     from_file = load_config_file(config_path) if config_path else {}
@@ -215,20 +317,24 @@ def parse_options(argv: list[str] | None) -> tuple[dict[str, Any], dict[str, Any
     return from_file, from_cli
 
 
-def make_config(base: dict[str, Any], *overrides: dict[str, Any]) -> TrainConfig:
-    """A validated TrainConfig from a base dict (defaults or a checkpoint's config) and overrides in order."""
-    merged = dict(base)
+def make_config(base: dict[str, Any], *overrides: dict[str, Any]) -> tuple[TrainRecipe, RunOptions]:
+    """A validated (recipe, run options) pair.
+
+    ``base`` holds recipe fields (the defaults, or a checkpoint's recipe); each override is a flat dict of options
+    of either kind, applied in order. Run options start from their defaults.
+    """
+    recipe = saved_recipe(base)
+    run: dict[str, Any] = {}
     for o in overrides:
-        merged.update(o)
-    unknown = set(merged) - set(_FIELDS)
-    if unknown:
-        raise ConfigError(f"unknown options {sorted(unknown)}")
-    cfg = TrainConfig(**merged)
-    validate(cfg)
-    return cfg
+        o_recipe, o_run = split_options(o)
+        recipe.update(o_recipe)
+        run.update(o_run)
+    cfg, opts = TrainRecipe(**recipe), RunOptions(**run)
+    validate(cfg, opts)
+    return cfg, opts
 
 
-def validate(cfg: TrainConfig) -> None:
+def validate(cfg: TrainRecipe, opts: RunOptions | None = None) -> None:
     """Reject impossible option values with a message naming the option."""
     def need(cond: bool, msg: str) -> None:
         if not cond:
@@ -248,13 +354,16 @@ def validate(cfg: TrainConfig) -> None:
     need(cfg.lr_schedule in LR_SCHEDULES, f"--lr-schedule must be one of {LR_SCHEDULES}, got {cfg.lr_schedule!r}")
     need(cfg.divergence in DIVERGENCES, f"--divergence must be one of {DIVERGENCES}, got {cfg.divergence!r}")
     need(cfg.ensemble in ENSEMBLE_MODES, f"--ensemble must be one of {ENSEMBLE_MODES}, got {cfg.ensemble!r}")
-    need(cfg.schedule in SCHEDULES, f"--schedule must be one of {SCHEDULES}, got {cfg.schedule!r}")
+    need(cfg.execution_order in EXECUTION_ORDERS,
+         f"--execution-order must be one of {EXECUTION_ORDERS}, got {cfg.execution_order!r}")
     need(cfg.dataset in DATASETS, f"--dataset must be one of {DATASETS}, got {cfg.dataset!r}")
-    need(cfg.workers >= 0, f"--workers must be >= 0, got {cfg.workers}")
-    need(cfg.threads is None or cfg.threads >= 1, f"--threads must be >= 1, got {cfg.threads}")
     need(cfg.padding is None or cfg.padding >= 0, f"--padding must be >= 0, got {cfg.padding}")
     need(cfg.cutout >= 0, f"--cutout must be >= 0, got {cfg.cutout}")
     need(cfg.image_size is None or cfg.image_size >= 1, f"--image-size must be >= 1, got {cfg.image_size}")
     need(cfg.train_subset is None or cfg.train_subset >= 1, f"--train-subset must be >= 1, got {cfg.train_subset}")
-    need(not (cfg.evaluate and cfg.resume is None),
+    if opts is None:
+        return
+    need(opts.workers >= 0, f"--workers must be >= 0, got {opts.workers}")
+    need(opts.threads is None or opts.threads >= 1, f"--threads must be >= 1, got {opts.threads}")
+    need(not (opts.evaluate and opts.resume is None),
          "--evaluate needs --resume CHECKPOINT (or use python -m groupnet.eval)")

@@ -16,7 +16,7 @@ from groupnet.data.augment import mixup
 from groupnet.ensembling import ensemble, split_branches
 from groupnet.training.distributed import all_reduce_sum
 from groupnet.training.errors import TrainingDiverged
-from groupnet.training.schedule import WarmupCosineLR
+from groupnet.training.lr_schedule import WarmupCosineLR
 
 
 @dataclass

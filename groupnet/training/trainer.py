@@ -1,5 +1,5 @@
-"""The co-training run: build data, model and optimiser from a TrainConfig, train, evaluate, checkpoint, resume,
-export, and compare with the K=1 baseline.
+"""The co-training run: build data, model and optimiser from a TrainRecipe, train, evaluate, checkpoint, resume,
+export, and compare with the K=1 baseline; :func:`evaluate_checkpoint` for a trained checkpoint.
 
 Order of work, so that a failing run writes nothing: options, checkpoint (when resuming), model name and data set
 are all checked before the output folder is touched; checkpoints are written only after a completed epoch, with
@@ -13,7 +13,6 @@ import random
 import shlex
 import sys
 import time
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +25,7 @@ from groupnet.cpu_memory import retain_freed_memory
 from groupnet.data import Augment, DataBundle, eval_loader, load_dataset, train_loader
 from groupnet.models import arch_spec, build_model, split_weight_decay
 from groupnet.training import checkpoint as ckpt_io
-from groupnet.training.config import MODEL_IDENTITY, TrainConfig, make_config
+from groupnet.training.config import MODEL_IDENTITY, RunOptions, TrainRecipe, coerce, make_config
 from groupnet.training.distributed import (
     DistContext,
     barrier,
@@ -39,8 +38,8 @@ from groupnet.training.export import export_branches
 from groupnet.training.loop import StepContext, evaluate, train_one_epoch
 from groupnet.training.metrics import PLOT, MetricsLog, plot_curves
 from groupnet.training.optim import build_sgd
-from groupnet.training.report import accuracy_table
-from groupnet.training.schedule import WarmupCosineLR
+from groupnet.training.accuracy_table import accuracy_table
+from groupnet.training.lr_schedule import WarmupCosineLR
 
 SUMMARY = "summary.json"
 BASELINE_DIR = "baseline-k1"
@@ -72,25 +71,53 @@ def resolve_device(name: str, ctx: DistContext) -> torch.device:
     return dev
 
 
-def config_for_run(from_file: dict[str, Any], from_cli: dict[str, Any]) -> tuple[TrainConfig, dict[str, Any] | None]:
-    """The run's config and, when resuming, the loaded checkpoint (whose config is the base)."""
+def config_for_run(from_file: dict[str, Any], from_cli: dict[str, Any]
+                   ) -> tuple[TrainRecipe, RunOptions, dict[str, Any] | None]:
+    """The run's recipe and options and, when resuming, the loaded checkpoint (whose recipe is the base)."""
     resume = from_cli.get("resume", from_file.get("resume"))
     if resume is None:
-        return make_config(asdict(TrainConfig()), from_file, from_cli), None
+        return (*make_config(TrainRecipe().to_dict(), from_file, from_cli), None)
     ckpt = ckpt_io.load(resume)
-    saved = dict(ckpt["config"])
-    known = set(asdict(TrainConfig()))
-    base = {k: v for k, v in saved.items() if k in known}
     path = ckpt_io.resolve(resume)
-    base.update(resume=str(path), evaluate=False, export_branches=False, overwrite=False,
-                output_dir=str(path.parent))
-    cfg = make_config(base, from_file, from_cli)
-    changed = [f"{f}={getattr(cfg, f)!r} (checkpoint: {saved.get(f)!r})" for f in MODEL_IDENTITY
-               if getattr(cfg, f) != saved.get(f)]
+    recipe, opts = make_config(ckpt["recipe"], {"resume": str(path), "output_dir": str(path.parent)},
+                               from_file, from_cli)
+    _check_same_model(recipe, ckpt, path)
+    return recipe, opts, ckpt
+
+
+def _check_same_model(recipe: TrainRecipe, ckpt: dict[str, Any], path: Path) -> None:
+    saved = ckpt["recipe"]
+    changed = [f"{f}={getattr(recipe, f)!r} (checkpoint: {saved.get(f)!r})" for f in MODEL_IDENTITY
+               if getattr(recipe, f) != saved.get(f)]
     if changed:
         raise CheckpointError(f"checkpoint {path} holds another model than this run asks for: {', '.join(changed)}; "
                               "drop those options to continue it, or start a new run without --resume")
-    return cfg, ckpt
+
+
+def evaluate_checkpoint(checkpoint: str | Path, options: RunOptions | None = None,
+                        **recipe_changes: Any) -> dict[str, Any]:
+    """Per-branch and ensemble test accuracy of a trained checkpoint (a file or a run folder); prints the table.
+
+    The checkpoint's recipe describes the model and the data set. ``recipe_changes`` may change how the test set is
+    read and combined (``data_dir``, ``eval_batch_size``, ``ensemble``, ...), never the model. ``options`` say how
+    this invocation runs (device, workers, ``export_branches`` into the run folder, ...); their ``resume`` and
+    ``evaluate`` are set here, and ``output_dir`` defaults to the checkpoint's folder.
+
+    Returns the summary: accuracies, parameter count, run folder, and the paths of exported branches.
+    """
+    not_recipe = sorted(set(recipe_changes) - set(TrainRecipe().to_dict()))
+    if not_recipe:
+        raise ConfigError(f"evaluate_checkpoint: {not_recipe} are not recipe options (pass them in RunOptions)")
+    changes = {k: coerce(k, v, "evaluate_checkpoint") for k, v in recipe_changes.items()}
+    ckpt = ckpt_io.load(checkpoint)
+    path = ckpt_io.resolve(checkpoint)
+    opts = options or RunOptions()
+    run_options = {**vars(opts), "resume": str(checkpoint), "evaluate": True,
+                   "output_dir": opts.output_dir if opts.output_dir is not None else str(path.parent)}
+    run_options = {k: coerce(k, v, "RunOptions") for k, v in run_options.items()}
+    recipe, opts = make_config(ckpt["recipe"], changes, run_options)
+    _check_same_model(recipe, ckpt, path)
+    return run(recipe, opts, ckpt)
 
 
 def seed_everything(seed: int) -> None:
@@ -104,15 +131,17 @@ def count_params(model: nn.Module) -> int:
 
 
 class Trainer:
-    """One run of :class:`TrainConfig` (a K-branch model, or the K=1 baseline) in this process."""
+    """One run of a :class:`TrainRecipe` (a K-branch model, or the K=1 baseline) in this process, as
+    :class:`RunOptions` say."""
 
-    def __init__(self, cfg: TrainConfig, ckpt: dict[str, Any] | None = None, ctx: DistContext | None = None) -> None:
-        self.cfg, self.ctx = cfg, ctx or context_from_env()
-        cfg, ctx = self.cfg, self.ctx
+    def __init__(self, recipe: TrainRecipe, options: RunOptions | None = None, ckpt: dict[str, Any] | None = None,
+                 ctx: DistContext | None = None) -> None:
+        self.recipe, self.opts, self.ctx = recipe, options or RunOptions(), ctx or context_from_env()
+        cfg, opts, ctx = self.recipe, self.opts, self.ctx
         if cfg.batch_size % ctx.world_size:
             raise ConfigError(f"--batch-size {cfg.batch_size} is the global batch: it must be divisible by the "
                               f"{ctx.world_size} processes")
-        self.device = resolve_device(cfg.device, ctx)
+        self.device = resolve_device(opts.device, ctx)
         if self.device.type == "cpu":
             retain_freed_memory()  # large activations are otherwise page-faulted in at every step (cpu_memory.py)
         if cfg.amp and self.device.type != "cuda":
@@ -126,16 +155,16 @@ class Trainer:
         if cfg.batch_size > len(self.data.train):
             raise ConfigError(
                 f"--batch-size {cfg.batch_size} is larger than the {len(self.data.train)} training images")
-        self.run_dir = Path(cfg.output_dir) if cfg.output_dir else None
+        self.run_dir = Path(opts.output_dir) if opts.output_dir else None
         self.ckpt = ckpt
         if ckpt is not None:
             meta = ckpt["model_meta"]
             if (meta.get("num_classes"), meta.get("in_channels")) != (self.data.num_classes, self.data.in_channels):
                 raise CheckpointError(
-                    f"checkpoint {cfg.resume} was trained on {meta.get('num_classes')} classes x "
+                    f"checkpoint {opts.resume} was trained on {meta.get('num_classes')} classes x "
                     f"{meta.get('in_channels')} channels; data set {cfg.dataset} has {self.data.num_classes} x "
                     f"{self.data.in_channels}")
-        if not cfg.evaluate and ckpt is None and self.run_dir is not None and not cfg.overwrite:
+        if not opts.evaluate and ckpt is None and self.run_dir is not None and not opts.overwrite:
             existing = [n for n in (ckpt_io.LAST, ckpt_io.BEST) if (self.run_dir / n).exists()]
             if existing:
                 raise ConfigError(f"{self.run_dir} already holds {', '.join(existing)} from another run: pass "
@@ -144,7 +173,7 @@ class Trainer:
 
     # ----------------------------------------------------------------------------------------------- building
     def _build(self) -> None:
-        cfg, ctx, data = self.cfg, self.ctx, self.data
+        cfg, opts, ctx, data = self.recipe, self.opts, self.ctx, self.data
         init_process_group(ctx, self.device)
         if self.run_dir is None:
             stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -157,7 +186,7 @@ class Trainer:
         seed_everything(cfg.seed)
         model = build_model(cfg.model, branches=cfg.branches, num_classes=data.num_classes,
                             in_channels=data.in_channels).to(self.device)
-        model.schedule = cfg.schedule
+        model.execution_order = cfg.execution_order
         if cfg.channels_last:
             model = model.to(memory_format=torch.channels_last)
         if self.ckpt is not None:
@@ -165,7 +194,7 @@ class Trainer:
                 model.load_state_dict(self.ckpt["model"])
             except RuntimeError as e:
                 first = str(e).strip().splitlines()
-                raise CheckpointError(f"checkpoint {cfg.resume} does not fit model {cfg.model} with K={cfg.branches}: "
+                raise CheckpointError(f"checkpoint {opts.resume} does not fit model {cfg.model} with K={cfg.branches}: "
                                       f"{' '.join(first[:2])}") from None
         if ctx.enabled and cfg.sync_bn:
             convert_sync_batchnorm(model)
@@ -183,8 +212,8 @@ class Trainer:
         pin = self.device.type == "cuda"
         self.train_loader, self.sampler = train_loader(
             data, views=cfg.branches, augment=augment, global_batch=cfg.batch_size, seed=cfg.seed,
-            workers=cfg.workers, rank=ctx.rank, world_size=ctx.world_size, pin_memory=pin)
-        self.test_loader = eval_loader(data, batch_size=cfg.eval_batch_size, workers=min(cfg.workers, 1),
+            workers=opts.workers, rank=ctx.rank, world_size=ctx.world_size, pin_memory=pin)
+        self.test_loader = eval_loader(data, batch_size=cfg.eval_batch_size, workers=min(opts.workers, 1),
                                        rank=ctx.rank, world_size=ctx.world_size, pin_memory=pin)
         steps = self.sampler.steps_per_epoch()
         self.scheduler = WarmupCosineLR(
@@ -212,20 +241,20 @@ class Trainer:
             self.scaler.load_state_dict(ckpt["scaler"])
             self.sampler.load_state_dict(ckpt["sampler"])
         except (KeyError, ValueError, RuntimeError) as e:
-            raise CheckpointError(f"checkpoint {self.cfg.resume}: cannot restore the training state ({e})") from None
+            raise CheckpointError(f"checkpoint {self.opts.resume}: cannot restore the training state ({e})") from None
         self.start_epoch, self.best_acc = int(ckpt["epoch"]), float(ckpt.get("best_acc", -1.0))
         # Last, after every module and loader is built (building draws from the RNGs).
         ckpt_io.set_rng_state(ckpt["rng"])
 
     def model_meta(self) -> dict[str, Any]:
-        d, cfg = self.data, self.cfg
+        d, cfg = self.data, self.recipe
         return {"arch": cfg.model, "branches": cfg.branches, "dataset": cfg.dataset, "num_classes": d.num_classes,
                 "in_channels": d.in_channels, "image_size": d.image_size, "classes": d.classes,
                 "mean": list(d.mean), "std": list(d.std), "params": self.params}
 
     def _checkpoint(self, epoch: int) -> dict[str, Any]:
         return {
-            "format": ckpt_io.FORMAT, "version": ckpt_io.VERSION, "config": self.cfg.to_dict(),
+            "format": ckpt_io.FORMAT, "version": ckpt_io.VERSION, "recipe": self.recipe.to_dict(),
             "model_meta": self.model_meta(), "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(), "lr_scheduler": self.scheduler.state_dict(),
             "cot_ramp": self.ramp.state_dict(), "scaler": self.scaler.state_dict(),
@@ -235,18 +264,18 @@ class Trainer:
 
     # ----------------------------------------------------------------------------------------------- running
     def evaluate(self) -> dict[str, float]:
-        return evaluate(self.model, self.test_loader, device=self.device, branches=self.cfg.branches,
-                        num_classes=self.data.num_classes, ensemble_mode=self.cfg.ensemble,
-                        channels_last=self.cfg.channels_last, amp=self.cfg.amp)
+        return evaluate(self.model, self.test_loader, device=self.device, branches=self.recipe.branches,
+                        num_classes=self.data.num_classes, ensemble_mode=self.recipe.ensemble,
+                        channels_last=self.recipe.channels_last, amp=self.recipe.amp)
 
     def fit(self) -> dict[str, Any]:
-        """Train from the start (or the checkpoint) to ``cfg.epochs``; returns the run summary."""
+        """Train from the start (or the checkpoint) to the recipe's epochs; returns the run summary."""
         from tqdm import tqdm
 
         self._build()
-        cfg, ctx = self.cfg, self.ctx
+        cfg, opts, ctx = self.recipe, self.opts, self.ctx
         assert self.run_dir is not None
-        if cfg.evaluate:
+        if opts.evaluate:
             return self._finish(self.evaluate(), trained=False)
         log = MetricsLog(self.run_dir, self.history) if ctx.is_main else None
         if ctx.is_main:
@@ -260,7 +289,7 @@ class Trainer:
             self.sampler.set_epoch(epoch)
             lr_start, weight = self.scheduler.current_lr(), self.loss_fn.weight
             bar = tqdm(total=self.sampler.steps_per_epoch(), desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False,
-                       disable=not (cfg.progress and ctx.is_main), file=sys.stderr, dynamic_ncols=True)
+                       disable=not (opts.progress and ctx.is_main), file=sys.stderr, dynamic_ncols=True)
             with bar:
                 train_row = train_one_epoch(self.ddp, self.train_loader, self.step_ctx, epoch, bar)
             last_eval = self.evaluate()
@@ -292,7 +321,7 @@ class Trainer:
         return self._finish(last_eval, trained=True)
 
     def _finish(self, result: dict[str, float], trained: bool) -> dict[str, Any]:
-        cfg = self.cfg
+        cfg = self.recipe
         summary = {
             "model": cfg.model, "branches": cfg.branches, "dataset": cfg.dataset, "ensemble": cfg.ensemble,
             "epochs": int(self.ckpt["epoch"]) if (self.ckpt is not None and not trained) else cfg.epochs,
@@ -300,7 +329,7 @@ class Trainer:
             "test_acc": [result[f"test_acc_{i}"] for i in range(cfg.branches)],
             "test_acc_ensemble": result["test_acc_ensemble"], "run_dir": str(self.run_dir),
         }
-        if cfg.export_branches and self.ctx.is_main:
+        if self.opts.export_branches and self.ctx.is_main:
             assert self.run_dir is not None
             paths = export_branches(self.model, self.run_dir / "export", self.model_meta())
             summary["exported"] = [str(p) for p in paths]
@@ -312,7 +341,7 @@ class Trainer:
         return summary
 
 
-def baseline_command(cfg: TrainConfig) -> str:
+def baseline_command(cfg: TrainRecipe) -> str:
     args = ["python", "-m", "groupnet.train", "--model", cfg.model, "--branches", "1", "--dataset", cfg.dataset,
             "--epochs", str(cfg.epochs)]
     if cfg.data_dir:
@@ -320,50 +349,52 @@ def baseline_command(cfg: TrainConfig) -> str:
     return shlex.join(args)
 
 
-def run(cfg: TrainConfig, ckpt: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Train (or evaluate) the configured run, then the K=1 baseline when asked; prints the final table.
+def run(cfg: TrainRecipe, options: RunOptions | None = None, ckpt: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Train (or evaluate) the recipe as the options say, then the K=1 baseline when asked; prints the final table.
 
     Returns the run summary (accuracies, parameter count, run folder, and the baseline's summary when trained).
     """
+    opts = options or RunOptions()
     ctx = context_from_env()
     start = time.perf_counter()
-    threads = cfg.threads if cfg.threads is not None else (1 if cfg.dataset == "digits" else None)
+    threads = opts.threads if opts.threads is not None else (1 if cfg.dataset == "digits" else None)
     previous_threads = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
     try:
-        return _run(cfg, ckpt, ctx, start)
+        return _run(cfg, opts, ckpt, ctx, start)
     finally:
         torch.set_num_threads(previous_threads)
 
 
-def _run(cfg: TrainConfig, ckpt: dict[str, Any] | None, ctx: DistContext, start: float) -> dict[str, Any]:
-    trainer = Trainer(cfg, ckpt, ctx)
+def _run(cfg: TrainRecipe, opts: RunOptions, ckpt: dict[str, Any] | None, ctx: DistContext,
+         start: float) -> dict[str, Any]:
+    trainer = Trainer(cfg, opts, ckpt, ctx)
     summary = trainer.fit()
     want_baseline = cfg.baseline if cfg.baseline is not None else cfg.dataset == "digits"
     baseline = None
-    if want_baseline and cfg.branches > 1 and not cfg.evaluate:
+    if want_baseline and cfg.branches > 1 and not opts.evaluate:
         assert trainer.run_dir is not None
         base_dir = trainer.run_dir / BASELINE_DIR
         base_ckpt = None
-        if cfg.resume is not None and (base_dir / ckpt_io.LAST).exists():
+        if opts.resume is not None and (base_dir / ckpt_io.LAST).exists():
             base_ckpt = ckpt_io.load(base_dir)
         _log(f"training the K=1 baseline in {base_dir}", ctx)
-        base_cfg = cfg.replace(branches=1, output_dir=str(base_dir), baseline=False, export_branches=False,
-                               resume=str(base_dir / ckpt_io.LAST) if base_ckpt is not None else None,
-                               overwrite=True)
-        baseline = Trainer(base_cfg, base_ckpt, ctx).fit()
+        base_cfg = cfg.replace(branches=1, baseline=False)
+        base_opts = opts.replace(output_dir=str(base_dir), export_branches=False, overwrite=True,
+                                 resume=str(base_dir / ckpt_io.LAST) if base_ckpt is not None else None)
+        baseline = Trainer(base_cfg, base_opts, base_ckpt, ctx).fit()
         summary["baseline"] = baseline
         if ctx.is_main:
             (trainer.run_dir / SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
-    if cfg.evaluate:
+    if opts.evaluate:
         assert trainer.run_dir is not None
         stored = trainer.run_dir / BASELINE_DIR / SUMMARY  # the baseline trained beside this run, if any
         baseline = json.loads(stored.read_text()) if stored.is_file() else None
-    hint = baseline_command(cfg) if cfg.branches > 1 and baseline is None and not cfg.evaluate else None
+    hint = baseline_command(cfg) if cfg.branches > 1 and baseline is None and not opts.evaluate else None
     table = accuracy_table(summary, baseline, hint)
     summary["wall_seconds"] = time.perf_counter() - start
-    where = (f"evaluated {cfg.resume}" if cfg.evaluate
+    where = (f"evaluated {opts.resume}" if opts.evaluate
              else f"metrics, curves and checkpoints in {summary['run_dir']}")
     _log("\n" + table + f"\nwall time {summary['wall_seconds']:.1f} s; {where}", ctx)
     return summary
