@@ -68,12 +68,16 @@ class _Plan:
             )
         self.signature = _module_signature(model)  # to notice modules replaced, converted or reconfigured since
         self.grouped = list(grouped.items())
-        skeleton = extract_branch(model, 0).to("meta")
-        for name, layer in self.grouped:
-            if name:
-                skeleton.set_submodule(name, layer.branch_skeleton())
-            else:
-                skeleton = layer.branch_skeleton()
+        # Plain modules initialise themselves when built: keep that off the random streams, so a run draws the same
+        # numbers whether or not (and whenever) a plan is built.
+        cuda = sorted({t.device.index for t in (*model.parameters(), *model.buffers()) if t.is_cuda})
+        with torch.random.fork_rng(devices=cuda):
+            skeleton = extract_branch(model, 0).to("meta")
+            for name, layer in self.grouped:
+                if name:
+                    skeleton.set_submodule(name, layer.branch_skeleton())
+                else:
+                    skeleton = layer.branch_skeleton()
         self.skeleton = skeleton
         modules = dict(model.named_modules())
         self.pairs = [(s, modules[n]) for n, s in self.skeleton.named_modules()]

@@ -158,3 +158,14 @@ def test_settings_changed_after_a_forward_are_used():
     model, x = small_model_after_one_branch_major_forward()
     model.drop_rate = 1.0  # dropout before the head now zeroes every feature: the logits are the head's bias
     torch.testing.assert_close(model(x), model.head.bias.detach().reshape(1, -1).expand(2, -1))
+
+
+def test_building_the_plan_draws_no_random_numbers():
+    """The first branch-major forward builds plain modules (which initialise themselves); the global random stream
+    must come out as if it had not, or a resumed run would diverge from a straight one."""
+    model = build_model("small_cnn", branches=2, num_classes=10).eval()
+    model.execution_order = "branch"
+    x = torch.randn(2, 6, 8, 8)
+    state = torch.get_rng_state()
+    model(x)
+    assert torch.equal(torch.get_rng_state(), state)
