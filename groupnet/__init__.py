@@ -4,8 +4,9 @@ Layout: K branches' activations are stacked along the channel axis, ``(N, K*C, H
 (see :mod:`groupnet.layout`). Grouped layers hold all K branches' weights and run them as one op.
 """
 
-from groupnet import functional, layout, reference
+from groupnet import functional, layout, ops, reference
 from groupnet.layout import branch_slice, repeat, stack, unstack
+from groupnet.ops import use_backend
 from groupnet.modules import (
     GroupedBatchNorm1d,
     GroupedBatchNorm2d,
@@ -48,6 +49,7 @@ __all__ = [
     "functional",
     "layout",
     "num_branches",
+    "ops",
     "reference",
     "reference_of",
     "repeat",
@@ -55,4 +57,5 @@ __all__ = [
     "stack",
     "stack_models",
     "unstack",
+    "use_backend",
 ]
