@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 import triton
+import triton.language as tl
 from torch import Tensor
 from triton.runtime.autotuner import Autotuner
 
@@ -61,6 +62,11 @@ def check_input_precision(what: str, input_precision: str) -> None:
 def accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
     """What the kernels accumulate in: fp64 for fp64 operands, fp32 for every other supported dtype."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def tl_accumulator_dtype(dtype: torch.dtype):
+    """:func:`accumulator_dtype` as the triton dtype a kernel's ``ACC_DTYPE`` constexpr takes."""
+    return tl.float64 if accumulator_dtype(dtype) == torch.float64 else tl.float32
 
 
 def check_launch_tensors(what: str, dtype: torch.dtype, **tensors: Tensor | None) -> None:

@@ -42,7 +42,14 @@ from torch import Tensor
 
 from groupnet._checks import DIVERGENCES
 
-from ._common import TORCH_TO_TRITON_DTYPE, CompileSpec, accumulator_dtype, check_launch_tensors, launch
+from ._common import (
+    TORCH_TO_TRITON_DTYPE,
+    CompileSpec,
+    accumulator_dtype,
+    check_launch_tensors,
+    launch,
+    tl_accumulator_dtype,
+)
 
 MAX_BRANCHES = 128
 """Largest K the kernel takes: a [BLOCK_K, 16] tile must fit the register budget (checked by compile_specs())."""
@@ -273,7 +280,7 @@ def cotrain_loss_forward(
         "SOFT_TARGETS": targets.dim() == 2,
         "DIVERGENCE": DIVERGENCES.index(divergence),
         "COMPUTE_GRAD": compute_grad,
-        "ACC_DTYPE": tl.float64 if acc == torch.float64 else tl.float32,
+        "ACC_DTYPE": tl_accumulator_dtype(logits.dtype),
     }
     config = triton.Config({"BLOCK_K": cfg["BLOCK_K"], "BLOCK_C": cfg["BLOCK_C"]}, num_warps=cfg["num_warps"])
     launch(_cotrain_loss_kernel, (n,), args, constexprs, config)
@@ -395,7 +402,7 @@ def compile_specs() -> list[CompileSpec]:
             "COMPUTE_GRAD": compute_grad,
             "BLOCK_K": cfg["BLOCK_K"],
             "BLOCK_C": cfg["BLOCK_C"],
-            "ACC_DTYPE": tl.float64 if dtype == torch.float64 else tl.float32,
+            "ACC_DTYPE": tl_accumulator_dtype(dtype),
         }
         name = f"cotrain_loss_{TORCH_TO_TRITON_DTYPE[dtype]}_k{k}_c{c}_{'soft' if soft else 'hard'}_{divergence}"
         if not compute_grad:

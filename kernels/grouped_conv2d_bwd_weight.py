@@ -17,7 +17,7 @@ import triton.language as tl
 from torch import Tensor
 
 from . import _grouped_conv2d_common as common
-from ._common import CompileSpec, autotune_configs, check_launch_tensors, launch
+from ._common import CompileSpec, accumulator_dtype, autotune_configs, check_launch_tensors, launch
 from ._grouped_conv2d_common import block_range, pixel_coords
 
 BLOCKS = ("BLOCK_CO", "BLOCK_CI", "BLOCK_R")
@@ -134,10 +134,6 @@ def default_split_rows(geom: common.ConvGeometry, device: torch.device) -> int:
     return triton.cdiv(triton.cdiv(rows, splits), SPLIT_ROWS_MULTIPLE) * SPLIT_ROWS_MULTIPLE
 
 
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def grouped_conv2d_bwd_weight(
     x: Tensor,
     grad_out: Tensor,
@@ -194,7 +190,7 @@ def grouped_conv2d_bwd_weight(
         dw_strides = (0, *dw.stride())
         db_strides = (0, *db.stride()) if db is not None else (0, 0)
     else:
-        acc = _acc_dtype(x.dtype)
+        acc = accumulator_dtype(x.dtype)
         # Each split's slot has weight_out's dense layout (channels_last stays channels_last).
         slot_strides = torch.empty_like(weight_out, dtype=acc, memory_format=torch.preserve_format).stride()
         slot = weight_out.numel()

@@ -37,13 +37,13 @@ from ._common import (
     INPUT_PRECISIONS,
     TORCH_TO_TRITON_DTYPE,
     CompileSpec,
-    accumulator_dtype,
     autotune_configs,
     check_input_precision,
     check_launch_tensors,
     default_input_precision,
     is_interpreter,
     launch,
+    tl_accumulator_dtype,
 )
 
 
@@ -236,7 +236,7 @@ def launch_grouped_gemm(
     )  # fmt: skip
     constexprs = {
         "HAS_BIAS": bias is not None,
-        "ACC_DTYPE": tl.float64 if accumulator_dtype(a.dtype) == torch.float64 else tl.float32,
+        "ACC_DTYPE": tl_accumulator_dtype(a.dtype),
         "UPCAST_OPERANDS": is_interpreter(),
         "INPUT_PRECISION": input_precision,
     }
