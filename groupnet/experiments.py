@@ -141,7 +141,7 @@ def summary_table(results: list[dict[str, Any]]) -> str:
     for key in sorted(groups):
         dataset, model, k, w = key
         rows = groups[key]
-        cols = [dataset, model, str(k), f"{w:g}", str(len(rows))]
+        cols = [dataset, model, str(k), f"{w:g}" if k > 1 else "-", str(len(rows))]
         for metric, _ in METRICS:
             m, s = mean_std([r[metric] for r in rows])
             digits = 3 if metric == "ensemble_nll" else 2
@@ -167,15 +167,17 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
     panels = sorted({(r["dataset"], r["model"]) for r in results})
     fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.6), squeeze=False)
     for ax, (dataset, model) in zip(axes[0], panels):
+        ks = sorted({r["branches"] for r in results if (r["dataset"], r["model"]) == (dataset, model)})
         for w in sorted({r["cot_weight"] for r in results}):
             for metric, style in (("ensemble_acc", "o-"), ("mean_branch_acc", "s--")):
-                ks = sorted({r["branches"] for r in results if (r["dataset"], r["model"]) == (dataset, model)})
                 stats = [mean_std([r[metric] for r in results if (r["dataset"], r["model"], r["branches"]) ==
                                    (dataset, model, k) and (k == 1 or r["cot_weight"] == w)]) for k in ks]
                 ax.errorbar(ks, [m for m, _ in stats], yerr=[0 if math.isnan(s) else s for _, s in stats],
                             fmt=style, capsize=3, label=f"{metric.replace('_acc', '').replace('_', ' ')}, w={w:g}")
         ax.set(title=f"{model} on {dataset}", xlabel="K (branches)", ylabel="test accuracy %")
         ax.set_xscale("log", base=2)
+        ax.set_xticks(ks, [str(k) for k in ks])
+        ax.minorticks_off()
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
