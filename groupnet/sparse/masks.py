@@ -188,8 +188,8 @@ class Masking:
         return {
             "density": self.target_density, "init": self.init, "dense_layers": sorted(self.dense_layers),
             "layer_density": dict(self.layer_density),
-            "masks": {n: m.cpu() for n, m in self.masks.items()},
-            "fired": {n: m.cpu() for n, m in self.fired.items()},
+            "masks": {n: m.detach().cpu().clone() for n, m in self.masks.items()},
+            "fired": {n: m.detach().cpu().clone() for n, m in self.fired.items()},
             "generator": self.generator.get_state(),
         }
 
@@ -210,6 +210,6 @@ class Masking:
                              f"{self.init!r}, {sorted(self.dense_layers)}")
         device = {n: m.device for n, m in self.masks.items()}
         self.layer_density = {n: float(v) for n, v in state["layer_density"].items()}
-        self.masks = {n: state["masks"][n].to(device[n], torch.bool) for n in self.masks}
-        self.fired = {n: state["fired"][n].to(device[n], torch.bool) for n in self.masks}
+        self.masks = {n: state["masks"][n].to(device[n], torch.bool, copy=True) for n in self.masks}
+        self.fired = {n: state["fired"][n].to(device[n], torch.bool, copy=True) for n in self.masks}
         self.generator.set_state(state["generator"])
