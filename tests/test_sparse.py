@@ -355,3 +355,43 @@ def test_bad_options_are_refused():
         Masking(nn.Sequential(nn.BatchNorm1d(3)), 0.5)
     with pytest.raises(RuntimeError, match="needs the dense gradient"):
         DynamicSparseTraining(masking, "rigl", total_steps=10).update(0.5)
+
+
+# ------------------------------------------------------------------------------------------------ complexity
+def test_complexity_counts_active_weights_next_to_dense_ones():
+    """Hand count: grouped conv 1->2, 3x3, K=2, bias, on 4x4: weight 36 entries at 2x2 output positions, 16 outputs.
+    Dense: 16 * (9 + 1) = 160 MACs, 40 params. With 10 active weights: 10 * 4 + 16 bias adds = 56 MACs, 14 params."""
+    from groupnet.complexity import complexity
+
+    conv = GroupedConv2d(1, 2, 3, branches=2)
+    mask = torch.zeros(36, dtype=torch.bool)
+    mask[torch.randperm(36)[:10]] = True
+    c = complexity(conv, (1, 4, 4), masks={"weight": mask.view(4, 1, 3, 3)})
+    assert (c.flops, c.params, c.acts) == (160, 40, 16)
+    assert (c.sparse_flops, c.sparse_params) == (56, 14)
+    assert c.per_branch["sparse_flops"] == 28 and "active weights" in c.table()
+    assert complexity(conv, (1, 4, 4)).sparse_flops is None
+    with pytest.raises(ValueError, match="not a parameter"):
+        complexity(conv, (1, 4, 4), masks={"conv.weight": mask})
+
+
+@settings(max_examples=4)
+@given(density=st.sampled_from([0.1, 0.5, 1.0]), k=st.integers(1, 3))
+def test_sparse_counts_are_density_times_dense_counts(density, k):
+    from groupnet.complexity import complexity
+
+    model = small_cnn(k)
+    masking = Masking(model, density)
+    c = complexity(model, (1, 8, 8), masks=masking.masks)
+    dense_weights = sum(w.numel * k for w in masking.layers)
+    active = sum(int(m.sum()) for m in masking.masks.values())
+    assert c.sparse_params == c.params - dense_weights + active
+    expected = 0
+    for layer in c.layers:
+        name = layer.name + ".weight"
+        d = masking.density_of(name) if name in masking.masks else 1.0
+        bias_adds = layer.acts * (model.get_submodule(layer.name).bias is not None)
+        expected += round(d * (layer.flops - bias_adds)) + bias_adds
+    assert c.sparse_flops == expected
+    if density == 1.0:
+        assert (c.sparse_flops, c.sparse_params) == (c.flops, c.params)

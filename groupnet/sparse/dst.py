@@ -81,8 +81,7 @@ class DynamicSparseTraining:
         return low + (self.drop_rate - low) * 0.5 * (1 + math.cos(math.pi * t))
 
     def is_update_step(self, step: int) -> bool:
-        return (self.method != "static" and step % self.update_interval == 0 and step <= self.end_step
-                and step < self.total_steps)
+        return self.method != "static" and step % self.update_interval == 0 and step <= self.end_step
 
     def step(self, step: int) -> bool:
         """After optimizer step ``step`` (1-based): apply the masks, and update them when it is time. Returns whether
@@ -142,9 +141,10 @@ class DynamicSparseTraining:
                 "updates": self.updates, "last_update_step": self.last_update_step}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore the update counters; the schedule saved must be this one."""
+        """Restore the update counters. The method and the schedule's settings must be the saved ones; the total
+        steps may differ (a resumed run trained for more epochs stretches the schedule to its new length)."""
         mine = self.state_dict()
-        for key in ("method", "total_steps", "update_interval", "drop_rate", "drop_schedule", "update_until"):
+        for key in ("method", "update_interval", "drop_rate", "drop_schedule", "update_until"):
             if state[key] != mine[key]:
                 raise ValueError(f"saved sparse schedule has {key}={state[key]!r}, this run {mine[key]!r}")
         self.updates, self.last_update_step = int(state["updates"]), int(state["last_update_step"])

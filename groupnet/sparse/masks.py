@@ -133,6 +133,10 @@ class Masking:
             if not bool((got == want).all()):
                 raise RuntimeError(f"{w.name}: active weights per branch {got.tolist()}, expected {want} each")
 
+    def density_of(self, name: str) -> float:
+        """Active fraction of layer ``name`` (all branches)."""
+        return float(self.masks[name].float().mean())
+
     def density(self, branch: int | None = None) -> float:
         """Active fraction of all masked weights (of one branch when given)."""
         active = total = 0
