@@ -4,7 +4,7 @@ Layout: K branches' activations are stacked along the channel axis, ``(N, K*C, H
 (see :mod:`groupnet.layout`). Grouped layers hold all K branches' weights and run them as one op.
 """
 
-from groupnet import functional, layout, ops, reference
+from groupnet import functional, layout, ops, reference, sparse
 from groupnet.layout import branch_slice, repeat, stack, unstack
 from groupnet.ops import use_backend
 from groupnet.modules import (
@@ -23,6 +23,7 @@ from groupnet.models import available_models, build_model
 from groupnet.fuse import fuse_for_inference
 from groupnet.branch_major import branch_major_forward
 from groupnet.cpu_memory import retain_freed_memory
+from groupnet.sparse import DynamicSparseTraining, Masking, itop_stats
 
 __version__ = "0.1.0"
 
@@ -31,12 +32,15 @@ __all__ = [
     "CoTrainingOutput",
     "CoTrainingWeightRamp",
     "Complexity",
+    "DynamicSparseTraining",
+    "Masking",
     "available_models",
     "branch_major_forward",
     "build_model",
     "complexity",
     "ensemble",
     "fuse_for_inference",
+    "itop_stats",
     "split_branches",
     "GroupedBatchNorm1d",
     "GroupedBatchNorm2d",
@@ -54,6 +58,7 @@ __all__ = [
     "reference_of",
     "repeat",
     "retain_freed_memory",
+    "sparse",
     "stack",
     "stack_models",
     "unstack",

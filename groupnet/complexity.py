@@ -15,12 +15,16 @@ The count runs the model's forward on a meta tensor (no memory, no arithmetic) w
 works on any model built from these layers; ops called through ``torch.nn.functional`` directly (attention matmuls,
 a conv called with a module's weight) are not seen, and transposed convs raise NotImplementedError. A grouped
 model of K identical branches reports ensemble totals (all K branches) and per-branch counts = ensemble / K.
+
+Sparse models (``masks``, e.g. ``groupnet.sparse.Masking.masks``): ``sparse_flops`` and ``sparse_params`` count only
+active weights, ``sum over layers of density_l x dense count_l`` (each weight's MACs scale by its active fraction;
+bias adds, norms and every unmasked parameter count in full); acts are unchanged by unstructured sparsity.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -47,6 +51,9 @@ class LayerCount:
     flops: int
     params: int
     acts: int
+    #: flops and params counting active weights only (equal to the dense ones without a mask).
+    sparse_flops: int | None = None
+    sparse_params: int | None = None
 
 
 @dataclass(frozen=True)
@@ -63,25 +70,37 @@ class Complexity:
     input_size: tuple[int, ...]
     layers: tuple[LayerCount, ...] = ()
     model_name: str = ""
+    #: Counting active weights only, when masks were given (None otherwise).
+    sparse_flops: int | None = None
+    sparse_params: int | None = None
 
     @property
     def per_branch(self) -> dict[str, float]:
-        """flops, params and acts of one branch (ensemble / K)."""
+        """flops, params and acts of one branch (ensemble / K), and the sparse counts when masks were given."""
         k = self.branches
-        return {name: _div(getattr(self, name), k) for name in ("flops", "params", "acts")}
+        names = ("flops", "params", "acts") + (("sparse_flops", "sparse_params") if self.sparse_flops is not None
+                                               else ())
+        return {name: _div(getattr(self, name), k) for name in names}
 
     def as_dict(self) -> dict[str, float]:
         """Ensemble and per-branch counts as one flat dict (for CSV rows)."""
         out: dict[str, float] = {"flops": self.flops, "params": self.params, "acts": self.acts,
                                  "branches": self.branches}
+        if self.sparse_flops is not None and self.sparse_params is not None:
+            out.update({"sparse_flops": self.sparse_flops, "sparse_params": self.sparse_params})
         out.update({f"{k}_per_branch": v for k, v in self.per_branch.items()})
         return out
 
     def table(self, per_layer: bool = False) -> str:
         """A text table: per-branch and ensemble counts (and every conv/linear call with ``per_layer``)."""
         head = f"{self.model_name or 'model'} at input {self.input_size} per branch, K={self.branches}"
-        rows = [("per branch", *self.per_branch.values()), (f"ensemble (K={self.branches})", self.flops,
-                                                               self.params, self.acts)]
+        pb = self.per_branch
+        rows = [("per branch", pb["flops"], pb["params"], pb["acts"]),
+                (f"ensemble (K={self.branches})", self.flops, self.params, self.acts)]
+        if self.sparse_flops is not None and self.sparse_params is not None:
+            rows += [("per branch, active weights", pb["sparse_flops"], pb["sparse_params"], pb["acts"]),
+                     (f"ensemble (K={self.branches}), active weights", self.sparse_flops, self.sparse_params,
+                      self.acts)]
         width = max(len(r[0]) for r in rows)
         lines = [head, f"{'':{width}}  {'flops (MACs)':>16}  {'params':>14}  {'acts':>14}"]
         for name, f, p, a in rows:
@@ -111,7 +130,8 @@ def model_branches(model: nn.Module) -> int:
     return ks.pop() if ks else 1
 
 
-def complexity(model: nn.Module, input_size: Sequence[int], *, branches: int | None = None) -> Complexity:
+def complexity(model: nn.Module, input_size: Sequence[int], *, branches: int | None = None,
+               masks: Mapping[str, Tensor] | None = None) -> Complexity:
     """Count flops (MACs), params and acts of ``model`` for one image, without running real compute.
 
     Args:
@@ -119,6 +139,8 @@ def complexity(model: nn.Module, input_size: Sequence[int], *, branches: int | N
             meta parameters; the model is not changed (train/eval flags are restored, buffers untouched).
         input_size: ``(C, H, W)`` of one branch's view (or ``(F,)`` for a model on features).
         branches: K, when it cannot be read from the model (see :func:`model_branches`).
+        masks: ``{parameter name: mask of the weight's shape}`` (non-zero = active) of a sparse model: the result
+            then also holds ``sparse_flops`` and ``sparse_params`` (active weights only).
 
     Returns:
         :class:`Complexity` with ensemble totals; ``.per_branch`` gives one branch (= total / K). The conventions
@@ -134,15 +156,24 @@ def complexity(model: nn.Module, input_size: Sequence[int], *, branches: int | N
     x = torch.empty(1, k * size[0], *size[1:], device="meta", dtype=dtype)
 
     names = {m: n or type(model).__name__ for n, m in model.named_modules()}
+    paths = {m: n for n, m in model.named_modules()}
+    active = _active_counts(model, masks)
     layers: list[LayerCount] = []
 
     def hook(module: nn.Module, inputs, output: Tensor) -> None:
         w = module.weight
         per_out = (w.shape[-1] if isinstance(module, _LINEAR_TYPES) else math.prod(w.shape[1:]))
-        per_out += module.bias is not None
+        bias = module.bias is not None
         n = output.numel()
         own = sum(p.numel() for p in module.parameters(recurse=False))
-        layers.append(LayerCount(names[module], type(module).__name__, n * per_out, own, n))
+        weight_flops = n * per_out  # = w.numel() x output positions
+        sparse_flops = sparse_params = None
+        if active is not None:
+            nnz = active.get(f"{paths[module]}.weight" if paths[module] else "weight", w.numel())
+            sparse_flops = weight_flops // w.numel() * nnz + n * bias
+            sparse_params = own - w.numel() + nnz
+        layers.append(LayerCount(names[module], type(module).__name__, n * (per_out + bias), own, n,
+                                 sparse_flops, sparse_params))
 
     for m in model.modules():
         if isinstance(m, nn.modules.conv._ConvTransposeNd):
@@ -159,15 +190,38 @@ def complexity(model: nn.Module, input_size: Sequence[int], *, branches: int | N
             h.remove()
         for m, training in modes.items():
             m.training = training
+    params = sum(p.numel() for p in model.parameters())
+    sparse_flops = sparse_params = None
+    if active is not None:
+        sparse_flops = sum(int(layer.sparse_flops or 0) for layer in layers)
+        named = dict(model.named_parameters())
+        sparse_params = params - sum(named[n].numel() - c for n, c in active.items())
     return Complexity(
         flops=sum(layer.flops for layer in layers),
-        params=sum(p.numel() for p in model.parameters()),
+        params=params,
         acts=sum(layer.acts for layer in layers),
         branches=k,
         input_size=size,
         layers=tuple(layers),
         model_name=type(model).__name__,
+        sparse_flops=sparse_flops,
+        sparse_params=sparse_params,
     )
+
+
+def _active_counts(model: nn.Module, masks: Mapping[str, Tensor] | None) -> dict[str, int] | None:
+    """Active entries of each masked parameter, checked against the model's parameters."""
+    if masks is None:
+        return None
+    named = dict(model.named_parameters())
+    out = {}
+    for name, mask in masks.items():
+        if name not in named:
+            raise ValueError(f"masks: {name!r} is not a parameter of {type(model).__name__}")
+        if tuple(mask.shape) != tuple(named[name].shape):
+            raise ValueError(f"masks: {name} has shape {tuple(mask.shape)}, the parameter {tuple(named[name].shape)}")
+        out[name] = int((mask != 0).sum())
+    return out
 
 
 def _meta_forward(model: nn.Module, x: Tensor) -> None:

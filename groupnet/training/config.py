@@ -24,6 +24,7 @@ from typing import Any
 from groupnet._checks import DIVERGENCES
 from groupnet.branch_major import EXECUTION_ORDERS
 from groupnet.data.registry import DATASETS
+from groupnet.sparse import DROP_SCHEDULES, DST_METHODS, SPARSE_INITS
 from groupnet.training.errors import ConfigError
 
 ENSEMBLE_MODES = ("logits", "probs", "geometric")
@@ -86,6 +87,16 @@ class TrainRecipe:
     sync_bn: bool = True
     seed: int = 0
     baseline: bool | None = None
+    # sparse training (groupnet.sparse): density None = dense training; density = fraction of each branch's conv and
+    # linear weights kept active (sparsity = 1 - density)
+    density: float | None = None
+    sparse_init: str = "erk"
+    dst: str | None = None  # None: "rigl" when --density is given
+    update_interval: int = 100
+    drop_rate: float = 0.5
+    drop_schedule: str = "cosine"
+    update_until: float = 0.75
+    dense_first_last: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -306,6 +317,21 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--baseline", action=argparse.BooleanOptionalAction,
                    help="also train the K=1 baseline and compare [on for digits, off otherwise]")
     g.add_argument("--progress", action=argparse.BooleanOptionalAction, help="progress bars")
+    g = p.add_argument_group("sparse training (per-branch masks, dynamic sparse training, ITOP)")
+    g.add_argument("--density", type=float, help="fraction of each branch's conv and linear weights kept active, in "
+                   "(0, 1] (sparsity = 1 - density); not given: dense training")
+    g.add_argument("--sparse-init", choices=SPARSE_INITS, help=f"per-layer densities [{d.sparse_init}]")
+    g.add_argument("--dst", choices=DST_METHODS, help="mask updates: static (none), set (random regrowth) or rigl "
+                   "(gradient regrowth) [rigl]")
+    g.add_argument("--update-interval", type=int, help=f"optimizer steps between mask updates [{d.update_interval}]")
+    g.add_argument("--drop-rate", type=float,
+                   help=f"initial fraction of active weights pruned and regrown per update [{d.drop_rate}]")
+    g.add_argument("--drop-schedule", choices=DROP_SCHEDULES,
+                   help=f"cosine decay of the drop rate to 0.005 at --update-until, or constant [{d.drop_schedule}]")
+    g.add_argument("--update-until", type=float,
+                   help=f"fraction of training after which masks stop changing [{d.update_until}]")
+    g.add_argument("--dense-first-last", action=argparse.BooleanOptionalAction,
+                   help=f"keep the first and the last layer dense [{d.dense_first_last}]")
     return p
 
 
@@ -362,6 +388,19 @@ def validate(cfg: TrainRecipe, opts: RunOptions | None = None) -> None:
     need(cfg.cutout >= 0, f"--cutout must be >= 0, got {cfg.cutout}")
     need(cfg.image_size is None or cfg.image_size >= 1, f"--image-size must be >= 1, got {cfg.image_size}")
     need(cfg.train_subset is None or cfg.train_subset >= 1, f"--train-subset must be >= 1, got {cfg.train_subset}")
+    if cfg.density is None:
+        need(cfg.dst is None, "--dst needs --density (the fraction of weights kept active)")
+    else:
+        need(math.isfinite(cfg.density) and 0 < cfg.density <= 1,
+             f"--density (fraction of weights kept active; sparsity = 1 - density) must be in (0, 1], got {cfg.density}")
+    need(cfg.sparse_init in SPARSE_INITS, f"--sparse-init must be one of {SPARSE_INITS}, got {cfg.sparse_init!r}")
+    need(cfg.dst is None or cfg.dst in DST_METHODS, f"--dst must be one of {DST_METHODS}, got {cfg.dst!r}")
+    need(cfg.update_interval >= 1, f"--update-interval must be >= 1 optimizer step, got {cfg.update_interval}")
+    need(math.isfinite(cfg.drop_rate) and 0 <= cfg.drop_rate <= 1, f"--drop-rate must be in [0, 1], got {cfg.drop_rate}")
+    need(cfg.drop_schedule in DROP_SCHEDULES,
+         f"--drop-schedule must be one of {DROP_SCHEDULES}, got {cfg.drop_schedule!r}")
+    need(math.isfinite(cfg.update_until) and 0 <= cfg.update_until <= 1,
+         f"--update-until must be in [0, 1], got {cfg.update_until}")
     if opts is None:
         return
     need(opts.workers >= 0, f"--workers must be >= 0, got {opts.workers}")

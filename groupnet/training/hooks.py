@@ -48,6 +48,10 @@ class TrainingHook:
     def before_evaluate(self) -> None:
         """Called before every evaluation of the model on the test set."""
 
+    def summary(self) -> dict[str, Any]:
+        """Entries for the run's summary (``summary.json``, the end-of-run table), after the last epoch."""
+        return {}
+
     def state_dict(self) -> dict[str, Any]:
         return {}
 

@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 from groupnet.training.hooks import HookBuilder
+from groupnet.training.sparse_hook import sparse_hook
 
 #: Asked in this order; a method adds its builder here.
 METHOD_HOOKS: list[HookBuilder] = []
+METHOD_HOOKS.append(sparse_hook)

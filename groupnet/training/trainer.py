@@ -346,6 +346,8 @@ class Trainer:
             "test_acc": [result[f"test_acc_{i}"] for i in range(cfg.branches)],
             "test_acc_ensemble": result["test_acc_ensemble"], "run_dir": str(self.run_dir),
         }
+        for hook in self.hooks:
+            summary.update(hook.summary())
         if self.opts.export_branches and self.ctx.is_main:
             assert self.run_dir is not None
             paths = export_branches(self.model, self.run_dir / "export", self.model_meta())
