@@ -67,7 +67,7 @@ def stack_models(models: Sequence[nn.Module], example_input: Tensor | None = Non
             return grouped.from_modules(models)
         except (ValueError, TypeError) as e:
             raise type(e)(f"stack_models: at model: {e}") from e
-    if t.__module__.startswith("torch.nn.") and any(True for _ in models[0].parameters()):
+    if t.__module__.startswith("torch.nn.") and any(True for _ in models[0].parameters(recurse=False)):
         raise StackingError(f"stack_models: at model, no grouped counterpart for {t.__name__} with parameters")
     graph = _trace_both_modes(models[0])
     code = graph.python_code("self").src
