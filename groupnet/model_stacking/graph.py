@@ -244,7 +244,8 @@ def _probe_input(model: nn.Module, graph: fx.Graph) -> Tensor:
             return torch.randn(2, m.in_features, **factory)
         if isinstance(m, nn.BatchNorm1d):
             return torch.randn(2, m.num_features, **factory)
-        break
+        if any(True for _ in chain(m.parameters(), m.buffers())):
+            break
     raise StackingError("stack_models: cannot tell the input shape from the model's first layer; pass example_input "
                         "(one input of one model, e.g. torch.randn(2, 3, 32, 32))")
 
