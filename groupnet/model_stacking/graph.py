@@ -104,6 +104,9 @@ _NEEDS_DIM = {"max", "min", "softmax", "log_softmax", "cumsum", "cumprod", "unbi
               "unflatten", "median", "chunk", "split", "tensor_split"}
 _DEFAULT_DIM = {"unbind": 0, "chunk": 0, "split": 0, "tensor_split": 0}
 _TRANSPOSE = {"transpose", "swapaxes", "swapdims", "transpose_"}
+_KNOWN = {*_UNARY, *_ELEMENTWISE, *_REDUCE, *_DIM_AT, *_TRANSPOSE, "cat", "concat", "concatenate", "stack", "size",
+          "dim", "ndimension", "numel", "flatten", "view", "reshape", "view_as", "reshape_as", "permute",
+          "channel_shuffle", "pad"}
 _SHARED_ATTRS = {"dtype", "device", "ndim", "is_cuda", "requires_grad", "layout"}
 
 
@@ -462,6 +465,9 @@ class _Builder:
         if P in kinds:
             raise _Refuse(f"{name} reads a per-branch tensor (a parameter or buffer of the models) and has no "
                           "grouped counterpart; use nn.Conv2d / nn.Linear / nn.LayerNorm modules")
+        if op not in _KNOWN:
+            raise _Refuse(f"stacking knows no rule for {name}: it cannot tell whether it acts on each branch's "
+                          "channels separately")
         x = n.args[0] if n.args else next(iter(n.kwargs.values()))
         if op in ("cat", "concat", "concatenate", "stack"):
             return self.cat(n, op)
