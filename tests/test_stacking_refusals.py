@@ -173,3 +173,12 @@ def test_stacked_model_works_with_compile_fusion_complexity_and_channels_last(na
     cl = stacked.to(memory_format=torch.channels_last)
     y = cl(x.contiguous(memory_format=torch.channels_last))
     assert_close(y, ref, kind="reference")
+
+
+def test_stacked_model_reads_one_shared_view_or_k_views():
+    torch.manual_seed(0)
+    stacked = gn.stack_models([ARCHS["inception"]().double().eval() for _ in range(3)], example_input=X.double())
+    shared = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    assert torch.equal(stacked(shared), stacked(gn.repeat(shared, 3)))
+    with pytest.raises(ValueError, match=r"expects \(N, 9, \.\.\.\) .* or \(N, 3, \.\.\.\)"):
+        stacked(torch.randn(2, 4, 8, 8, dtype=torch.float64))

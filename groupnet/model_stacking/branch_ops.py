@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, fx
 
+from groupnet.layout import repeat
+
 
 def _leaf(fn: Callable) -> Callable:
     """Record ``fn`` as one ``call_function`` node when called on fx proxies (its Python shape logic cannot run on
@@ -59,6 +61,18 @@ def resolve(fn: str) -> Callable:
     if space == "method":
         return lambda self, *a, **k: getattr(self, name)(*a, **k)
     return getattr(_NAMESPACES[space], name)
+
+
+@_leaf
+def branch_input(x: Tensor, branches: int, channels: int) -> Tensor:
+    """The stacked model's input: K per-branch views ``(N, K*C, ...)`` as they are, or one view ``(N, C, ...)``
+    shared by all branches, repeated K times (memory format kept)."""
+    if x.dim() >= 2 and x.shape[1] == branches * channels:
+        return x
+    if x.dim() >= 2 and x.shape[1] == channels:
+        return repeat(x, branches)
+    raise ValueError(f"the stacked model expects (N, {branches * channels}, ...) (one view per branch) or "
+                     f"(N, {channels}, ...) (one view shared by all branches), got shape {tuple(x.shape)}")
 
 
 @_leaf

@@ -357,7 +357,10 @@ class _Builder:
     def visit(self, n: fx.Node) -> tuple[Any, str]:
         if n.op == "placeholder":
             if not any(v[1] == B for v in self.env.values()):
-                return self.g.placeholder(n.name), B
+                t = self.tensor_meta(n)
+                if t.rank < 2:
+                    raise _Refuse(f"the input has shape {t.shape}; stacking needs (N, C, ...)")
+                return self.call(ops.branch_input, (self.g.placeholder(n.name), self.k, t.shape[1])), B
             if n.args:
                 return self.g.placeholder(n.name, default_value=n.args[0]), S
             raise _Refuse("stacking supports one tensor input (the branch-stacked (N, K*C, ...) batch)")
