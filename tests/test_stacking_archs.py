@@ -54,10 +54,14 @@ def state_equal(a: nn.Module, b: nn.Module, exact: bool = True) -> None:
 
 @pytest.mark.parametrize("name", list(ARCHS))
 @settings(max_examples=6, deadline=None)
-@given(k=st.integers(1, 3), seed=st.integers(0, 2**31 - 1), train=st.booleans(), channels_last=st.booleans())
-def test_stacked_equals_the_models_one_by_one(name, k, seed, train, channels_last):
+@given(k=st.integers(1, 3), seed=st.integers(0, 2**31 - 1), train=st.booleans(), channels_last=st.booleans(),
+       as_graph=st.booleans())
+def test_stacked_equals_the_models_one_by_one(name, k, seed, train, channels_last, as_graph):
+    """Both forms: the models' own forward with grouped layers swapped in (where the graph shows it acts per
+    channel) and the rewritten graph."""
     models = make_models(name, k, seed, train)
-    stacked = gn.stack_models(copy.deepcopy(models), example_input=torch.randn(SHAPE, dtype=torch.float64))
+    stacked = gn.stack_models(copy.deepcopy(models), example_input=torch.randn(SHAPE, dtype=torch.float64),
+                              as_graph=as_graph)
     assert gn.num_branches(stacked) == k
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     stacked = stacked.to(memory_format=fmt)
@@ -82,9 +86,10 @@ def test_stacked_equals_the_models_one_by_one(name, k, seed, train, channels_las
 
 
 @pytest.mark.parametrize("name", list(ARCHS))
-def test_every_branch_extracts_back_to_its_model(name):
+@pytest.mark.parametrize("as_graph", [False, True])
+def test_every_branch_extracts_back_to_its_model(name, as_graph):
     models = make_models(name, 3, 0, train=False)
-    stacked = gn.stack_models(models, example_input=torch.randn(SHAPE, dtype=torch.float64))
+    stacked = gn.stack_models(models, example_input=torch.randn(SHAPE, dtype=torch.float64), as_graph=as_graph)
     x = torch.randn(SHAPE, dtype=torch.float64)
     for i, m in enumerate(models):
         back = gn.extract_branch(stacked, i)
@@ -92,7 +97,8 @@ def test_every_branch_extracts_back_to_its_model(name):
         assert not any(gn.model_stacking.is_grouped_layer(mod) for mod in back.modules())
         state_equal(back, m)
         assert torch.equal(back(x), m(x))
-    again = gn.stack_models([gn.extract_branch(stacked, i) for i in range(3)])
+    again = gn.stack_models([gn.extract_branch(stacked, i) for i in range(3)],
+                            example_input=torch.randn(SHAPE, dtype=torch.float64), as_graph=as_graph)
     state_equal(again, stacked)
 
 
@@ -122,7 +128,7 @@ def test_grouped_layers_run_once_per_forward_whatever_k(name):
     counts = {}
     for k in (1, 2, 4):
         models = make_models(name, k, 0, train=False)
-        stacked = gn.stack_models(models, example_input=torch.randn(SHAPE, dtype=torch.float32).double())
+        stacked = gn.stack_models(models, example_input=torch.randn(SHAPE, dtype=torch.float64), as_graph=True)
         calls: dict[str, int] = {}
         for path, mod in stacked.named_modules():
             if gn.model_stacking.is_grouped_layer(mod):
@@ -131,6 +137,17 @@ def test_grouped_layers_run_once_per_forward_whatever_k(name):
         with torch.no_grad():
             counts[k] = operator_calls(stacked, x).top_level
         assert calls and set(calls.values()) == {1}
-        assert len(calls) == sum(isinstance(m, (nn.Conv2d, nn.Linear, nn.BatchNorm2d, nn.LayerNorm))
-                                 for m in models[0].modules())
+        grouped = sum(gn.model_stacking.is_grouped_layer(m) for m in stacked.modules())
+        assert len(calls) == grouped >= sum(isinstance(m, (nn.Conv2d, nn.Linear, nn.BatchNorm2d, nn.LayerNorm))
+                                            for m in models[0].modules())
     assert counts[2] == counts[4], counts
+
+
+def test_a_forward_that_acts_per_channel_keeps_the_models_class_and_one_that_does_not_is_rewritten():
+    plain = {name: ARCHS[name]().double() for name in ("resnet_basic", "mlp", "densenet", "shufflenet")}
+    stacked = {name: gn.stack_models([m, copy.deepcopy(m)], example_input=torch.randn(SHAPE, dtype=torch.float64))
+               for name, m in plain.items()}
+    assert type(stacked["resnet_basic"]) is type(plain["resnet_basic"])
+    assert type(stacked["mlp"]) is type(plain["mlp"])
+    for name in ("densenet", "shufflenet"):  # torch.cat / chunk / view along channels: the graph, rewritten
+        assert isinstance(stacked[name], torch.fx.GraphModule)

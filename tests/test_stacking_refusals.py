@@ -32,7 +32,7 @@ class OwnConvWeight(nn.Module):
         self.weight = nn.Parameter(torch.randn(4, 3, 3, 3))
 
     def forward(self, x):
-        return F.conv2d(x, self.weight).flatten(1)
+        return F.conv2d(x, self.weight * 2).flatten(1)  # a weight computed in the forward
 
 
 class Einsum(nn.Module):
@@ -63,6 +63,15 @@ class ModeBranch(nn.Module):
         if self.training:
             x = x * 2
         return x.flatten(1)
+
+
+class ModeScale(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 1)
+
+    def forward(self, x):
+        return (self.conv(x) * (2.0 if self.training else 0.5)).flatten(1)
 
 
 class DataDependent(nn.Module):
@@ -109,13 +118,14 @@ def test_refusal_names_node_op_source_line_and_reason():
 
 
 @pytest.mark.parametrize("model_cls, args, match", [
-    (OwnConvWeight, (), r"node 'conv2d' \(call_function F.conv2d\).*per-branch tensor"),
+    (OwnConvWeight, (), r"node 'mul' \(call_function operator.mul\).*combines per-branch parameters"),
     (Einsum, (), r"node 'einsum'.*no rule for torch.einsum"),
     (WithModule, (nn.PReLU(4),), r"no grouped counterpart for PReLU"),
     (WithModule, (nn.GroupNorm(2, 4),), r"no grouped counterpart for GroupNorm"),
     (WithModule, (nn.ChannelShuffle(2), ), None),  # rewritten, not refused
     (WithModule, (nn.Softmax2d(),), r"no rule for Softmax2d"),
     (ModeBranch, (), r"another path in eval mode"),
+    (ModeScale, (), None),  # a constant set by the mode: follows the stacked model's mode
     (BatchTranspose, (), r"node 'transpose'.*moves the batch dim"),
 ])
 def test_ops_that_cannot_be_rewritten_are_refused(model_cls, args, match):
@@ -124,7 +134,10 @@ def test_ops_that_cannot_be_rewritten_are_refused(model_cls, args, match):
         models = [model_cls(*args) for _ in range(2)]
         stacked = gn.stack_models(models, example_input=X)
         x = torch.randn(2, 6, 8, 8)
-        torch.testing.assert_close(stacked(x), torch.cat([m(v) for m, v in zip(models, x.chunk(2, 1))], 1))
+        for train in (True, False):
+            for m in [stacked, *models]:
+                m.train(train)
+            torch.testing.assert_close(stacked(x), torch.cat([m(v) for m, v in zip(models, x.chunk(2, 1))], 1))
         return
     with pytest.raises(StackingError, match=match):
         gn.stack_models([model_cls(*args), model_cls(*args)], example_input=X)

@@ -45,14 +45,17 @@ def num_branches(model: nn.Module) -> int:
     return ks.pop()
 
 
-def stack_models(models: Sequence[nn.Module], example_input: Tensor | None = None) -> nn.Module:
+def stack_models(models: Sequence[nn.Module], example_input: Tensor | None = None, *,
+                 as_graph: bool = False) -> nn.Module:
     """One grouped model equal to the K given plain models of identical architecture (weights copied).
 
-    The result takes the branch-stacked input ``(N, K*C, ...)`` and returns ``(N, K*out)`` (a ``torch.fx``
-    GraphModule; a single grouped layer when the models are plain layers of a registered type). ``example_input`` is
-    one input of one model; without it a probe is built from the first layer (``(2, C, 32, 32)`` after a conv,
-    ``(2, F)`` after a linear). Raises :class:`StackingError` for a forward it cannot stack exactly, ``ValueError``
-    when the models differ.
+    The result takes the branch-stacked input ``(N, K*C, ...)`` and returns ``(N, K*out)``. When the traced graph
+    shows that the models' own forward acts per channel, it is a copy of model 0 (its own class and forward) with
+    grouped layers swapped in; otherwise, or with ``as_graph=True``, a ``torch.fx`` GraphModule with the ops that
+    touch channels rewritten per branch, which also reads one view ``(N, C, ...)`` shared by all branches.
+    ``example_input`` is one input of one model; without it a probe is built from the first layer
+    (``(2, C, 32, 32)`` for a conv, ``(2, F)`` for a linear). Raises :class:`StackingError` for a forward it cannot
+    stack exactly, ``ValueError`` when the models differ.
     """
     models = list(models)
     if len(models) == 0:
@@ -78,10 +81,30 @@ def stack_models(models: Sequence[nn.Module], example_input: Tensor | None = Non
     _record_shapes(models[0], graph, example_input)
     builder = _Builder(models)
     gm = builder.build(graph)
+    if not builder.rewritten and not as_graph:
+        return _swap(models)
     gm.meta[INFO_KEY] = StackInfo(
         branches=len(models), skeleton=_meta_skeleton(models[0]), per_branch=frozenset(builder.per_branch),
-        unread=_unread(models, builder))
+        moved=dict(builder.moved), unread=_unread(models, builder))
     return gm
+
+
+def _swap(models: list[nn.Module]) -> nn.Module:
+    """A copy of model 0 with every registered layer replaced by the grouped layer of the K models' layers there."""
+    out = copy.deepcopy(models[0])
+    for path, m in list(out.named_modules()):
+        if isinstance(getattr(m, "branches", None), int) and not is_grouped_layer(m):
+            m.branches = len(models)
+        grouped = grouped_class_for(type(m))
+        if grouped is None or not path:
+            continue
+        try:
+            layer = grouped.from_modules([model.get_submodule(path) for model in models])
+        except (ValueError, TypeError) as e:
+            raise type(e)(f"stack_models: at model.{path}: {e}") from e
+        parent, _, name = path.rpartition(".")
+        setattr(out.get_submodule(parent), name, layer)
+    return out
 
 
 def _meta_skeleton(model: nn.Module) -> nn.Module:
@@ -100,7 +123,8 @@ def _tensor_names(model: nn.Module) -> list[str]:
 
 def _covered(name: str, builder: _Builder) -> bool:
     path = name.rpartition(".")[0]
-    return name in builder.per_branch or name in builder.shared_attrs or path in builder.grouped_paths
+    return (name in builder.per_branch or name in builder.shared_attrs or name in builder.moved
+            or path in builder.grouped_paths)
 
 
 def _unread(models: list[nn.Module], builder: _Builder) -> dict[str, Tensor]:
@@ -143,7 +167,7 @@ def _branch_value(model: fx.GraphModule, info: StackInfo, name: str, k: int) -> 
         return info.unread[name][k]
     if name in info.per_branch:
         return _fetch(model, name)[k]
-    path, _, local = name.rpartition(".")
+    path, _, local = info.moved.get(name, name).rpartition(".")
     owner = model.get_submodule(path)
     if is_grouped_layer(owner):
         return owner.branch_tensors()[k][local]

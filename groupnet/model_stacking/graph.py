@@ -48,6 +48,7 @@ class StackInfo:
     branches: int
     skeleton: nn.Module  # model 0 with its tensors on the meta device
     per_branch: frozenset[str]  # tensors read by the graph and stored as (K, *shape)
+    moved: dict[str, str]  # parameters of functional convs/linears -> their name in the grouped layer that holds them
     unread: dict[str, Tensor]  # (K, *shape) copies of the tensors the forward never reads
 
 
@@ -247,6 +248,8 @@ def _probe_input(model: nn.Module, graph: fx.Graph) -> Tensor:
             return torch.randn(2, m.in_features, **factory)
         if isinstance(m, nn.BatchNorm1d):
             return torch.randn(2, m.num_features, **factory)
+        if isinstance(m, nn.LayerNorm) and len(m.normalized_shape) == 1:
+            return torch.randn(2, m.normalized_shape[0], **factory)
         if any(True for _ in chain(m.parameters(), m.buffers())):
             break
     raise StackingError("stack_models: cannot tell the input shape from the model's first layer; pass example_input "
@@ -314,6 +317,9 @@ class _Builder:
         self.per_branch: set[str] = set()
         self.grouped_paths: set[str] = set()
         self.shared_attrs: set[str] = set()
+        # False while the models' own forward, with grouped layers swapped in, computes what the graph does
+        self.rewritten = False
+        self.moved: dict[str, str] = {}  # a model's parameter -> its name in the stacked model (functional layers)
 
     # -- helpers
     def new(self, a: Any) -> Any:
@@ -334,6 +340,8 @@ class _Builder:
         return t
 
     def call(self, fn: Any, args: tuple, kwargs: dict | None = None) -> fx.Node:
+        if getattr(fn, "__module__", None) == ops.__name__ and fn is not ops.branch_input:
+            self.rewritten = True
         return self.g.call_function(fn, args, kwargs or {})
 
     # -- the pass
@@ -391,6 +399,7 @@ class _Builder:
             # parameters stay per branch even when equal now: training would otherwise tie the branches
             self.root[target] = nn.Parameter(stacked, v0.requires_grad) if isinstance(v0, nn.Parameter) else stacked
             self.per_branch.add(target)
+            self.rewritten = True
             return self.g.get_attr(target), P
         self.root[target] = v0
         self.shared_attrs.add(target)
@@ -465,6 +474,8 @@ class _Builder:
         space, _, op = name.partition(".")
         if op in _ELEMENTWISE:
             return self.elementwise(n, name)
+        if name in ("F.conv2d", "F.linear", "torch.conv2d"):
+            return self.functional_layer(n, "conv2d" if "conv2d" in name else "linear")
         if P in kinds:
             raise _Refuse(f"{name} reads a per-branch tensor (a parameter or buffer of the models) and has no "
                           "grouped counterpart; use nn.Conv2d / nn.Linear / nn.LayerNorm modules")
@@ -539,6 +550,64 @@ class _Builder:
             return self.along_dims(fn, nx, rank, args, kwargs, _DIM_AT.get(op, 1) - 1, n, op=op)
         raise _Refuse(f"stacking knows no rule for {name}: it cannot tell whether it acts on each branch's channels "
                       "separately")
+
+    def functional_layer(self, n: fx.Node, op: str) -> tuple[Any, str]:
+        """``F.conv2d(x, self.weight, self.bias, ...)`` / ``F.linear(x, self.weight, self.bias)`` on the models' own
+        parameters: the grouped layer, built from K plain layers holding those parameters."""
+        names = (["input", "weight", "bias", "stride", "padding", "dilation", "groups"] if op == "conv2d"
+                 else ["input", "weight", "bias"])
+        given = dict(zip(names, n.args)) | dict(n.kwargs)
+        x, weight, bias = given.get("input"), given.get("weight"), given.get("bias")
+        if not isinstance(x, fx.Node) or self.env[x][1] != B:
+            raise _Refuse(f"F.{op} on an input that does not carry the branches")
+        params = [p for p in (weight, bias) if p is not None]
+        for p in params:
+            if not (isinstance(p, fx.Node) and p.op == "get_attr" and self.env[p][1] == P and len(p.users) == 1):
+                raise _Refuse(f"F.{op} with a weight or bias that is not a parameter of the model read only here "
+                              "(computed or shared weights have no grouped counterpart)")
+        rest = {k: v for k, v in given.items() if k not in ("input", "weight", "bias")}
+        computed: list[fx.Node] = []
+        fx.node.map_arg(rest, computed.append)
+        if computed:
+            raise _Refuse(f"F.{op} with arguments computed in the forward")
+        rank = self.tensor_meta(x).rank
+        if op == "conv2d" and rank != 4:
+            raise _Refuse(f"F.conv2d on a {rank}-d input (stacking needs 4)")
+        plain = []
+        for m in self.models:
+            w = _fetch(m, weight.target)
+            b = _fetch(m, bias.target) if bias is not None else None
+            if op == "conv2d":
+                g = rest.get("groups", 1)
+                layer = nn.Conv2d(w.shape[1] * g, w.shape[0], tuple(w.shape[2:]), rest.get("stride", 1),
+                                  rest.get("padding", 0), rest.get("dilation", 1), g, bias=b is not None,
+                                  device=w.device, dtype=w.dtype)
+            else:
+                layer = nn.Linear(w.shape[1], w.shape[0], bias=b is not None, device=w.device, dtype=w.dtype)
+            with torch.no_grad():
+                layer.weight.copy_(w)
+                if b is not None:
+                    layer.bias.copy_(b)
+            plain.append(layer)
+        try:
+            grouped = grouped_class_for(type(plain[0])).from_modules(plain)
+        except (ValueError, TypeError) as e:
+            raise _Refuse(f"no grouped counterpart for these F.{op} arguments ({e})") from None
+        owner = weight.target.rpartition(".")[0]
+        path = f"{owner}.{n.name}" if owner else n.name
+        for p, local in ((weight, "weight"), (bias, "bias")):
+            if p is not None:  # the parameter now lives in the grouped layer only
+                self.g.erase_node(self.env[p][0])
+                del self.root[p.target]
+                self.per_branch.discard(p.target)
+                self.moved[p.target] = f"{path}.{local}"
+        self.root[path] = grouped
+        self.grouped_paths.add(path)
+        nx = self.new(x)
+        if op == "linear" and rank > 2:
+            y = self.g.call_module(path, (self.call(ops.branch_to_last, (nx, self.k)),))
+            return self.call(ops.branch_from_last, (y, self.k)), B
+        return self.g.call_module(path, (nx,)), B
 
     def norm_dim(self, d: Any, rank: int) -> int:
         if not isinstance(d, int):

@@ -66,4 +66,4 @@ def build_imported(path: str, *, branches: int, num_classes: int, in_channels: i
             torch.manual_seed(base + k)
             models.append(cls(**kwargs))
     example = None if image_size is None else torch.zeros(2, in_channels, image_size, image_size)
-    return stack_models(models, example_input=example)
+    return stack_models(models, example_input=example, as_graph=True)  # the graph also reads one shared view

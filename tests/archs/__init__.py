@@ -254,6 +254,23 @@ class MLP(nn.Module):
         return self.net(x)
 
 
+class FunctionalNet(nn.Module):
+    """Convs and a linear called functionally on the model's own parameters, and a per-channel learnable scale."""
+
+    def __init__(self, num_classes: int = 5, in_channels: int = 3) -> None:
+        super().__init__()
+        self.w1 = nn.Parameter(torch.randn(6, in_channels, 3, 3) * 0.3)
+        self.b1 = nn.Parameter(torch.randn(6) * 0.1)
+        self.w2 = nn.Parameter(torch.randn(6, 2, 3, 3) * 0.3)  # inner groups = 3
+        self.gamma = nn.Parameter(torch.rand(6, 1, 1) + 0.5)
+        self.head = nn.Parameter(torch.randn(num_classes, 6) * 0.3)
+
+    def forward(self, x):
+        x = F.relu(F.conv2d(x, self.w1, self.b1, padding=1))
+        x = F.conv2d(x, self.w2, None, 2, 1, 1, 3) * self.gamma
+        return F.linear(x.mean((2, 3)), self.head)
+
+
 ARCHS = {
     "resnet_basic": lambda: ResNet("basic"),
     "resnet_bottleneck": lambda: ResNet("bottleneck"),
@@ -264,5 +281,6 @@ ARCHS = {
     "senet": SENet,
     "unet": UNet,
     "mlp": MLP,
+    "functional": FunctionalNet,
 }
 """name -> factory of a plain model reading (N, 3, 8, 8) and returning (N, 5)."""
