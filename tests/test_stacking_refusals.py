@@ -74,6 +74,22 @@ class ModeScale(nn.Module):
         return (self.conv(x) * (2.0 if self.training else 0.5)).flatten(1)
 
 
+class SizeArithmetic(nn.Module):
+    """Sizes read in the forward, keyword dims, slicing by a computed size, reshapes to another tensor's shape."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(3, 8, 1), nn.Linear(4, 2)
+
+    def forward(self, x):
+        x = self.conv(x)
+        c = x.size(dim=1)
+        y = x[:, : c // 2].transpose(dim0=2, dim1=1)
+        y = y.reshape(x.shape[0], -1, 4).mean(1)
+        z = x.view(x.shape).flatten(2).mean(-1)[:, :4]
+        return self.fc(y) + self.fc(z)
+
+
 class DataDependent(nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -125,7 +141,8 @@ def test_refusal_names_node_op_source_line_and_reason():
     (WithModule, (nn.ChannelShuffle(2), ), None),  # rewritten, not refused
     (WithModule, (nn.Softmax2d(),), r"no rule for Softmax2d"),
     (ModeBranch, (), r"another path in eval mode"),
-    (ModeScale, (), None),  # a constant set by the mode: follows the stacked model's mode
+    (ModeScale, (), None),
+    (SizeArithmetic, (), None),  # a constant set by the mode: follows the stacked model's mode
     (BatchTranspose, (), r"node 'transpose'.*moves the batch dim"),
 ])
 def test_ops_that_cannot_be_rewritten_are_refused(model_cls, args, match):

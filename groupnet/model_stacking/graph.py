@@ -196,19 +196,25 @@ def _merge_modes(gt: fx.Graph, ge: fx.Graph) -> fx.Graph:
         return flag[0]
 
     def merge(x: Any, y: Any) -> Any:
-        if isinstance(x, fx.Node):
-            return x
+        if isinstance(x, fx.Node) and isinstance(y, fx.Node) and x.name == y.name:
+            return x  # the same value of the train-mode graph
+        if isinstance(x, slice) and isinstance(y, slice):
+            return slice(merge(x.start, y.start), merge(x.stop, y.stop), merge(x.step, y.step))
         if isinstance(x, (tuple, list)) and type(x) is type(y) and len(x) == len(y):
             return type(x)(merge(a, b) for a, b in zip(x, y))
         if isinstance(x, dict) and isinstance(y, dict) and x.keys() == y.keys():
             return {k: merge(x[k], y[k]) for k in x}
         if type(x) is type(y) and not isinstance(x, Tensor) and x == y:
             return x
+        if isinstance(x, fx.Node) or isinstance(y, fx.Node):
+            raise StackingError(_describe(a_now[0], "an argument is computed in one mode and constant in the other"))
         if (x, y) == (True, False):
             return mode_node()
         return gt.call_function(ops.by_mode, (mode_node(), x, y))
 
+    a_now: list[fx.Node] = []
     for a, b in zip(nt, ne):
+        a_now[:] = [a]
         if a.args != b.args or a.kwargs != b.kwargs:
             with gt.inserting_before(a):
                 a.args, a.kwargs = merge(a.args, b.args), merge(a.kwargs, b.kwargs)
@@ -328,6 +334,11 @@ class _Builder:
     def kinds(self, a: Any) -> list[str]:
         found: list[str] = []
         fx.node.map_arg(a, lambda n: found.append(self.env[n][1]))
+        return found
+
+    def nodes_in(self, a: Any) -> list[fx.Node]:
+        found: list[fx.Node] = []
+        fx.node.map_arg(a, found.append)
         return found
 
     def plain(self, n: Any) -> Any:
@@ -490,13 +501,15 @@ class _Builder:
         meta = self.tensor_meta(x)
         nx, rank = self.new(x), meta.rank
         args, kwargs = self.new(n.args[1:]), self.new(n.kwargs)
+        if any(isinstance(self.plain(a), _T) for a in self.nodes_in((n.args[1:], n.kwargs))):
+            raise _Refuse(f"{name} with a second tensor operand (stacking keeps it only among elementwise ops)")
         if op in _UNARY:
             need = _UNARY[op]
             if need is not None and rank not in need:
                 raise _Refuse(f"{name} on a {rank}-d input acts across channels (it expects {need})")
             return self.g.create_node(n.op, n.target, (nx, *args), kwargs), B
         if op in ("size",):
-            return self.call(ops.plain_size, (nx, self.k, *args)), S
+            return self.call(ops.plain_size, (nx, self.k, *args), kwargs), S
         if op in ("dim", "ndimension"):
             return self.g.create_node(n.op, n.target, (nx, *args), kwargs), S
         if op == "numel":
@@ -509,13 +522,16 @@ class _Builder:
             shape = n.args[1] if len(n.args) == 2 and isinstance(n.args[1], (tuple, list)) else n.args[1:]
             if "shape" in n.kwargs:
                 shape = n.kwargs["shape"]
-            if any(isinstance(s, fx.Node) and self.env[s][1] != S for s in shape) or not shape:
+            if len(shape) == 1 and isinstance(shape[0], fx.Node) and isinstance(self.plain(shape[0]), tuple):
+                shape = shape[0]  # one size tuple computed in the forward (e.g. another tensor's .shape)
+            if any(self.env[s][1] != S or isinstance(self.plain(s), _T) for s in self.nodes_in(shape)) or not shape:
                 raise _Refuse(f"{name} with these arguments")
             out = self.tensor_meta(n)
             if out.shape[0] != meta.shape[0]:
                 raise _Refuse(f"reshapes {meta.shape} to {out.shape}: dim 0 changes, so values move between samples "
                               "and the branches' values would mix")
-            return self.call(ops.reshape_per_sample, (nx, self.k, self.new(tuple(shape)))), B
+            shape = shape if isinstance(shape, fx.Node) else tuple(shape)
+            return self.call(ops.reshape_per_sample, (nx, self.k, self.new(shape))), B
         if op in ("view_as", "reshape_as"):
             other = n.args[1]
             return self.call(ops.reshape_per_sample, (nx, self.k, self.call(ops.plain_size, (self.new(other), self.k)))), B
@@ -529,7 +545,10 @@ class _Builder:
                 return self.g.create_node(n.op, n.target, (nx, *args), kwargs), B
             return self.call(ops.along_branch_dims, ("method.permute", nx, self.k, (0, 1, *(d + 1 for d in dims[1:])))), B
         if op in _TRANSPOSE:
-            d = [self.norm_dim(v, rank) for v in n.args[1:3]]
+            given = [*n.args[1:3], *(n.kwargs[key] for key in ("dim0", "dim1") if key in n.kwargs)]
+            if len(given) != 2:
+                raise _Refuse(f"{name} with these arguments")
+            d = [self.norm_dim(v, rank) for v in given]
             if 0 in d:
                 raise _Refuse(f"{name} moves the batch dim")
             if 1 not in d:
@@ -677,10 +696,8 @@ class _Builder:
             return self.call(operator.getitem, (self.env[x][0], idx)), B
         if kind != B:
             raise _Refuse("indexes a per-branch parameter")
-        if any(k != S for k in self.kinds(idx)):
-            raise _Refuse("indexes with a branch-carrying tensor (advanced indexing is not rewritten)")
-        if any(isinstance(i, fx.Node) for i in (idx if isinstance(idx, tuple) else (idx,))):
-            raise _Refuse("indexes with a value computed in the forward")
+        if any(self.env[i][1] != S or isinstance(self.plain(i), _T) for i in self.nodes_in(idx)):
+            raise _Refuse("indexes with a tensor (advanced indexing is not rewritten)")
         return self.call(ops.getitem_per_sample, (self.env[x][0], self.k, self.new(idx))), B
 
     def getattr(self, n: fx.Node) -> tuple[Any, str]:
