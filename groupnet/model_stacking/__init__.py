@@ -3,8 +3,9 @@
 :func:`stack_models` traces the models with torch.fx and rebuilds the graph for the branch-stacked layout
 ``(N, K*C, ...)`` (:mod:`groupnet.model_stacking.graph` says op by op what is kept, replaced or rewritten). What it
 cannot prove exact it refuses with :class:`StackingError`, naming the node, its op and its source line: a silently
-different model is the one outcome it must not give. :func:`extract_branch` gives back branch k as a plain model:
-for a stacked graph, an instance of the models' own class holding branch k's tensors.
+different model is the one outcome it must not give. When the graph needs no rewrite, the models' own forward already
+acts per channel and the result is model 0 with grouped layers swapped in. :func:`extract_branch` gives back branch k
+as a plain model: an instance of the models' own class holding branch k's tensors.
 """
 
 from __future__ import annotations
