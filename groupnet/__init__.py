@@ -15,7 +15,7 @@ from groupnet.modules import (
     GroupedLinear,
 )
 from groupnet.reference import PerBranch, reference_of
-from groupnet.model_stacking import extract_branch, num_branches, stack_models
+from groupnet.model_stacking import StackingError, extract_branch, num_branches, stack_models
 from groupnet.cotraining import CoTrainingLoss, CoTrainingOutput, CoTrainingWeightRamp
 from groupnet.ensembling import ensemble, split_branches
 from groupnet.complexity import Complexity, complexity
@@ -48,6 +48,7 @@ __all__ = [
     "GroupedLayerNorm",
     "GroupedLinear",
     "PerBranch",
+    "StackingError",
     "branch_slice",
     "extract_branch",
     "functional",

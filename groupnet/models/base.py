@@ -17,7 +17,7 @@ import warnings
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor, fx, nn
 
 from groupnet.branch_major import EXECUTION_ORDERS, branch_major_forward, hooked_modules, prefer_branch_major
 from groupnet.ops import grouped_conv2d
@@ -58,6 +58,10 @@ class GroupedClassifier(nn.Module):
         the last-level cache, grouped otherwise, under ``torch.compile`` and when modules carry forward hooks. All
         compute the same function.
         """
+        if isinstance(x, fx.Proxy):
+            # symbolic tracing: the input checks and the execution-order choice read concrete sizes, so the traced
+            # graph is the grouped path for K per-branch views (a shared view then fails the first conv's check)
+            return self._grouped_forward(x, False)
         shared = self._input_is_shared(x)
         if self._runs_branch_major(x):
             return branch_major_forward(self, x, shared_input=shared)

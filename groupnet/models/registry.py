@@ -7,6 +7,7 @@ Names (the UNSPLIT network; ``branches=K`` divides it):
   from 164 on (164).
 - ``wrn-{D}-{k}``: Wide ResNet, D = 6n+4 (wrn-16-4, wrn-16-8, wrn-28-10, wrn-40-10).
 - ``resnext{D}-{C}x{W}d``: CIFAR ResNeXt, D = 9n+2 (resnext29-8x64d, resnext29-16x64d).
+- ``pkg.module:Class``: the user's own plain model, built K times and stacked (:mod:`groupnet.models.imported`).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from torch import nn
 
 from groupnet.models.base import GroupedClassifier
 from groupnet.models.divide import divide as divide_spec
+from groupnet.models.imported import build_imported, is_import_path
 from groupnet.models.resnet import CifarResNet, resnet_spec
 from groupnet.models.resnext import resnext_spec
 from groupnet.models.small_cnn import SmallCNN, small_cnn_spec
@@ -87,12 +89,14 @@ def build_from_spec(spec: ArchSpec, *, branches: int, num_classes: int, in_chann
 
 
 def build_model(arch: str, *, branches: int, num_classes: int, in_channels: int = 3, divide_rule: str = "splitnet",
-                divide: bool = True, **overrides) -> nn.Module:
+                divide: bool = True, image_size: int | None = None, **overrides) -> nn.Module:
     """Build the zoo model ``arch`` as K branches in one grouped model.
 
     Args:
         arch: the UNSPLIT network, e.g. ``"wrn-28-10"``, ``"resnet56"``, ``"resnext29-8x64d"``, ``"small_cnn"``
-            (see :func:`available_models`).
+            (see :func:`available_models`), or ``"pkg.module:Class"``: a plain model of one's own, built K times
+            (seeds ``torch.initial_seed() + k``, keywords ``num_classes`` and ``in_channels`` where its ``__init__``
+            takes them) and stacked; it is not divided.
         branches: K. K=1 is the ordinary network.
         num_classes: classes per branch; the logits are ``(N, K*num_classes)``.
         in_channels: channels of one view; the model reads ``(N, K*in_channels, H, W)`` (view k to branch k) or a
@@ -100,10 +104,17 @@ def build_model(arch: str, *, branches: int, num_classes: int, in_channels: int 
         divide: divide the network into K branches of about 1/K its size (SplitNet); False builds K full copies.
         divide_rule: ``"splitnet"`` (the reference code's per-family rules) or ``"parity"`` (every width / sqrt(K));
             see :mod:`groupnet.models.divide`.
+        image_size: for an imported model, the input size the stacking runs its graph on once (default: read from
+            the first layer).
         **overrides: :class:`ArchSpec` fields (``depths``, ``widths``, ``stem_width``, ``mid_widths``, ``groups``,
             ``drop_rate``, ``block_drop_rate``, ``zero_init_residual``, ``strides``) set on the per-branch spec
             AFTER division, taken as given: explicit per-branch sizes.
     """
+    if is_import_path(arch):
+        if overrides:
+            raise ValueError(f"ArchSpec overrides {sorted(overrides)} apply to zoo models, not to {arch!r}")
+        return build_imported(arch, branches=branches, num_classes=num_classes, in_channels=in_channels,
+                              image_size=image_size)
     spec = arch_spec(arch)
     if divide:
         spec = divide_spec(spec, branches, divide_rule)

@@ -6,11 +6,13 @@ import math
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from groupnet import _checks
 from groupnet.ops import grouped_conv2d
 from groupnet.modules._branch_params import check_branch_index, check_branch_modules, load_branch, split_rows
+from groupnet.modules._fx import leaf_call
 from groupnet.modules.branchwise import BranchSkeletonMixin
 
 
@@ -75,6 +77,9 @@ class GroupedConv2d(BranchSkeletonMixin, nn.Module):
                     nn.init.uniform_(self.bias[k * c : (k + 1) * c], -bound, bound)
 
     def forward(self, x: Tensor) -> Tensor:
+        traced = leaf_call(self, x)
+        if traced is not None:
+            return traced
         return grouped_conv2d(
             x,
             self.weight,
@@ -85,6 +90,10 @@ class GroupedConv2d(BranchSkeletonMixin, nn.Module):
             dilation=self.dilation,
             groups=self.groups,
         )
+
+    def _traced_root(self, x: Tensor) -> Tensor:
+        return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation,
+                        self.branches * self.groups)
 
     def branch_tensors(self) -> list[dict[str, Tensor]]:
         """The K branches' parameters as views (autograd flows back to the stacked ones), named as in ``branch(k)``."""

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from groupnet import _checks
 from groupnet.ops import grouped_linear
 from groupnet.modules._branch_params import check_branch_index, check_branch_modules, load_branch, unbind_branches
+from groupnet.modules._fx import leaf_call
 from groupnet.modules.branchwise import BranchSkeletonMixin
 
 
@@ -50,7 +51,18 @@ class GroupedLinear(BranchSkeletonMixin, nn.Module):
                     nn.init.uniform_(self.bias[k], -bound, bound)
 
     def forward(self, x: Tensor) -> Tensor:
+        traced = leaf_call(self, x)
+        if traced is not None:
+            return traced
         return grouped_linear(x, self.weight, self.bias)
+
+    def _traced_root(self, x: Tensor) -> Tensor:
+        # (..., K, 1, in) @ (K, in, out): broadcasting matmul, no shape arithmetic on the proxy
+        y = torch.matmul(x.unflatten(-1, (self.branches, self.in_features)).unsqueeze(-2),
+                         self.weight.transpose(1, 2)).squeeze(-2)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.flatten(-2)
 
     def branch_tensors(self) -> list[dict[str, Tensor]]:
         """The K branches' parameters as views (autograd flows back to the stacked ones), named as in ``branch(k)``."""

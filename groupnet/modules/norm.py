@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor, fx, nn
 
 from groupnet import _checks
 from groupnet.modules._branch_params import (
@@ -22,6 +22,7 @@ from groupnet.modules._branch_params import (
     split_rows,
     unbind_branches,
 )
+from groupnet.modules._fx import leaf_call
 from groupnet.modules.branchwise import BranchSkeletonMixin
 
 
@@ -37,6 +38,13 @@ class _GroupedBatchNormMixin(BranchSkeletonMixin):
         name = type(self).__name__
         _checks.check_rank(x, self._ranks, name)
         _checks.check_channels(x.shape[1], self.branches, self.branch_features, name)
+
+    def _traced_root(self, x: Tensor) -> Tensor:
+        return super().forward(x)  # type: ignore[misc]
+
+    def _check_input_dim(self, x: Tensor) -> None:
+        if not isinstance(x, fx.Proxy):  # the grouped forward checks the rank itself, before torch's forward runs
+            super()._check_input_dim(x)  # type: ignore[misc]
 
     def branch_tensors(self) -> list[dict[str, Tensor]]:
         """The K branches' parameters and running statistics as views, named as in ``branch(k)``.
@@ -106,6 +114,9 @@ class GroupedBatchNorm2d(_GroupedBatchNormMixin, nn.BatchNorm2d):
         self._init_grouped(num_features, branches)
 
     def forward(self, x: Tensor) -> Tensor:
+        traced = leaf_call(self, x)
+        if traced is not None:
+            return traced
         self._check(x)
         return super().forward(x)
 
@@ -126,6 +137,9 @@ class GroupedBatchNorm1d(_GroupedBatchNormMixin, nn.BatchNorm1d):
         self._init_grouped(num_features, branches)
 
     def forward(self, x: Tensor) -> Tensor:
+        traced = leaf_call(self, x)
+        if traced is not None:
+            return traced
         self._check(x)
         return super().forward(x)
 
@@ -154,11 +168,17 @@ class GroupedLayerNorm(BranchSkeletonMixin, nn.Module):
             self.register_parameter("bias", None)
 
     def forward(self, x: Tensor) -> Tensor:
+        traced = leaf_call(self, x)
+        if traced is not None:
+            return traced
         if x.dim() < 1:
             raise ValueError(f"{type(self).__name__} expects (..., K*num_features), got a scalar")
         _checks.check_channels(x.shape[-1], self.branches, self.num_features, type(self).__name__, "features")
         if self.weight is not None:
             _checks.check_same(x, self.weight, type(self).__name__)
+        return self._traced_root(x)
+
+    def _traced_root(self, x: Tensor) -> Tensor:
         y = F.layer_norm(x.unflatten(-1, (self.branches, self.num_features)), (self.num_features,), eps=self.eps)
         if self.weight is not None:
             y = y * self.weight

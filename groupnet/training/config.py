@@ -256,7 +256,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g = p.add_argument_group("model and data")
     g.add_argument("--config", help="YAML or TOML file setting any option below (the command line wins)")
-    g.add_argument("--model", help=f"architecture (groupnet.models.available_models()) [{d.model}]")
+    g.add_argument("--model", help=f"architecture (groupnet.models.available_models()), or pkg.module:Class for a "
+                   f"plain model of one's own, built K times and stacked [{d.model}]")
     g.add_argument("--branches", "-K", type=int, help=f"K, the number of branches [{d.branches}]")
     g.add_argument("--dataset", choices=DATASETS, help=f"data set [{d.dataset}]")
     g.add_argument("--data-dir", help="folder holding the data set (cifar-10-batches-py/, cifar-100-python/, or "

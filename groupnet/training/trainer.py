@@ -24,6 +24,7 @@ from groupnet.cotraining import CoTrainingLoss, CoTrainingWeightRamp
 from groupnet.cpu_memory import retain_freed_memory
 from groupnet.data import Augment, DataBundle, eval_loader, load_dataset, train_loader
 from groupnet.models import arch_spec, build_model, split_weight_decay
+from groupnet.models.imported import is_import_path, load_class
 from groupnet.training import checkpoint as ckpt_io
 from groupnet.training.config import MODEL_IDENTITY, RunOptions, TrainRecipe, coerce, make_config
 from groupnet.training.distributed import (
@@ -149,7 +150,7 @@ class Trainer:
         if cfg.amp and self.device.type != "cuda":
             raise ConfigError("--amp needs a CUDA device (it is float16 autocast with gradient scaling)")
         try:
-            arch_spec(cfg.model)
+            load_class(cfg.model) if is_import_path(cfg.model) else arch_spec(cfg.model)
         except ValueError as e:
             raise ConfigError(f"--model: {e}") from None
         self.data: DataBundle = load_dataset(cfg.dataset, cfg.data_dir, image_size=cfg.image_size,
@@ -187,7 +188,7 @@ class Trainer:
             self.run_dir = Path(name)
         seed_everything(cfg.seed)
         model = build_model(cfg.model, branches=cfg.branches, num_classes=data.num_classes,
-                            in_channels=data.in_channels).to(self.device)
+                            in_channels=data.in_channels, image_size=data.image_size).to(self.device)
         model.execution_order = cfg.execution_order
         if cfg.channels_last:
             model = model.to(memory_format=torch.channels_last)
