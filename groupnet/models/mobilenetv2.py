@@ -47,6 +47,7 @@ class InvertedResidual(nn.Module):
     def __init__(self, w_in: int, w_out: int, stride: int, expand_ratio: float, branches: int) -> None:
         super().__init__()
         mid = inner_width(expand_ratio, w_in) if expand_ratio != 1 else w_in
+        self.expand_ratio = expand_ratio
         self.expand = None
         if expand_ratio != 1:
             self.expand = conv1x1(w_in, mid, branches)

@@ -247,8 +247,8 @@ class DynamicGroupedBatchNorm2d(GroupedBatchNorm2d):
         if self.training:
             self.num_batches_tracked.add_(1)
             factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
-        mean = self._slice(self.running_mean).reshape(k * c)
-        var = self._slice(self.running_var).reshape(k * c)
+        mean = self._slice(self.running_mean).reshape(k * c).clone()  # clone: at K=1 the reshape is a view
+        var = self._slice(self.running_var).reshape(k * c).clone()
         weight = None if self.weight is None else self._slice(self.weight).reshape(k * c)
         bias = None if self.bias is None else self._slice(self.bias).reshape(k * c)
         y = F.batch_norm(x, mean, var, weight, bias, self.training, factor, self.eps)

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from groupnet.training.hooks import HookBuilder
+from groupnet.training.netaug_hook import build_netaug_hook
 
 #: Asked in this order; a method adds its builder here.
-METHOD_HOOKS: list[HookBuilder] = []
+METHOD_HOOKS: list[HookBuilder] = [build_netaug_hook]
