@@ -45,7 +45,9 @@ __all__ = ["NetAugHook", "build_netaug_hook", "augmented_loss"]
 def augmented_loss(logits: Tensor, target: Tensor, branches: int) -> Tensor:
     """``sum_k CE_k`` of the augmented model's logits ``(N, K*C)``, each branch's mean over the batch; ``target`` is
     class indices ``(N,)`` or soft targets ``(N, C)`` (mixup)."""
-    z = logits.float().unflatten(1, (branches, -1)).transpose(0, 1).flatten(0, 1)  # (K*N, C)
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()
+    z = logits.unflatten(1, (branches, -1)).transpose(0, 1).flatten(0, 1)  # (K*N, C)
     t = target.repeat(branches) if target.dim() == 1 else target.repeat(branches, 1)
     return F.cross_entropy(z, t) * branches
 
