@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 
@@ -76,3 +77,19 @@ def test_bad_netaug_options_are_refused(tmp_path, capsys, extra, message):
     assert main(quick(tmp_path / "run", "--method", "netaug", *extra)) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def test_netaug_trains_on_two_processes(tmp_path):
+    """Under DDP (2 CPU processes, gloo) the tiny pass runs inside no_sync() and the augmented pass all-reduces;
+    every rank draws the same configurations, so the grouped op shapes agree and the run completes."""
+    out = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore::FutureWarning"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+         "groupnet.train", *quick(out, "--epochs", "1", "--method", "netaug", "--no-sync-bn",
+                                  "--netaug-bn-images", "64")],
+        capture_output=True, text=True, cwd=tmp_path, env=env, timeout=500)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "2 processes" in proc.stdout
+    row = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    assert math.isfinite(row["netaug_aug_loss"])

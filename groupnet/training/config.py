@@ -97,8 +97,15 @@ class TrainRecipe:
     netaug_sort: bool = True
     netaug_bn_images: int = 2000
 
+    def __post_init__(self) -> None:
+        for name in ("netaug_width", "netaug_expand"):  # lists (JSON, YAML, a saved recipe) held as tuples
+            value = getattr(self, name)
+            if isinstance(value, list):
+                setattr(self, name, tuple(value))
+
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The recipe as plain JSON values (tuples as lists), as ``config.json`` and the checkpoint hold it."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
 
     def replace(self, **changes: Any) -> TrainRecipe:
         return dataclasses.replace(self, **changes)
