@@ -8,6 +8,9 @@ from groupnet import functional, layout, ops, reference, sparse
 from groupnet.layout import branch_slice, repeat, stack, unstack
 from groupnet.ops import use_backend
 from groupnet.modules import (
+    DynamicGroupedBatchNorm2d,
+    DynamicGroupedConv2d,
+    DynamicGroupedLinear,
     GroupedBatchNorm1d,
     GroupedBatchNorm2d,
     GroupedConv2d,
@@ -21,6 +24,7 @@ from groupnet.ensembling import ensemble, split_branches
 from groupnet.complexity import Complexity, complexity
 from groupnet.models import available_models, build_model
 from groupnet.fuse import fuse_for_inference
+from groupnet.netaug import WidthSpace, make_dynamic, recalibrate_batchnorm
 from groupnet.branch_major import branch_major_forward
 from groupnet.cpu_memory import retain_freed_memory
 from groupnet.sparse import DynamicSparseTraining, Masking, itop_stats
@@ -34,6 +38,12 @@ __all__ = [
     "Complexity",
     "DynamicSparseTraining",
     "Masking",
+    "DynamicGroupedBatchNorm2d",
+    "DynamicGroupedConv2d",
+    "DynamicGroupedLinear",
+    "WidthSpace",
+    "make_dynamic",
+    "recalibrate_batchnorm",
     "available_models",
     "branch_major_forward",
     "build_model",

@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parent.parent
 LAYERS: list[tuple[str, ...]] = [
     ("groupnet.train", "groupnet.eval", "groupnet.scaling", "groupnet.roofline", "groupnet.experiments"),  # CLIs
     ("groupnet.training",),
-    ("groupnet.fuse",),
+    ("groupnet.fuse", "groupnet.netaug"),
     ("groupnet.models", "groupnet.data"),
     ("groupnet.branch_major", "groupnet.reference", "groupnet.complexity", "groupnet.cotraining",
      "groupnet.ensembling", "groupnet.opcount", "groupnet.cpu_memory", "groupnet.sparse"),  # tools over grouped layers

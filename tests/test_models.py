@@ -32,6 +32,7 @@ TINY = {
     "resnet_bottleneck": ("resnet164", {"depths": (1, 1, 1)}, 3),
     "wrn": ("wrn-16-2", {"depths": (1, 2, 1)}, 3),
     "resnext": ("resnext29-4x4d", {"depths": (1, 1, 1), "widths": (16, 32, 64), "stem_width": 8}, 3),
+    "mobilenetv2": ("mobilenetv2_tiny", {"depths": (1, 2, 1, 1)}, 1),
 }
 NUM_CLASSES = 5
 

@@ -7,6 +7,7 @@ and returns the K branches' logits ``(N, K*num_classes)`` (branch k at ``[:, k*n
 from groupnet.models.base import GroupedClassifier
 from groupnet.models.divide import divide, split_drop_rate, split_weight_decay
 from groupnet.models.registry import arch_spec, available_models, build_from_spec, build_model, model_descriptions
+from groupnet.models.mobilenetv2 import MobileNetV2
 from groupnet.models.resnet import CifarResNet
 from groupnet.models.small_cnn import SmallCNN
 from groupnet.models.spec import ArchSpec
@@ -16,6 +17,7 @@ __all__ = [
     "ArchSpec",
     "CifarResNet",
     "GroupedClassifier",
+    "MobileNetV2",
     "SmallCNN",
     "WideResNet",
     "arch_spec",

@@ -23,6 +23,7 @@ from groupnet.branch_major import EXECUTION_ORDERS, branch_major_forward, hooked
 from groupnet.ops import grouped_conv2d
 from groupnet.models.spec import ArchSpec
 from groupnet.modules import GroupedBatchNorm2d, GroupedConv2d, GroupedLinear
+from groupnet.modules.dynamic import DynamicGroupedConv2d
 
 
 class GroupedClassifier(nn.Module):
@@ -114,7 +115,9 @@ class GroupedClassifier(nn.Module):
         if not shared:
             return self.conv1(x)
         conv = self.conv1
-        return grouped_conv2d(x, conv.weight, conv.bias, branches=1, stride=conv.stride, padding=conv.padding,
+        # a dynamic-width first conv (network augmentation) runs its active output slice
+        weight, bias = conv.active_parameters() if isinstance(conv, DynamicGroupedConv2d) else (conv.weight, conv.bias)
+        return grouped_conv2d(x, weight, bias, branches=1, stride=conv.stride, padding=conv.padding,
                               dilation=conv.dilation, groups=conv.groups)
 
     def extra_repr(self) -> str:

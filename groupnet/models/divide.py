@@ -11,6 +11,8 @@ SplitNet code (Zhao et al., "Divide and Co-training", model/*.py) writes this as
 - ResNeXt: the cardinality is divided, groups -> groups/K, the width per group kept (ResNeXt-29 8x64d -> 2x 4x64d).
   The stem, the stage output widths and the shortcut projections are not divided, so parameters go up a little.
 - small_cnn has no SplitNet rule: every width is divided by sqrt(K), as in rule ``"parity"``.
+- mobilenetv2 (SplitNet has no rule for it either): every width (stem, stages, head conv) divided by sqrt(K),
+  expansion ratios kept; the 1x1 convs then shrink by K, the depthwise convs by sqrt(K) (1.10x total at K=2).
 
 Rule ``"parity"`` divides every width of any spec (stem, stage and bottleneck widths) by sqrt(K), rounded to the
 nearest int (bottleneck widths to a multiple of the cardinality, which is kept). It holds the total parameters
@@ -74,7 +76,7 @@ def divide(spec: ArchSpec, branches: int, rule: str = "splitnet") -> ArchSpec:
         raise ValueError(f"division rule must be one of {RULES}, got {rule!r}")
     if branches == 1:
         return spec
-    if rule == "parity" or spec.family == "small_cnn":
+    if rule == "parity" or spec.family in ("small_cnn", "mobilenetv2"):
         out = scale_widths(spec, 1 / math.sqrt(branches), divisor=1)
     elif spec.family == "wrn":
         out = _divide_wrn(spec, branches)
@@ -95,13 +97,15 @@ def round_width(w: float, divisor: int = 1) -> int:
 
 def scale_widths(spec: ArchSpec, factor: float, divisor: int = 1) -> ArchSpec:
     """Every width of ``spec`` times ``factor``, rounded to ``divisor``; bottleneck widths to a multiple of
-    ``lcm(divisor, groups)`` (the cardinality is kept, so the width per group scales)."""
+    ``lcm(divisor, groups)`` (the cardinality is kept, so the width per group scales); expansion ratios kept."""
     mids = None
     if spec.mid_widths is not None:
         d = math.lcm(divisor, spec.groups)
         mids = tuple(round_width(m * factor, d) for m in spec.mid_widths)
+    head = None if spec.head_width is None else round_width(spec.head_width * factor, divisor)
     return spec.replace(stem_width=round_width(spec.stem_width * factor, divisor),
-                        widths=tuple(round_width(w * factor, divisor) for w in spec.widths), mid_widths=mids)
+                        widths=tuple(round_width(w * factor, divisor) for w in spec.widths), mid_widths=mids,
+                        head_width=head)
 
 
 def _divide_wrn(spec: ArchSpec, branches: int) -> ArchSpec:

@@ -8,6 +8,7 @@ Names (the UNSPLIT network; ``branches=K`` divides it):
 - ``wrn-{D}-{k}``: Wide ResNet, D = 6n+4 (wrn-16-4, wrn-16-8, wrn-28-10, wrn-40-10).
 - ``resnext{D}-{C}x{W}d``: CIFAR ResNeXt, D = 9n+2 (resnext29-8x64d, resnext29-16x64d).
 - ``pkg.module:Class``: the user's own plain model, built K times and stacked (:mod:`groupnet.models.imported`).
+- ``mobilenetv2_tiny``: a tiny MobileNetV2 (inverted bottlenecks, depthwise convs) for the 8x8 digits.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from torch import nn
 from groupnet.models.base import GroupedClassifier
 from groupnet.models.divide import divide as divide_spec
 from groupnet.models.imported import build_imported, is_import_path
+from groupnet.models.mobilenetv2 import MobileNetV2, mobilenetv2_tiny_spec
 from groupnet.models.resnet import CifarResNet, resnet_spec
 from groupnet.models.resnext import resnext_spec
 from groupnet.models.small_cnn import SmallCNN, small_cnn_spec
@@ -31,10 +33,12 @@ FAMILY_CLASSES: dict[str, type[GroupedClassifier]] = {
     "resnet": CifarResNet,
     "resnext": CifarResNet,
     "wrn": WideResNet,
+    "mobilenetv2": MobileNetV2,
 }
 
 _PATTERNS: list[tuple[re.Pattern, Callable[..., ArchSpec]]] = [
     (re.compile(r"small[_-]cnn"), lambda: small_cnn_spec()),
+    (re.compile(r"mobilenetv2[_-]tiny"), lambda: mobilenetv2_tiny_spec()),
     (re.compile(r"resnet(\d+)"), lambda d: resnet_spec(int(d))),
     (re.compile(r"wrn-(\d+)-(\d+)"), lambda d, k: wrn_spec(int(d), int(k))),
     (re.compile(r"resnext(\d+)-(\d+)x(\d+)d"), lambda d, c, w: resnext_spec(int(d), int(c), int(w))),
@@ -42,6 +46,7 @@ _PATTERNS: list[tuple[re.Pattern, Callable[..., ArchSpec]]] = [
 
 MODELS: dict[str, str] = {
     "small_cnn": "plain conv net for 8x8 digits (1 channel), 24k params",
+    "mobilenetv2_tiny": "tiny MobileNetV2 (inverted bottlenecks, depthwise convs) for 8x8 digits, 35k params",
     "resnet20": "CIFAR ResNet-20, basic blocks, widths 16/32/64, 0.27M params",
     "resnet32": "CIFAR ResNet-32, basic blocks, widths 16/32/64, 0.47M params",
     "resnet44": "CIFAR ResNet-44, basic blocks, widths 16/32/64, 0.66M params",

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-BLOCKS = ("plain", "basic", "bottleneck", "preact")
+BLOCKS = ("plain", "basic", "bottleneck", "preact", "inverted")
 
 
 @dataclass(frozen=True)
@@ -18,9 +18,11 @@ class ArchSpec:
     """Sizes of ONE branch of a CIFAR-style network (the grouped model holds K such branches).
 
     Attributes:
-        family: the zoo family that builds it (``"small_cnn"``, ``"resnet"``, ``"resnext"``, ``"wrn"``).
+        family: the zoo family that builds it (``"small_cnn"``, ``"resnet"``, ``"resnext"``, ``"wrn"``,
+            ``"mobilenetv2"``).
         block: ``"plain"`` (conv-BN-ReLU), ``"basic"`` (ResNet basic block, post-activation),
-            ``"bottleneck"`` (1x1-3x3-1x1, post-activation, 3x3 grouped by ``groups``) or ``"preact"`` (WRN).
+            ``"bottleneck"`` (1x1-3x3-1x1, post-activation, 3x3 grouped by ``groups``), ``"preact"`` (WRN) or
+            ``"inverted"`` (MobileNetV2's inverted bottleneck: 1x1 expand, 3x3 depthwise, 1x1 linear projection).
         depths: blocks per stage.
         widths: output channels of each stage.
         stem_width: output channels of the first conv.
@@ -30,6 +32,9 @@ class ArchSpec:
         drop_rate: dropout before the classifier.
         block_drop_rate: dropout between the two convs of a ``preact`` block (WRN's dropout).
         zero_init_residual: zero-init the gamma of the last BN of each residual block (``basic``/``bottleneck``).
+        expand_ratios: expansion ratio of each stage's inverted bottlenecks (``inverted`` only): the inner width
+            is ``round(ratio * input width)``; 1 means no expand conv.
+        head_width: output channels of the 1x1 conv before the global pool (``inverted`` only).
     """
 
     family: str
@@ -43,9 +48,12 @@ class ArchSpec:
     drop_rate: float = 0.0
     block_drop_rate: float = 0.0
     zero_init_residual: bool = True
+    # inverted bottlenecks (MobileNetV2) only
+    expand_ratios: tuple[float, ...] | None = None
+    head_width: int | None = None
 
     def __post_init__(self) -> None:
-        for name in ("depths", "widths", "strides", "mid_widths"):
+        for name in ("depths", "widths", "strides", "mid_widths", "expand_ratios"):
             value = getattr(self, name)
             if isinstance(value, list):
                 object.__setattr__(self, name, tuple(value))
@@ -74,6 +82,17 @@ class ArchSpec:
                     )
         elif self.mid_widths is not None or self.groups != 1:
             raise ValueError(f"mid_widths and groups apply to bottleneck blocks only, block is {self.block!r}")
+        if self.block == "inverted":
+            if self.expand_ratios is None or len(self.expand_ratios) != n:
+                raise ValueError(f"an inverted-bottleneck ArchSpec needs {n} expand_ratios, got {self.expand_ratios}")
+            for i, r in enumerate(self.expand_ratios):
+                if isinstance(r, bool) or not isinstance(r, (int, float)) or not r >= 1:
+                    raise ValueError(f"ArchSpec.expand_ratios[{i}] must be a number >= 1, got {r!r}")
+            h = self.head_width
+            if isinstance(h, bool) or not isinstance(h, int) or h < 1:
+                raise ValueError(f"ArchSpec.head_width must be a positive int for inverted bottlenecks, got {h!r}")
+        elif self.expand_ratios is not None or self.head_width is not None:
+            raise ValueError(f"expand_ratios and head_width apply to inverted bottlenecks only, block is {self.block!r}")
         for name in ("drop_rate", "block_drop_rate"):
             p = getattr(self, name)
             if not 0.0 <= p < 1.0:
@@ -94,8 +113,10 @@ class ArchSpec:
             s += f" mid={_join(self.mid_widths)}"
         if self.groups != 1:
             s += f" g={self.groups}"
+        if self.expand_ratios is not None:
+            s += f" t={_join(self.expand_ratios)} head={self.head_width}"
         return s
 
 
-def _join(values: tuple[int, ...]) -> str:
-    return ",".join(str(v) for v in values)
+def _join(values: tuple[float, ...]) -> str:
+    return ",".join(str(v) if isinstance(v, int) else f"{v:g}" for v in values)

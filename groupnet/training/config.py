@@ -28,6 +28,8 @@ from groupnet.sparse import DROP_SCHEDULES, DST_METHODS, SPARSE_INITS
 from groupnet.training.errors import ConfigError
 
 ENSEMBLE_MODES = ("logits", "probs", "geometric")
+#: Training methods: plain co-training, or network augmentation of each branch (groupnet.training.netaug_hook).
+METHODS = ("cotrain", "netaug")
 LR_SCHEDULES = ("cosine", "constant")
 #: Recipe fields that define the model a checkpoint holds: a resumed run may not change them.
 MODEL_IDENTITY = ("model", "branches", "dataset", "image_size")
@@ -97,9 +99,24 @@ class TrainRecipe:
     drop_schedule: str = "cosine"
     update_until: float = 0.75
     dense_first_last: bool = False
+    # training method: network augmentation (NetAug) trains each branch as the leading slice of wider models
+    method: str = "cotrain"
+    netaug_width: tuple[float, ...] = (1.0, 1.8, 2.6)
+    netaug_expand: tuple[float, ...] = (1.0, 1.6, 2.2, 2.8)
+    netaug_alpha: float = 1.0
+    netaug_stop: float = 0.5
+    netaug_sort: bool = True
+    netaug_bn_images: int = 2000
+
+    def __post_init__(self) -> None:
+        for name in ("netaug_width", "netaug_expand"):  # lists (JSON, YAML, a saved recipe) held as tuples
+            value = getattr(self, name)
+            if isinstance(value, list):
+                setattr(self, name, tuple(value))
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The recipe as plain JSON values (tuples as lists), as ``config.json`` and the checkpoint hold it."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
 
     def replace(self, **changes: Any) -> TrainRecipe:
         return dataclasses.replace(self, **changes)
@@ -144,7 +161,8 @@ def _expected_types(name: str) -> tuple[type, ...]:
     types: list[type] = []
     for part in ann.split("|"):
         part = part.strip()
-        types += {"int": [int], "float": [float, int], "str": [str], "bool": [bool], "None": [type(None)]}[part]
+        types += {"int": [int], "float": [float, int], "str": [str], "bool": [bool], "None": [type(None)],
+                  "tuple[float, ...]": [tuple, list]}[part]
     return tuple(types)
 
 
@@ -159,6 +177,10 @@ def coerce(name: str, value: Any, source: str) -> Any:
         raise ConfigError(f"{source}: option {name!r} must be {want}, got {value!r}")
     if float in types and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tuple in types:  # a list of numbers (command line, config file, JSON): a tuple of floats
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+            raise ConfigError(f"{source}: option {name!r} must be a list of numbers, got {value!r}")
+        return tuple(float(v) for v in value)
     return value
 
 
@@ -292,6 +314,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="random horizontal flip [data set default: off for digits, on otherwise]")
     g.add_argument("--cutout", type=int, help=f"cutout square side, 0 = off [{d.cutout}]")
     g.add_argument("--mixup-alpha", type=float, help=f"mixup Beta(alpha, alpha), 0 = off [{d.mixup_alpha}]")
+    g = p.add_argument_group("network augmentation (--method netaug)")
+    g.add_argument("--method", choices=METHODS,
+                   help=f"training method: plain co-training, or network augmentation (NetAug) of each tiny branch "
+                   f"[{d.method}]")
+    g.add_argument("--netaug-width", type=float, nargs="+",
+                   help=f"width multipliers of the augmented models, >= 1, including 1 "
+                   f"[{' '.join(f'{v:g}' for v in d.netaug_width)}]")
+    g.add_argument("--netaug-expand", type=float, nargs="+",
+                   help=f"expansion-ratio multipliers of inverted bottlenecks, >= 1, including 1 "
+                   f"[{' '.join(f'{v:g}' for v in d.netaug_expand)}]")
+    g.add_argument("--netaug-alpha", type=float, help=f"weight of the augmented model's loss [{d.netaug_alpha:g}]")
+    g.add_argument("--netaug-stop", type=float,
+                   help=f"fraction of training after which width augmentation stops [{d.netaug_stop:g}]")
+    g.add_argument("--netaug-sort", action=argparse.BooleanOptionalAction,
+                   help=f"sort inner channels by L1 importance every epoch [{d.netaug_sort}]")
+    g.add_argument("--netaug-bn-images", type=int,
+                   help=f"training images that re-estimate BN statistics before each evaluation [{d.netaug_bn_images}]")
     g = p.add_argument_group("execution")
     g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, help=f"[{d.channels_last}]")
     g.add_argument("--execution-order", choices=EXECUTION_ORDERS,
@@ -402,9 +441,40 @@ def validate(cfg: TrainRecipe, opts: RunOptions | None = None) -> None:
          f"--drop-schedule must be one of {DROP_SCHEDULES}, got {cfg.drop_schedule!r}")
     need(math.isfinite(cfg.update_until) and 0 <= cfg.update_until <= 1,
          f"--update-until must be in [0, 1], got {cfg.update_until}")
+    need(cfg.method in METHODS, f"--method must be one of {METHODS}, got {cfg.method!r}")
+    if cfg.method == "netaug":
+        _validate_netaug(cfg)
+        need(cfg.density is None, "--method netaug with --density: sparse masks on the NetAug super-model are not "
+             "supported; train one of them at a time")
     if opts is None:
         return
     need(opts.workers >= 0, f"--workers must be >= 0, got {opts.workers}")
     need(opts.threads is None or opts.threads >= 1, f"--threads must be >= 1, got {opts.threads}")
     need(not (opts.evaluate and opts.resume is None),
          "--evaluate needs --resume CHECKPOINT (or use python -m groupnet.eval)")
+
+
+def _validate_netaug(cfg: TrainRecipe) -> None:
+    """The network-augmentation options, and whether the model has dynamic-width support."""
+    from groupnet.models import arch_spec
+    from groupnet.netaug import check_multipliers, check_supported_spec
+
+    try:
+        check_multipliers("--netaug-width", cfg.netaug_width)
+        check_multipliers("--netaug-expand", cfg.netaug_expand)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if not (math.isfinite(cfg.netaug_alpha) and cfg.netaug_alpha >= 0):
+        raise ConfigError(f"--netaug-alpha must be a finite number >= 0, got {cfg.netaug_alpha}")
+    if not 0 <= cfg.netaug_stop <= 1:
+        raise ConfigError(f"--netaug-stop must be a fraction of training in [0, 1], got {cfg.netaug_stop}")
+    if cfg.netaug_bn_images < 1:
+        raise ConfigError(f"--netaug-bn-images must be >= 1, got {cfg.netaug_bn_images}")
+    try:
+        spec = arch_spec(cfg.model)
+    except ValueError:
+        return  # the trainer reports an unknown model
+    try:
+        check_supported_spec(spec)
+    except ValueError as e:
+        raise ConfigError(f"--method netaug: {e}") from None

@@ -28,6 +28,11 @@ class TrainingHook:
     #: Key of this hook's state in the checkpoint's ``"hooks"`` dict; unique per run.
     name: str = "hook"
 
+    def prepare_model(self, model: nn.Module) -> nn.Module:
+        """Called once the model is built and before a checkpoint's weights are loaded into it; returns the model
+        to train (the same one, or one built from it, e.g. a wider super-model). The optimizer is built after."""
+        return model
+
     def setup(self, trainer: Any) -> None:
         """Called once the model, optimizer, scheduler and loaders are built, before a checkpoint is restored."""
 

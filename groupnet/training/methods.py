@@ -4,8 +4,8 @@
 from __future__ import annotations
 
 from groupnet.training.hooks import HookBuilder
+from groupnet.training.netaug_hook import build_netaug_hook
 from groupnet.training.sparse_hook import sparse_hook
 
 #: Asked in this order; a method adds its builder here.
-METHOD_HOOKS: list[HookBuilder] = []
-METHOD_HOOKS.append(sparse_hook)
+METHOD_HOOKS: list[HookBuilder] = [sparse_hook, build_netaug_hook]

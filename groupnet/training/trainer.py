@@ -190,6 +190,9 @@ class Trainer:
         model = build_model(cfg.model, branches=cfg.branches, num_classes=data.num_classes,
                             in_channels=data.in_channels, image_size=data.image_size).to(self.device)
         model.execution_order = cfg.execution_order
+        self.hooks = build_hooks(cfg, METHOD_HOOKS)
+        for hook in self.hooks:
+            model = hook.prepare_model(model)
         if cfg.channels_last:
             model = model.to(memory_format=torch.channels_last)
         if self.ckpt is not None:
@@ -230,7 +233,6 @@ class Trainer:
         self.step_ctx = StepContext(self.loss_fn, self.optimizer, self.scheduler, self.scaler, self.device,
                                     cfg.branches, data.num_classes, cfg.ensemble, cfg.channels_last, cfg.amp,
                                     cfg.mixup_alpha, cfg.seed, ctx.rank)
-        self.hooks = build_hooks(cfg, METHOD_HOOKS)
         self.step_ctx.hooks = self.hooks
         for hook in self.hooks:
             hook.setup(self)
