@@ -72,6 +72,7 @@ def test_a_netaug_run_resumes_exactly(tmp_path):
     (("--netaug-width", "0.5", "1"), "--netaug-width must be numbers >= 1"),
     (("--netaug-expand", "1.5", "2"), "--netaug-expand must contain 1"),
     (("--netaug-stop", "1.5"), "--netaug-stop must be a fraction"),
+    (("--density", "0.5"), "--method netaug with --density"),
 ])
 def test_bad_netaug_options_are_refused(tmp_path, capsys, extra, message):
     assert main(quick(tmp_path / "run", "--method", "netaug", *extra)) == 2
