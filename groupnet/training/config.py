@@ -107,6 +107,8 @@ class RunOptions:
     - ``evaluate``: this invocation only evaluates the ``resume`` checkpoint.
     - ``export_branches``: this invocation also writes each branch as a torch.export program.
     - ``progress``: progress bars on the terminal.
+    - ``dist_timeout``: seconds a process waits for the others in a collective before the run fails (None: 180
+      on CPU, 600 on CUDA); only used with several processes.
     """
 
     device: str = "auto"
@@ -118,6 +120,7 @@ class RunOptions:
     evaluate: bool = False
     export_branches: bool = False
     progress: bool = True
+    dist_timeout: float | None = None
 
     def replace(self, **changes: Any) -> RunOptions:
         return dataclasses.replace(self, **changes)
@@ -305,6 +308,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--baseline", action=argparse.BooleanOptionalAction,
                    help="also train the K=1 baseline and compare [on for digits, off otherwise]")
     g.add_argument("--progress", action=argparse.BooleanOptionalAction, help="progress bars")
+    g.add_argument("--dist-timeout", type=float, metavar="SECONDS",
+                   help="with several processes: how long they wait for one that stopped responding before the run "
+                   "fails [180 on CPU, 600 on CUDA]")
     return p
 
 
@@ -365,5 +371,7 @@ def validate(cfg: TrainRecipe, opts: RunOptions | None = None) -> None:
         return
     need(opts.workers >= 0, f"--workers must be >= 0, got {opts.workers}")
     need(opts.threads is None or opts.threads >= 1, f"--threads must be >= 1, got {opts.threads}")
+    need(opts.dist_timeout is None or (math.isfinite(opts.dist_timeout) and opts.dist_timeout > 0),
+         f"--dist-timeout must be a number of seconds > 0, got {opts.dist_timeout}")
     need(not (opts.evaluate and opts.resume is None),
          "--evaluate needs --resume CHECKPOINT (or use python -m groupnet.eval)")
