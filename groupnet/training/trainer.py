@@ -471,12 +471,19 @@ class Trainer:
         """Write the epoch's checkpoints, then the records that describe them (see the module docstring)."""
         assert self.run_dir is not None
         state = self._checkpoint(epoch)
-        if improved:  # before last.pt, so that last.pt never names a best epoch that best.pt does not hold
-            ckpt_io.atomic_save(state, self.run_dir / ckpt_io.BEST)
-        ckpt_io.atomic_save(state, self.run_dir / ckpt_io.LAST)
-        if not self._saved_here and self.ckpt is None:  # a fresh run: drop what an overwritten run left
-            for name in (SUMMARY, PLOT):
+        last, best = self.run_dir / ckpt_io.LAST, self.run_dir / ckpt_io.BEST
+        if not self._saved_here and not self._resumes_in_place():
+            # The folder's files are not this run's (none, or an overwritten run's): drop them, then write last.pt
+            # first, so a crash in between leaves last.pt alone, naming itself as the best (resume writes best.pt).
+            for name in (ckpt_io.BEST, SUMMARY, PLOT):
                 (self.run_dir / name).unlink(missing_ok=True)
+            ckpt_io.atomic_save(state, last)
+            if improved:
+                ckpt_io.atomic_save(state, best)
+        else:
+            if improved:  # before last.pt: a crash in between leaves best.pt one epoch ahead, which resume adopts
+                ckpt_io.atomic_save(state, best)
+            ckpt_io.atomic_save(state, last)
         self._write_records(self.recipe.to_dict(), self.history)
 
     def _write_records(self, recipe: dict[str, Any], history: list[dict[str, Any]]) -> None:
