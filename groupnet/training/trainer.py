@@ -265,7 +265,10 @@ class Trainer:
                                     cfg.mixup_alpha, cfg.seed, ctx.rank)
         self.start_epoch, self.best_acc, self.best_epoch, history = 0, -1.0, 0, []
         if self.ckpt is not None:
-            self._restore(self.ckpt)
+            if opts.evaluate:  # evaluation needs the weights only
+                self.start_epoch = int(self.ckpt["epoch"])
+            else:
+                self._restore(self.ckpt)
             history = list(self.ckpt.get("history", []))
         self.history = history
         if self.ckpt is not None and not opts.evaluate and self._resumes_in_place():
