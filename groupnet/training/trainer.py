@@ -31,6 +31,7 @@ from groupnet.cotraining import CoTrainingLoss, CoTrainingWeightRamp
 from groupnet.cpu_memory import retain_freed_memory
 from groupnet.data import Augment, DataBundle, eval_loader, load_dataset, train_loader
 from groupnet.models import arch_spec, build_model, split_weight_decay
+from groupnet.models import divide as divide_spec
 from groupnet.training import checkpoint as ckpt_io
 from groupnet.training.config import MODEL_IDENTITY, RunOptions, TrainRecipe, coerce, make_config
 from groupnet.training.distributed import (
@@ -158,9 +159,16 @@ class Trainer:
         if cfg.amp and self.device.type != "cuda":
             raise ConfigError("--amp needs a CUDA device (it is float16 autocast with gradient scaling)")
         try:
-            arch_spec(cfg.model)
+            spec = arch_spec(cfg.model)
         except ValueError as e:
             raise ConfigError(f"--model: {e}") from None
+        try:
+            divide_spec(spec, cfg.branches, "splitnet")
+        except ValueError as e:  # the library's hint names build_model's divide_rule, which the CLI does not have
+            reason = str(e).split("; use rule=")[0]
+            fits = [k for k in range(1, cfg.branches + 9) if _divides(spec, k)][:8]
+            raise ConfigError(f"--model {cfg.model} cannot be divided into --branches {cfg.branches}: {reason}"
+                              + (f"; K values that work: {', '.join(map(str, fits))}" if fits else "")) from None
         self.data: DataBundle = load_dataset(cfg.dataset, cfg.data_dir, image_size=cfg.image_size,
                                              train_subset=cfg.train_subset)
         if cfg.batch_size > len(self.data.train):
@@ -513,6 +521,14 @@ class Trainer:
             atomic_write_text(self.run_dir / SUMMARY, dumps(summary, indent=2) + "\n")
         barrier()
         return summary
+
+
+def _divides(spec: Any, k: int) -> bool:
+    try:
+        divide_spec(spec, k, "splitnet")
+    except ValueError:
+        return False
+    return True
 
 
 def _best_epoch(history: list[dict[str, Any]]) -> int:
