@@ -326,3 +326,30 @@ def test_data_error_from_a_worker_keeps_only_the_original_message():
                '  File "x.py", line 1, in f\n    raise DataError("cannot read image a.png: broken")\n'
                "groupnet.data.errors.DataError: cannot read image a.png: broken\n")
     assert str(DataError(wrapped)) == "cannot read image a.png: broken"
+
+
+@settings(max_examples=60, deadline=None)
+@given(counts=st.lists(st.integers(1, 40), min_size=1, max_size=8), frac=st.floats(0.0, 1.2), seed=st.integers(0, 9))
+def test_train_subset_is_stratified_and_fixed(counts, frac, seed):
+    """Each class keeps its share (floor or ceil of its quota), no index twice, the same pick every call; labels
+    sorted by class, as a folder data set lists them, so a prefix would hold the first classes only."""
+    from groupnet.data.registry import stratified_subset
+
+    labels = torch.cat([torch.full((c,), i) for i, c in enumerate(counts)])
+    n = len(labels)
+    size = max(1, int(frac * n))
+    picked = stratified_subset(labels, size, seed)
+    assert picked == stratified_subset(labels, size, seed)
+    assert len(picked) == min(size, n) and len(set(picked)) == len(picked) and picked == sorted(picked)
+    got = torch.bincount(labels[picked], minlength=len(counts))
+    for c, count in enumerate(counts):
+        quota = count * min(size, n) / n
+        assert math.floor(quota) <= got[c] <= math.ceil(quota)
+
+
+def test_train_subset_of_digits_holds_every_class():
+    from groupnet.data.registry import labels_of
+
+    bundle = load_dataset("digits", train_subset=100)
+    assert len(bundle.train) == 100
+    assert set(labels_of(bundle.train).tolist()) == set(range(10))

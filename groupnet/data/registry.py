@@ -49,7 +49,8 @@ def load_dataset(name: str, data_dir: str | Path | None = None, *, image_size: i
                  train_subset: int | None = None) -> DataBundle:
     """Load a data set by name (``digits``, ``cifar10``, ``cifar100``, ``folder``) from ``data_dir``.
 
-    ``train_subset`` keeps only the first N training images (quick checks).
+    ``train_subset`` keeps N training images (quick checks): a stratified pick, the same for every run (see
+    :func:`stratified_subset`).
     """
     if name == "digits":
         train, test = load_digits_split()
@@ -77,8 +78,35 @@ def load_dataset(name: str, data_dir: str | Path | None = None, *, image_size: i
     if train_subset is not None:
         if train_subset < 1:
             raise DataError(f"train subset must be >= 1 images, got {train_subset}")
-        bundle.train = Subset(bundle.train, list(range(min(train_subset, len(bundle.train)))))
+        bundle.train = Subset(bundle.train, stratified_subset(labels_of(bundle.train), train_subset))
     return bundle
+
+
+#: The subset of ``--train-subset`` is part of the data's definition, not of the run: every seed trains on the
+#: same images, so a comparison over seeds compares training, not data.
+SUBSET_SEED = 0
+
+
+def stratified_subset(labels: torch.Tensor, size: int, seed: int = SUBSET_SEED) -> list[int]:
+    """Sorted indices of ``size`` samples drawn without replacement so that each class keeps its share of the
+    labels (largest-remainder rounding), chosen at random within each class by ``seed``."""
+    n = len(labels)
+    if size >= n:
+        return list(range(n))
+    gen = torch.Generator().manual_seed(seed)
+    classes, counts = torch.unique(labels, return_counts=True)
+    quota = counts.double() * size / n
+    take = quota.floor().long()
+    short = size - int(take.sum())
+    if short:  # the largest remainders get one more; ties by a seeded shuffle, so no class is always favoured
+        order = torch.randperm(len(classes), generator=gen)
+        ranked = order[torch.argsort((quota - take)[order], descending=True, stable=True)]
+        take[ranked[:short]] += 1
+    picked = []
+    for c, k in zip(classes.tolist(), take.tolist()):
+        members = torch.nonzero(labels == c).flatten()
+        picked += members[torch.randperm(len(members), generator=gen)[:k]].tolist()
+    return sorted(picked)
 
 
 def labels_of(ds: Dataset) -> torch.Tensor:
