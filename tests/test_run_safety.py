@@ -244,3 +244,89 @@ def test_checkpoint_fields_round_trip_through_validation(good_run):
     assert ckpt["best_epoch"] == 1 and isinstance(ckpt["model"], dict)
     ckpt["hooks"] = {"sparse": {"masks": {"w": torch.ones(2)}}}
     ckpt_io.check_structure(ckpt, "x")
+
+
+# ------------------------------------------------------------------------------------------------ messages
+
+
+def _interrupt_at_step(monkeypatch, step):
+    from groupnet.cotraining import CoTrainingLoss
+
+    calls = {"n": 0}
+    forward = CoTrainingLoss.forward
+
+    def dying_forward(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == step:
+            raise KeyboardInterrupt
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(CoTrainingLoss, "forward", dying_forward)
+
+
+def test_ctrl_c_names_the_folder_and_what_it_holds(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    _interrupt_at_step(monkeypatch, 6 + 2)  # 6 steps per epoch: in epoch 2
+    assert main(quick(out)) == 130
+    err = capsys.readouterr().err.strip()
+    assert err == f"groupnet.train: interrupted; {out}/last.pt holds epoch 1 (continue with --resume {out})"
+
+
+def test_ctrl_c_in_the_first_epoch_says_nothing_was_saved(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    _interrupt_at_step(monkeypatch, 2)
+    assert main(quick(out)) == 130
+    err = capsys.readouterr().err.strip()
+    assert err == f"groupnet.train: interrupted before the first epoch completed; nothing was saved in {out}"
+    assert not out.exists()
+
+
+def test_resuming_from_best_pt_warns_that_last_pt_will_be_replaced(good_run, tmp_path, capsys):
+    out = _copy(good_run, tmp_path)
+    assert main(["--resume", str(out), "--no-progress", "--epochs", "2"]) == 0
+    capsys.readouterr()
+    shutil.copy(out / "last.pt", out / "older.pt")
+    assert main(["--resume", str(out / "older.pt"), "--no-progress", "--epochs", "3"]) == 0
+    err = capsys.readouterr().err
+    assert f"warning: resuming from {out / 'older.pt'} (epoch 2): {out / 'last.pt'} will be replaced" in err
+
+
+def test_grouped_batch_norm_checks_the_input_dtype():
+    from groupnet.modules import GroupedBatchNorm2d
+
+    bn = GroupedBatchNorm2d(3, branches=2)
+    with pytest.raises(TypeError, match=r"GroupedBatchNorm2d: input dtype torch.float64 does not match the "
+                                        r"parameters' dtype torch.float32"):
+        bn(torch.randn(2, 6, 4, 4, dtype=torch.float64))
+    with pytest.raises(TypeError, match="GroupedBatchNorm2d: expects a floating-point input, got torch.int64"):
+        bn(torch.ones(2, 6, 4, 4, dtype=torch.int64))
+    assert bn(torch.randn(2, 6, 4, 4, dtype=torch.bfloat16)).dtype == torch.bfloat16  # autocast's mixed precision
+
+
+@pytest.mark.parametrize("targets", [[[1.5, -0.5, 0.0]], [[0.5, 0.5, 0.5]], [[0.2, 0.2, 0.2]]])
+def test_soft_targets_must_be_probabilities(targets):
+    from groupnet.cotraining import CoTrainingLoss
+
+    loss = CoTrainingLoss(2)
+    t = torch.tensor(targets * 4, dtype=torch.float64)
+    with pytest.raises(ValueError, match="soft targets must be probabilities"):
+        loss(torch.randn(4, 6, dtype=torch.float64), t)
+    assert torch.isfinite(loss(torch.randn(4, 6, dtype=torch.float64), torch.full((4, 3), 1 / 3,
+                                                                                   dtype=torch.float64)).loss)
+
+
+def test_process_group_timeout_defaults_by_device_and_follows_the_option(monkeypatch):
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    from groupnet.training import distributed
+    from groupnet.training.distributed import DistContext
+
+    seen = []
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", lambda backend, **kw: seen.append((backend, kw["timeout"])))
+    ctx = DistContext(rank=0, world_size=2)
+    distributed.init_process_group(ctx, torch.device("cpu"))
+    distributed.init_process_group(ctx, torch.device("cpu"), 7.5)
+    assert seen == [("gloo", timedelta(seconds=180)), ("gloo", timedelta(seconds=7.5))]

@@ -146,6 +146,12 @@ def coerce(name: str, value: Any, source: str) -> Any:
         raise ConfigError(f"{source}: unknown option {name!r}; known options: {', '.join(sorted(_FIELDS))}")
     types = _expected_types(name)
     ok = isinstance(value, types) and not (isinstance(value, bool) and bool not in types)
+    if not ok and float in types and isinstance(value, str):
+        # YAML 1.1 (PyYAML) reads 1e-2 as a string: it needs a dot (1.0e-2); a number in a string is meant as one
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if not ok:
         want = " or ".join(t.__name__ for t in types)
         raise ConfigError(f"{source}: option {name!r} must be {want}, got {value!r}")
