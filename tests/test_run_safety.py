@@ -330,3 +330,25 @@ def test_process_group_timeout_defaults_by_device_and_follows_the_option(monkeyp
     distributed.init_process_group(ctx, torch.device("cpu"))
     distributed.init_process_group(ctx, torch.device("cpu"), 7.5)
     assert seen == [("gloo", timedelta(seconds=180)), ("gloo", timedelta(seconds=7.5))]
+
+
+def test_all_processes_of_a_ddp_run_stop_on_a_folder_in_use(tmp_path):
+    import subprocess
+    import sys
+
+    from groupnet.training.run_folder import RunFolder
+
+    out = tmp_path / "run"
+    held = RunFolder.open(out)
+    try:
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore::FutureWarning"}
+        proc = subprocess.run(
+            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+             "-m", "groupnet.train", *quick(out, "--epochs", "1", "--dist-timeout", "60")],
+            capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+    finally:
+        held.release()
+    assert proc.returncode != 0
+    assert proc.stderr.count(f"run folder {out} is in use by another run (process {os.getpid()})") == 2, \
+        proc.stderr[-3000:]
+    assert sorted(p.name for p in out.iterdir()) == [".lock"]
