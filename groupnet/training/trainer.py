@@ -590,6 +590,8 @@ def _run(cfg: TrainRecipe, opts: RunOptions, ckpt: dict[str, Any] | None, ctx: D
     try:
         return _train(trainer, cfg, opts, ctx, start)
     except KeyboardInterrupt:
+        if opts.evaluate:
+            raise
         raise RunInterrupted(trainer.run_dir, trainer.saved_epoch) from None
     finally:
         trainer.close()
