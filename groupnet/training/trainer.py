@@ -46,7 +46,7 @@ from groupnet.training.errors import CheckpointError, ConfigError, RunInterrupte
 from groupnet.training.export import export_branches
 from groupnet.training.hooks import build_hooks
 from groupnet.training.loop import StepContext, evaluate, train_one_epoch
-from groupnet.training.metrics import CSV, JSONL, PLOT, MetricsLog, plot_curves
+from groupnet.training.metrics import PLOT, MetricsLog, plot_curves
 from groupnet.training.run_folder import RunFolder, atomic_write_text, clean_temp_files, dumps
 from groupnet.training.optim import build_sgd
 from groupnet.training.accuracy_table import accuracy_table
