@@ -180,7 +180,7 @@ def test_a_failed_resume_does_not_rewrite_the_record_of_the_run(good_run, tmp_pa
     out = _copy(good_run, tmp_path)
     before = _snapshot(out)
     assert main(["--resume", str(out), "--no-progress", "--epochs", "2", "--lr", "1e6"]) == 2
-    assert "diverged" in capsys.readouterr().err
+    assert "try a lower --lr" in capsys.readouterr().err  # the loss or the weights became NaN
     assert _snapshot(out) == before
     assert _strict_json((out / "config.json").read_text())["lr"] == load_ckpt(out / "last.pt")["recipe"]["lr"]
 

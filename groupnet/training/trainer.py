@@ -211,6 +211,10 @@ class Trainer:
         return (self.ckpt is not None and self.run_dir is not None
                 and self._resume_path().parent.resolve() == self.run_dir.resolve())
 
+    def _resumes_from_last(self) -> bool:
+        """Resuming from the run folder's own ``last.pt``."""
+        return self._resumes_in_place() and self._resume_path().name == ckpt_io.LAST
+
     def _check_folder_is_free(self) -> None:
         """A run may write into a folder holding another run's checkpoints only with ``--overwrite``."""
         if self.run_dir is None or self.opts.overwrite or self._resumes_in_place():
@@ -428,7 +432,7 @@ class Trainer:
         if opts.evaluate:
             return self._finish(self.evaluate(), trained=False)
         self.log = MetricsLog(self.run_dir, self.history)
-        if ctx.is_main and self._resumes_in_place() and self._resume_path().name == ckpt_io.LAST:
+        if ctx.is_main and self._resumes_from_last():
             self._write_records(self.ckpt_recipe(), self.history)  # describe what last.pt holds, whatever was there
         _log(f"run folder {self.run_dir} | {cfg.model} K={cfg.branches} ({self.params:,} params) on {cfg.dataset}, "
              f"{len(self.data.train)} train / {len(self.data.test)} test images, device {self.device}"
@@ -501,10 +505,12 @@ class Trainer:
         state = self._checkpoint(epoch)
         last, best = self.run_dir / ckpt_io.LAST, self.run_dir / ckpt_io.BEST
         if not self._saved_here and not self._resumes_in_place():
-            # The folder's files are not this run's (none, or an overwritten run's): drop them, then write last.pt
-            # first, so a crash in between leaves last.pt alone, naming itself as the best (resume writes best.pt).
+            # The folder's files are not this run's (none, or an overwritten run's): drop them first.
             for name in (ckpt_io.BEST, SUMMARY, PLOT):
                 (self.run_dir / name).unlink(missing_ok=True)
+        if not self._saved_here and not self._resumes_from_last():
+            # The folder's last.pt is not this run's yet: write it first, so that a crash in between leaves a
+            # last.pt that records the best epoch, which resume turns into best.pt when it is last.pt's own.
             ckpt_io.atomic_save(state, last)
             if improved:
                 ckpt_io.atomic_save(state, best)
