@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import pickle
 import random
+import re
 from pathlib import Path
 from typing import Any
 
@@ -64,15 +65,17 @@ def load(path: str | Path, map_location: str | torch.device = "cpu", *, training
         ckpt = torch.load(p, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
         text = " ".join(str(e).split())
-        if "weights only load failed" in text.lower() or "weights_only" in text:
-            what = next((w for w in _unsupported_globals(text)), None)
+        what = next(iter(_unsupported_globals(text)), None)
+        if what is not None:
             raise CheckpointError(
-                f"refused checkpoint {p}: it holds Python objects"
-                + (f" ({what})" if what else "")
-                + ", not only tensors, numbers, strings, lists and dicts; groupnet never writes such a file and does "
-                "not load one, since loading it could run code") from None
+                f"refused checkpoint {p}: it holds Python objects ({what}), not only tensors, numbers, strings, "
+                "lists and dicts; groupnet never writes such a file and does not load one, since loading it could "
+                "run code") from None
+        # torch's message for a file it cannot unpickle safely advises loading it unsafely: keep only the cause
+        match = re.search(r"WeightsUnpickler error: ([^.]*)", text)
+        detail = match.group(1).strip() if match else _first_line(e)
         raise CheckpointError(f"cannot read checkpoint {p}: the file is truncated or not a torch checkpoint "
-                              f"({_first_line(e)})") from None
+                              f"({detail})") from None
     except Exception as e:
         raise CheckpointError(
             f"cannot read checkpoint {p}: the file is truncated or not a torch checkpoint ({_first_line(e)})") from None
@@ -198,8 +201,6 @@ def _first_line(e: BaseException) -> str:
 
 
 def _unsupported_globals(text: str) -> list[str]:
-    import re
-
     return [m.group(0) for m in re.finditer(r"GLOBAL [\w.]+", text)]
 
 
