@@ -57,6 +57,17 @@ def check_same(x: Tensor, p: Tensor, what: str) -> None:
         raise TypeError(f"{what}: input dtype {x.dtype} does not match weight dtype {p.dtype}")
 
 
+def check_float_input(x: Tensor, p: Tensor | None, what: str) -> None:
+    """A floating-point input of the parameters' dtype; a float16/bfloat16 input with float32 parameters (autocast's
+    mixed precision) is accepted too."""
+    if not x.is_floating_point():
+        raise TypeError(f"{what}: expects a floating-point input, got {x.dtype}")
+    if p is not None and x.dtype != p.dtype and not (
+            x.dtype in (torch.float16, torch.bfloat16) and p.dtype == torch.float32):
+        raise TypeError(f"{what}: input dtype {x.dtype} does not match the parameters' dtype {p.dtype} (convert one "
+                        "with .to(dtype))")
+
+
 def check_bias(bias: Tensor | None, weight: Tensor, shape: tuple[int, ...], what: str) -> None:
     """The bias (if any) has ``shape`` and the weight's dtype and device."""
     if bias is None:

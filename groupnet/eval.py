@@ -36,6 +36,10 @@ def main(argv: list[str] | None = None) -> int:
     from groupnet import training
 
     args = build_parser().parse_args(argv)
+    for option, value, low in (("--batch-size", args.batch_size, 1), ("--workers", args.workers, 0)):
+        if value < low:  # checked here: the recipe would name its own option (--eval-batch-size)
+            print(f"groupnet.eval: error: {option} must be >= {low}, got {value}", file=sys.stderr)
+            return 2
     options = training.RunOptions(device=args.device, workers=args.workers, export_branches=args.export_branches,
                                   progress=False)
     recipe_changes = {"eval_batch_size": args.batch_size}

@@ -11,7 +11,7 @@ import sys
 
 from groupnet.data.errors import DataError
 from groupnet.training.distributed import destroy_process_group
-from groupnet.training.errors import UserError, one_line
+from groupnet.training.errors import RunInterrupted, UserError, one_line
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,9 +28,9 @@ def main(argv: list[str] | None = None) -> int:
     except (UserError, DataError) as e:
         print(f"groupnet.train: error: {one_line(e)}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("groupnet.train: interrupted; the last completed epoch is in the run folder's last.pt "
-              "(continue with --resume RUN_FOLDER)", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        message = e.message() if isinstance(e, RunInterrupted) else "interrupted before the run started"
+        print(f"groupnet.train: {message}", file=sys.stderr)
         return 130
     finally:
         destroy_process_group()

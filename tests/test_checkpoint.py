@@ -163,3 +163,95 @@ def test_fresh_run_does_not_overwrite_an_existing_run(trained_run, capsys):
     line = _one_line_error(capsys.readouterr().err)
     assert "already holds" in line and "--resume" in line and "--overwrite" in line
     assert _snapshot(trained_run) == before
+
+
+def _damaged(ckpt, damage):
+    ckpt = dict(ckpt)
+    if damage == "no rng":
+        del ckpt["rng"]
+    elif damage == "epoch a string":
+        ckpt["epoch"] = "3"
+    elif damage == "negative epoch":
+        ckpt["epoch"] = -1
+    elif damage == "float rng tensor":
+        ckpt["rng"] = {**ckpt["rng"], "torch": torch.zeros(8)}
+    elif damage == "short numpy key":
+        ckpt["rng"] = {**ckpt["rng"], "numpy": {**ckpt["rng"]["numpy"], "key": torch.zeros(3, dtype=torch.int64)}}
+    elif damage == "recipe value of the wrong type":
+        ckpt["recipe"] = {**ckpt["recipe"], "lr": "fast"}
+    elif damage == "model a list":
+        ckpt["model"] = [torch.ones(2)]
+    elif damage == "model entry not a tensor":
+        ckpt["model"] = {**ckpt["model"], "head.weight": 3}
+    elif damage == "history a string":
+        ckpt["history"] = "epoch 1"
+    elif damage == "sampler without seed":
+        ckpt["sampler"] = {"epoch": 1}
+    elif damage == "optimizer a list":
+        ckpt["optimizer"] = []
+    elif damage == "num_classes a string":
+        ckpt["model_meta"] = {**ckpt["model_meta"], "num_classes": "10"}
+    elif damage == "hooks not dicts":
+        ckpt["hooks"] = {"sparse": 1}
+    return ckpt
+
+
+# damage: the text the one-line error must hold
+DAMAGES = {
+    "no rng": "lacks ['rng']",
+    "epoch a string": "'epoch' must be an int >= 0",
+    "negative epoch": "'epoch' must be an int >= 0",
+    "float rng tensor": "rng['torch'] must be a uint8 tensor",
+    "short numpy key": "rng['numpy'] must hold an MT19937 state",
+    "recipe value of the wrong type": "its recipe is invalid (option 'lr' must be float",
+    "model a list": "'model' must be a dict of tensors",
+    "model entry not a tensor": "entry 'head.weight' is int",
+    "history a string": "'history' must be a list of metric rows",
+    "sampler without seed": "'sampler' must be a dict with int 'seed' and 'epoch'",
+    "optimizer a list": "'optimizer' must be a dict",
+    "num_classes a string": "model_meta['num_classes'] must be an int >= 1",
+    "hooks not dicts": "'hooks' must be a dict of hook name -> state dict",
+}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGES))
+def test_structurally_wrong_checkpoint_is_refused_naming_the_problem(trained_run, tmp_path, capsys, damage):
+    bad = tmp_path / "bad" / "last.pt"
+    bad.parent.mkdir()
+    torch.save(_damaged(load_ckpt(trained_run / "last.pt"), damage), bad)
+    before = _snapshot(bad.parent)
+    assert main(["--resume", str(bad), "--no-progress"]) == 2
+    line = _one_line_error(capsys.readouterr().err)
+    assert str(bad) in line and DAMAGES[damage] in line, line
+    assert _snapshot(bad.parent) == before and sorted(p.name for p in bad.parent.iterdir()) == ["last.pt"]
+
+
+def test_evaluation_needs_no_training_state(trained_run, tmp_path, capsys):
+    ckpt = load_ckpt(trained_run / "last.pt")
+    for key in ("rng", "optimizer", "sampler"):
+        del ckpt[key]
+    path = tmp_path / "weights.pt"
+    torch.save(ckpt, path)
+    assert eval_main([str(path)]) == 0
+    capsys.readouterr()
+    assert main(["--resume", str(path), "--no-progress"]) == 2
+    line = _one_line_error(capsys.readouterr().err)
+    assert "it cannot be resumed; it can still be evaluated" in line
+
+
+class _Payload:
+    def __reduce__(self):
+        return (print, ("this must never run",))
+
+
+def test_a_checkpoint_holding_python_objects_is_refused_without_torch_advice(trained_run, tmp_path, capsys):
+    ckpt = load_ckpt(trained_run / "last.pt")
+    ckpt["extra"] = _Payload()
+    bad = tmp_path / "last.pt"
+    torch.save(ckpt, bad)
+    assert main(["--resume", str(bad), "--no-progress"]) == 2
+    captured = capsys.readouterr()
+    line = _one_line_error(captured.err)
+    assert "this must never run" not in captured.out
+    assert f"refused checkpoint {bad}" in line and "print" in line
+    assert "weights_only" not in line and "trust" not in line

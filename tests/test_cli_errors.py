@@ -80,3 +80,43 @@ def test_eval_refuses_an_options_file_as_checkpoint(tmp_path, capsys):
     (tmp_path / "notes.pt").write_text("these are not weights")
     assert eval_main([str(tmp_path / "notes.pt")]) == 2
     assert "truncated or not a torch checkpoint" in capsys.readouterr().err
+
+
+def test_a_model_that_k_cannot_divide_names_the_k_values_that_work(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["--model", "resnext29-8x64d", "-K", "3", "--output-dir", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert "cannot be divided into --branches 3" in err and "K values that work: 1, 2, 4, 8" in err
+    assert "rule=" not in err and not out.exists()
+
+
+@pytest.mark.parametrize("option", ["--padding", "--cutout"])
+def test_augmentation_as_large_as_the_image_is_refused(tmp_path, capsys, option):
+    out = tmp_path / "out"
+    assert main([option, "8", "--output-dir", str(out), "--no-progress"]) == 2  # digits images are 8x8
+    err = capsys.readouterr().err
+    assert f"{option} 8 is not smaller than the 8x8 images of digits" in err and not out.exists()
+
+
+def test_yaml_numbers_without_a_dot_are_read_as_numbers(tmp_path):
+    from groupnet.training.config import load_config_file
+
+    (tmp_path / "c.yaml").write_text("lr: 1e-2\nweight_decay: 5e-4\nepochs: 3\n")
+    assert load_config_file(tmp_path / "c.yaml") == {"lr": 0.01, "weight_decay": 0.0005, "epochs": 3}
+    (tmp_path / "bad.yaml").write_text("lr: fast\n")
+    with pytest.raises(Exception, match="option 'lr' must be float or int, got 'fast'"):
+        load_config_file(tmp_path / "bad.yaml")
+
+
+@pytest.mark.parametrize("argv, message", [(["--batch-size", "0"], "--batch-size must be >= 1, got 0"),
+                                           (["--workers", "-1"], "--workers must be >= 0, got -1")])
+def test_eval_names_its_own_options(tmp_path, capsys, argv, message):
+    assert eval_main([str(tmp_path / "run"), *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"groupnet.eval: error: {message}"
+
+
+def test_dist_timeout_must_be_positive(tmp_path, capsys):
+    assert main(["--dist-timeout", "0", "--output-dir", str(tmp_path / "out")]) == 2
+    assert "--dist-timeout must be a number of seconds > 0" in capsys.readouterr().err

@@ -285,6 +285,49 @@ def test_unknown_dataset_and_bad_subset():
         load_dataset("digits", image_size=16)
 
 
+def test_image_folder_skips_hidden_folders_and_refuses_nonsense(tmp_path):
+    rng = np.random.default_rng(0)
+    write_images(tmp_path, "train", {"a": 2, "b": 2, ".ipynb_checkpoints": 1}, 4, rng)
+    write_images(tmp_path, "test", {"a": 1, ".hidden": 1}, 4, rng)
+    train, test = load_image_folder(tmp_path, 4)
+    assert train.classes == ["a", "b"] and len(train) == 4 and len(test) == 1
+    (tmp_path / "train" / "empty").mkdir()
+    with pytest.raises(DataError, match=r"class folders \['empty'\] .* hold no images"):
+        load_image_folder(tmp_path, 4)
+    (tmp_path / "train" / "empty").rmdir()
+    for f in (tmp_path / "train" / "b").iterdir():
+        f.unlink()
+    (tmp_path / "train" / "b").rmdir()
+    with pytest.raises(DataError, match="holds 1 class folder .*'a'.*at least 2"):
+        load_image_folder(tmp_path, 4)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_an_unreadable_image_is_reported_by_name_before_training(tmp_path, capsys, workers):
+    from groupnet.train import main
+
+    rng = np.random.default_rng(0)
+    write_images(tmp_path / "data", "train", {"a": 4, "b": 4}, 8, rng)
+    write_images(tmp_path / "data", "test", {"a": 2, "b": 2}, 8, rng)
+    bad = tmp_path / "data" / "train" / "b" / "2.png"
+    bad.write_bytes(bad.read_bytes()[:40])
+    out = tmp_path / "run"
+    assert main(["--dataset", "folder", "--data-dir", str(tmp_path / "data"), "--image-size", "8", "--epochs", "1",
+                 "--batch-size", "4", "--workers", str(workers), "--no-progress", "--no-baseline",
+                 "--output-dir", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("groupnet.train: error: cannot read image ") and str(bad) in err, err
+    assert len(err) < 400 and len(err.splitlines()) == 1 and "Traceback" not in err
+    assert not out.exists()
+
+
+def test_data_error_from_a_worker_keeps_only_the_original_message():
+    wrapped = ("Caught DataError in DataLoader worker process 0.\nOriginal Traceback (most recent call last):\n"
+               '  File "x.py", line 1, in f\n    raise DataError("cannot read image a.png: broken")\n'
+               "groupnet.data.errors.DataError: cannot read image a.png: broken\n")
+    assert str(DataError(wrapped)) == "cannot read image a.png: broken"
+
+
 @settings(max_examples=60, deadline=None)
 @given(counts=st.lists(st.integers(1, 40), min_size=1, max_size=8), frac=st.floats(0.0, 1.2), seed=st.integers(0, 9))
 def test_train_subset_is_stratified_and_fixed(counts, frac, seed):

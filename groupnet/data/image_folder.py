@@ -5,8 +5,11 @@ Expected layout under ``data_dir``::
     train/<class name>/<image files>
     test/<class name>/<image files>      (``val/`` is accepted in place of ``test/``)
 
-Classes are the sorted sub-folder names of ``train/``; ``test/`` may hold a subset of them. Images are converted
-to RGB and resized (bilinear) to ``image_size x image_size`` when read, so a worker process decodes each one.
+Classes are the sorted sub-folder names of ``train/``; ``test/`` may hold a subset of them. Hidden folders and
+files (names starting with a dot, such as ``.ipynb_checkpoints/``) are skipped; a training class folder without
+images, or fewer than 2 classes, is an error. Every image is checked with Pillow when the data set is loaded, so a
+damaged file is reported by name before training starts. Images are converted to RGB and resized (bilinear) to
+``image_size x image_size`` when read, so a worker process decodes each one.
 """
 
 from __future__ import annotations
@@ -29,7 +32,8 @@ def _layout_hint(data_dir: Path) -> str:
 
 
 def _scan(split_dir: Path, classes: list[str] | None, data_dir: Path) -> tuple[list[Path], list[int], list[str]]:
-    found = sorted(p.name for p in split_dir.iterdir() if p.is_dir())
+    found = sorted(p.name for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+    training = classes is None
     if classes is None:
         classes = found
     unknown = sorted(set(found) - set(classes))
@@ -37,11 +41,18 @@ def _scan(split_dir: Path, classes: list[str] | None, data_dir: Path) -> tuple[l
         raise DataError(f"{split_dir} has class folders {unknown} that train/ does not have")
     index = {c: i for i, c in enumerate(classes)}
     files, labels = [], []
+    empty = []
     for c in found:
+        n = len(files)
         for p in sorted((split_dir / c).iterdir()):
-            if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS:
+            if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTENSIONS:
                 files.append(p)
                 labels.append(index[c])
+        if len(files) == n:
+            empty.append(c)
+    if training and empty and len(empty) < len(found):
+        raise DataError(f"class folders {empty} in {split_dir} hold no images ({', '.join(IMAGE_EXTENSIONS)}): "
+                        "remove them or add images")
     if not files:
         raise DataError(f"no images found in {split_dir}: {_layout_hint(data_dir)}")
     return files, labels, classes
@@ -76,6 +87,17 @@ class ImageFolderDataset(Dataset):
         return torch.from_numpy(arr).permute(2, 0, 1).float().div_(255.0), int(self.labels[i])
 
 
+def _verify(path: Path) -> None:
+    """Pillow's integrity check of one image file (header and structure, without decoding all pixels)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            im.verify()
+    except Exception as e:
+        raise DataError(f"cannot read image {path}: {type(e).__name__}: {e} (remove or replace the file)") from None
+
+
 def load_image_folder(data_dir: str | Path, image_size: int) -> tuple[ImageFolderDataset, ImageFolderDataset]:
     """The (train, test) image-folder sets under ``data_dir``."""
     try:
@@ -90,5 +112,10 @@ def load_image_folder(data_dir: str | Path, image_size: int) -> tuple[ImageFolde
         raise DataError(f"image-folder data set not found: missing {', '.join(missing)}; {_layout_hint(data_dir)}")
     tr_files, tr_labels, classes = _scan(train_dir, None, data_dir)
     te_files, te_labels, _ = _scan(test_dir, classes, data_dir)
+    if len(classes) < 2:
+        raise DataError(f"{train_dir} holds {len(classes)} class folder ({classes[0]!r}); a classifier needs at "
+                        f"least 2: {_layout_hint(data_dir)}")
+    for path in (*tr_files, *te_files):
+        _verify(path)
     return (ImageFolderDataset(tr_files, tr_labels, classes, image_size),
             ImageFolderDataset(te_files, te_labels, classes, image_size))

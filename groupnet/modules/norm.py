@@ -36,6 +36,7 @@ class _GroupedBatchNormMixin(BranchSkeletonMixin):
 
     def _check(self, x: Tensor) -> None:
         name = type(self).__name__
+        _checks.check_float_input(x, self.weight if self.weight is not None else self.running_mean, name)
         _checks.check_rank(x, self._ranks, name)
         _checks.check_channels(x.shape[1], self.branches, self.branch_features, name)
 

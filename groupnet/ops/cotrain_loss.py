@@ -153,12 +153,25 @@ def _check_values(
     if check_targets and targets.dim() == 1:
         out_of_range = ((targets < 0) | (targets >= c)) & (targets != ignore_index)
         flags.append(out_of_range.any())
+    not_probabilities = None
+    if check_targets and targets.dim() == 2:  # soft targets: a distribution per row (NaN is check_finite's)
+        t = targets if targets.dtype == torch.float64 else targets.float()
+        tol = 1e-2 if targets.dtype in (torch.float16, torch.bfloat16) else 1e-3
+        not_probabilities = (t < 0).any() | ((t.sum(1) - 1).abs() > tol).any()
+        flags.append(not_probabilities)
     if not flags or not torch.stack(flags).any().item():
         return
     if check_finite and bool(flags[0]):
         raise ValueError(
             "CoTrainingLoss: logits or soft targets contain NaN or inf (check_finite=True); "
             f"{int((~torch.isfinite(logits)).sum())} non-finite logits"
+        )
+    if not_probabilities is not None:
+        sums = targets.double().sum(1)
+        raise ValueError(
+            "CoTrainingLoss: soft targets must be probabilities, each row >= 0 and summing to 1 (check_targets=True); "
+            f"got entries down to {float(targets.min()):.4g} and row sums in [{float(sums.min()):.4g}, "
+            f"{float(sums.max()):.4g}]"
         )
     bad = targets[out_of_range].unique()[:8].tolist()
     raise ValueError(f"CoTrainingLoss: targets must be in [0, {c}) or ignore_index={ignore_index}, got values {bad}")

@@ -2,11 +2,13 @@
 export, DDP, and :func:`evaluate_checkpoint` behind ``python -m groupnet.eval``."""
 
 from groupnet.training.config import RunOptions, TrainRecipe, build_parser, make_config
-from groupnet.training.errors import CheckpointError, ConfigError, TrainingDiverged, UserError
+from groupnet.training.errors import CheckpointError, ConfigError, RunInterrupted, TrainingDiverged, UserError
 from groupnet.training.export import export_branches
+from groupnet.training.run_folder import RunFolder, RunFolderBusy
 from groupnet.training.trainer import Trainer, evaluate_checkpoint, run
 
 __all__ = [
-    "CheckpointError", "ConfigError", "RunOptions", "Trainer", "TrainRecipe", "TrainingDiverged", "UserError",
+    "CheckpointError", "ConfigError", "RunFolder", "RunFolderBusy", "RunInterrupted", "RunOptions", "Trainer",
+    "TrainRecipe", "TrainingDiverged", "UserError",
     "build_parser", "evaluate_checkpoint", "export_branches", "make_config", "run",
 ]

@@ -135,6 +135,8 @@ class RunOptions:
     - ``evaluate``: this invocation only evaluates the ``resume`` checkpoint.
     - ``export_branches``: this invocation also writes each branch as a torch.export program.
     - ``progress``: progress bars on the terminal.
+    - ``dist_timeout``: seconds a process waits for the others in a collective before the run fails (None: 180
+      on CPU, 600 on CUDA); only used with several processes.
     """
 
     device: str = "auto"
@@ -146,6 +148,7 @@ class RunOptions:
     evaluate: bool = False
     export_branches: bool = False
     progress: bool = True
+    dist_timeout: float | None = None
 
     def replace(self, **changes: Any) -> RunOptions:
         return dataclasses.replace(self, **changes)
@@ -172,6 +175,12 @@ def coerce(name: str, value: Any, source: str) -> Any:
         raise ConfigError(f"{source}: unknown option {name!r}; known options: {', '.join(sorted(_FIELDS))}")
     types = _expected_types(name)
     ok = isinstance(value, types) and not (isinstance(value, bool) and bool not in types)
+    if not ok and float in types and isinstance(value, str):
+        # YAML 1.1 (PyYAML) reads 1e-2 as a string: it needs a dot (1.0e-2); a number in a string is meant as one
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if not ok:
         want = " or ".join(t.__name__ for t in types)
         raise ConfigError(f"{source}: option {name!r} must be {want}, got {value!r}")
@@ -357,6 +366,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--baseline", action=argparse.BooleanOptionalAction,
                    help="also train the K=1 baseline and compare [on for digits, off otherwise]")
     g.add_argument("--progress", action=argparse.BooleanOptionalAction, help="progress bars")
+    g.add_argument("--dist-timeout", type=float, metavar="SECONDS",
+                   help="with several processes: how long they wait for one that stopped responding before the run "
+                   "fails [180 on CPU, 600 on CUDA]")
     g = p.add_argument_group("sparse training (per-branch masks, dynamic sparse training, ITOP)")
     g.add_argument("--density", type=float, help="fraction of each branch's conv and linear weights kept active, in "
                    "(0, 1] (sparsity = 1 - density); not given: dense training")
@@ -450,6 +462,8 @@ def validate(cfg: TrainRecipe, opts: RunOptions | None = None) -> None:
         return
     need(opts.workers >= 0, f"--workers must be >= 0, got {opts.workers}")
     need(opts.threads is None or opts.threads >= 1, f"--threads must be >= 1, got {opts.threads}")
+    need(opts.dist_timeout is None or (math.isfinite(opts.dist_timeout) and opts.dist_timeout > 0),
+         f"--dist-timeout must be a number of seconds > 0, got {opts.dist_timeout}")
     need(not (opts.evaluate and opts.resume is None),
          "--evaluate needs --resume CHECKPOINT (or use python -m groupnet.eval)")
 

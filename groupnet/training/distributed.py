@@ -52,13 +52,22 @@ def context_from_env() -> DistContext:
     return DistContext(int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0")))
 
 
-def init_process_group(ctx: DistContext, device: torch.device) -> None:
-    """Join the process group (nccl on CUDA, gloo on CPU) when there is more than one process."""
+#: Seconds a process waits in a collective for the others (process-group timeout) unless told otherwise. On CPU a
+#: process that died or hangs is noticed after this long; CUDA runs have longer pauses (compilation, large saves).
+DEFAULT_TIMEOUT_S = {"cpu": 180.0, "cuda": 600.0}
+
+
+def init_process_group(ctx: DistContext, device: torch.device, timeout_s: float | None = None) -> None:
+    """Join the process group (nccl on CUDA, gloo on CPU) when there is more than one process.
+
+    ``timeout_s``: how long a collective waits for a process that stopped responding before it fails (default
+    :data:`DEFAULT_TIMEOUT_S` for the device type)."""
     if ctx.enabled and not dist.is_initialized():
         if device.type == "cuda":
             torch.cuda.set_device(device)
         backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, rank=ctx.rank, world_size=ctx.world_size, timeout=timedelta(minutes=10))
+        seconds = timeout_s if timeout_s is not None else DEFAULT_TIMEOUT_S.get(device.type, 600.0)
+        dist.init_process_group(backend, rank=ctx.rank, world_size=ctx.world_size, timeout=timedelta(seconds=seconds))
 
 
 def destroy_process_group(*, wait_for_all: bool = False) -> None:

@@ -14,7 +14,23 @@ class CheckpointError(UserError):
 
 
 class TrainingDiverged(UserError):
-    """The loss became NaN or infinite."""
+    """The loss, a parameter or a buffer became NaN or infinite; the diverged epoch is not saved."""
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C (or SIGINT) during a run: says which folder holds which epoch, if any."""
+
+    def __init__(self, run_dir, saved_epoch: int | None) -> None:
+        super().__init__()
+        self.run_dir, self.saved_epoch = run_dir, saved_epoch
+
+    def message(self) -> str:
+        if self.run_dir is None:
+            return "interrupted before the run folder was created; nothing was written"
+        if self.saved_epoch is None:
+            return f"interrupted before the first epoch completed; nothing was saved in {self.run_dir}"
+        return (f"interrupted; {self.run_dir}/last.pt holds epoch {self.saved_epoch} (continue with --resume "
+                f"{self.run_dir})")
 
 
 def one_line(e: BaseException) -> str:

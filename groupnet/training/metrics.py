@@ -1,50 +1,52 @@
 """Per-epoch metric files of a run: ``metrics.jsonl`` (one JSON object per epoch), ``metrics.csv`` and the
-``curves.png`` plot. The rows live in the checkpoint too, so a resumed run rewrites the files from the
-checkpoint's rows (dropping any epoch logged after the last checkpoint) and appends from there."""
+``curves.png`` plot.
+
+The rows live in the checkpoint too, and the files are rewritten whole from them (through a temporary file and
+an atomic replace, never through a symlink) right after each checkpoint is saved, so they describe exactly the
+epochs that ``last.pt`` holds (a crash between the two writes leaves them one epoch behind, and a resumed run
+rewrites them from its checkpoint). Values that are not finite are written as ``null``: the files stay valid JSON.
+"""
 
 from __future__ import annotations
 
 import csv
-import json
+import io
 import math
-import os
 from pathlib import Path
 from typing import Any
+
+from groupnet.training.run_folder import atomic_write, atomic_write_text, dumps, finite_json
 
 JSONL, CSV, PLOT = "metrics.jsonl", "metrics.csv", "curves.png"
 
 
 class MetricsLog:
-    """Append epoch rows to the JSON-lines and CSV files in ``run_dir``."""
+    """The JSON-lines and CSV files of a run's epoch rows in ``run_dir``."""
 
     def __init__(self, run_dir: str | Path, history: list[dict[str, Any]] | None = None) -> None:
         self.dir = Path(run_dir)
         self.rows: list[dict[str, Any]] = list(history or [])
-        self._rewrite()
 
-    def _rewrite(self) -> None:
-        self.dir.mkdir(parents=True, exist_ok=True)
-        with open(self.dir / JSONL, "w") as f:
-            for row in self.rows:
-                f.write(json.dumps(row) + "\n")
+    def write(self, rows: list[dict[str, Any]] | None = None) -> None:
+        """Rewrite both files from ``rows`` (default: the rows so far)."""
+        if rows is not None:
+            self.rows = list(rows)
+        atomic_write_text(self.dir / JSONL, "".join(dumps(row) + "\n" for row in self.rows))
         self._write_csv()
 
     def _write_csv(self) -> None:
         columns: list[str] = []
         for row in self.rows:
             columns += [c for c in row if c not in columns]
-        tmp = self.dir / f".{CSV}.tmp"
-        with open(tmp, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=columns)
-            w.writeheader()
-            w.writerows(self.rows)
-        os.replace(tmp, self.dir / CSV)
+        buf = io.StringIO(newline="")
+        w = csv.DictWriter(buf, fieldnames=columns)
+        w.writeheader()
+        w.writerows(finite_json(self.rows))
+        atomic_write_text(self.dir / CSV, buf.getvalue())
 
     def append(self, row: dict[str, Any]) -> None:
         self.rows.append(row)
-        with open(self.dir / JSONL, "a") as f:
-            f.write(json.dumps(row) + "\n")
-        self._write_csv()  # rewritten whole: the columns are fixed within a run, the file is small
+        self.write()  # rewritten whole: the file is small (one row per epoch)
 
 
 def plot_curves(rows: list[dict[str, Any]], path: str | Path, title: str = "") -> None:
@@ -85,5 +87,5 @@ def plot_curves(rows: list[dict[str, Any]], path: str | Path, title: str = "") -
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    atomic_write(path, lambda f: fig.savefig(f, dpi=100, format="png"))
     plt.close(fig)

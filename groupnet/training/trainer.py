@@ -2,17 +2,24 @@
 export, and compare with the K=1 baseline; :func:`evaluate_checkpoint` for a trained checkpoint.
 
 Order of work, so that a failing run writes nothing: options, checkpoint (when resuming), model name and data set
-are all checked before the output folder is touched; checkpoints are written only after a completed epoch, with
-an atomic replace. A fresh run refuses a folder that already holds checkpoints unless ``--overwrite``.
+are all checked before the output folder is touched. The folder is then created (a new name when another run took
+the default one) and locked for the whole run (:mod:`groupnet.training.run_folder`); a fresh run refuses a folder
+that already holds checkpoints unless ``--overwrite``. Files are written only after a completed epoch whose
+parameters, buffers and losses are all finite, each through an atomic replace, in this order: ``best.pt`` (when
+the epoch is the best so far), ``last.pt`` (which records the epoch ``best.pt`` holds), then ``config.json`` and
+the metric files, rewritten from what ``last.pt`` holds. A run that fails before its first save removes the
+folders it created. README "What a run guarantees" says what each crash point leaves.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import random
 import shlex
 import sys
 import time
+from itertools import chain
 from pathlib import Path
 from typing import Any
 
@@ -24,27 +31,31 @@ from groupnet.cotraining import CoTrainingLoss, CoTrainingWeightRamp
 from groupnet.cpu_memory import retain_freed_memory
 from groupnet.data import Augment, DataBundle, eval_loader, load_dataset, train_loader
 from groupnet.models import arch_spec, build_model, split_weight_decay
+from groupnet.models import divide as divide_spec
 from groupnet.models.imported import is_import_path, load_class
 from groupnet.training import checkpoint as ckpt_io
 from groupnet.training.config import MODEL_IDENTITY, RunOptions, TrainRecipe, coerce, make_config
 from groupnet.training.distributed import (
     DistContext,
+    all_reduce_sum,
     barrier,
     context_from_env,
     convert_sync_batchnorm,
     init_process_group,
 )
-from groupnet.training.errors import CheckpointError, ConfigError
+from groupnet.training.errors import CheckpointError, ConfigError, RunInterrupted, TrainingDiverged, UserError
 from groupnet.training.export import export_branches
 from groupnet.training.hooks import build_hooks
 from groupnet.training.loop import StepContext, evaluate, train_one_epoch
 from groupnet.training.metrics import PLOT, MetricsLog, plot_curves
+from groupnet.training.run_folder import RunFolder, atomic_write_text, clean_temp_files, dumps
 from groupnet.training.optim import build_sgd
 from groupnet.training.accuracy_table import accuracy_table
 from groupnet.training.lr_schedule import WarmupCosineLR
 from groupnet.training.methods import METHOD_HOOKS
 
 SUMMARY = "summary.json"
+CONFIG = "config.json"
 BASELINE_DIR = "baseline-k1"
 
 
@@ -80,7 +91,8 @@ def config_for_run(from_file: dict[str, Any], from_cli: dict[str, Any]
     resume = from_cli.get("resume", from_file.get("resume"))
     if resume is None:
         return (*make_config(TrainRecipe().to_dict(), from_file, from_cli), None)
-    ckpt = ckpt_io.load(resume)
+    evaluating = from_cli.get("evaluate", from_file.get("evaluate", False))
+    ckpt = ckpt_io.load(resume, training_state=not evaluating)
     path = ckpt_io.resolve(resume)
     recipe, opts = make_config(ckpt["recipe"], {"resume": str(path), "output_dir": str(path.parent)},
                                from_file, from_cli)
@@ -150,16 +162,35 @@ class Trainer:
         if cfg.amp and self.device.type != "cuda":
             raise ConfigError("--amp needs a CUDA device (it is float16 autocast with gradient scaling)")
         try:
-            load_class(cfg.model) if is_import_path(cfg.model) else arch_spec(cfg.model)
+            spec = None if is_import_path(cfg.model) else arch_spec(cfg.model)
+            if spec is None:
+                load_class(cfg.model)
         except ValueError as e:
             raise ConfigError(f"--model: {e}") from None
+        if spec is not None:
+            try:
+                divide_spec(spec, cfg.branches, "splitnet")
+            except ValueError as e:  # the library's hint names build_model's divide_rule, which the CLI does not have
+                reason = str(e).split("; use rule=")[0]
+                fits = [k for k in range(1, cfg.branches + 9) if _divides(spec, k)][:8]
+                raise ConfigError(f"--model {cfg.model} cannot be divided into --branches {cfg.branches}: {reason}"
+                                  + (f"; K values that work: {', '.join(map(str, fits))}" if fits else "")) from None
         self.data: DataBundle = load_dataset(cfg.dataset, cfg.data_dir, image_size=cfg.image_size,
                                              train_subset=cfg.train_subset)
         if cfg.batch_size > len(self.data.train):
             raise ConfigError(
                 f"--batch-size {cfg.batch_size} is larger than the {len(self.data.train)} training images")
+        size = self.data.image_size
+        for name, value in (("padding", cfg.padding), ("cutout", cfg.cutout)):
+            if value is not None and value >= size:
+                raise ConfigError(f"--{name} {value} is not smaller than the {size}x{size} images of {cfg.dataset}: "
+                                  "the model would train on blank images")
         self.run_dir = Path(opts.output_dir) if opts.output_dir else None
         self.ckpt = ckpt
+        self.folder: RunFolder | None = None
+        #: The epoch the run folder's last.pt holds as far as this run knows (None: no last.pt there).
+        self.saved_epoch: int | None = None
+        self._saved_here = False  # this invocation wrote a checkpoint
         if ckpt is not None:
             meta = ckpt["model_meta"]
             if (meta.get("num_classes"), meta.get("in_channels")) != (self.data.num_classes, self.data.in_channels):
@@ -167,25 +198,45 @@ class Trainer:
                     f"checkpoint {opts.resume} was trained on {meta.get('num_classes')} classes x "
                     f"{meta.get('in_channels')} channels; data set {cfg.dataset} has {self.data.num_classes} x "
                     f"{self.data.in_channels}")
-        if not opts.evaluate and ckpt is None and self.run_dir is not None and not opts.overwrite:
-            existing = [n for n in (ckpt_io.LAST, ckpt_io.BEST) if (self.run_dir / n).exists()]
-            if existing:
-                raise ConfigError(f"{self.run_dir} already holds {', '.join(existing)} from another run: pass "
-                                  f"--resume {self.run_dir} to continue it, --overwrite to replace it, or another "
-                                  "--output-dir")
+        if not opts.evaluate:
+            self._check_folder_is_free()
+            if self._resumes_in_place() and self._resume_path().name != ckpt_io.LAST \
+                    and (self.run_dir / ckpt_io.LAST).exists():
+                print(f"groupnet.train: warning: resuming from {self._resume_path()} (epoch {ckpt['epoch']}): "
+                      f"{self.run_dir / ckpt_io.LAST} will be replaced by this run's checkpoints after its first "
+                      "epoch", file=sys.stderr)
+
+    def _resume_path(self) -> Path:
+        assert self.opts.resume is not None
+        return ckpt_io.resolve(self.opts.resume)
+
+    def _resumes_in_place(self) -> bool:
+        """Resuming from a checkpoint in the run folder itself (the usual ``--resume RUN``)."""
+        return (self.ckpt is not None and self.run_dir is not None
+                and self._resume_path().parent.resolve() == self.run_dir.resolve())
+
+    def _resumes_from_last(self) -> bool:
+        """Resuming from the run folder's own ``last.pt``."""
+        return self._resumes_in_place() and self._resume_path().name == ckpt_io.LAST
+
+    def _check_folder_is_free(self) -> None:
+        """A run may write into a folder holding another run's checkpoints only with ``--overwrite``."""
+        if self.run_dir is None or self.opts.overwrite or self._resumes_in_place():
+            return
+        existing = [n for n in (ckpt_io.LAST, ckpt_io.BEST) if (self.run_dir / n).exists()]
+        if existing:
+            raise ConfigError(f"{self.run_dir} already holds {', '.join(existing)} from another run: pass "
+                              f"--resume {self.run_dir} to continue it, --overwrite to replace it, or another "
+                              "--output-dir")
 
     # ----------------------------------------------------------------------------------------------- building
     def _build(self) -> None:
         cfg, opts, ctx, data = self.recipe, self.opts, self.ctx, self.data
-        init_process_group(ctx, self.device)
-        if self.run_dir is None:
-            stamp = time.strftime("%Y%m%d-%H%M%S")
-            name = f"runs/{cfg.dataset}-{cfg.model}-k{cfg.branches}-{stamp}"
-            if ctx.enabled:
-                holder = [name]
-                torch.distributed.broadcast_object_list(holder, src=0)
-                name = holder[0]
-            self.run_dir = Path(name)
+        init_process_group(ctx, self.device, opts.dist_timeout)
+        if not opts.evaluate:
+            self._open_run_folder()
+        elif self.run_dir is None:
+            self.run_dir = Path(opts.output_dir or ".")
         seed_everything(cfg.seed)
         model = build_model(cfg.model, branches=cfg.branches, num_classes=data.num_classes,
                             in_channels=data.in_channels, image_size=data.image_size).to(self.device)
@@ -236,11 +287,82 @@ class Trainer:
         self.step_ctx.hooks = self.hooks
         for hook in self.hooks:
             hook.setup(self)
-        self.start_epoch, self.best_acc, history = 0, -1.0, []
+        self.start_epoch, self.best_acc, self.best_epoch, history = 0, -1.0, 0, []
         if self.ckpt is not None:
-            self._restore(self.ckpt)
+            if opts.evaluate:  # evaluation needs the weights only
+                self.start_epoch = int(self.ckpt["epoch"])
+            else:
+                self._restore(self.ckpt)
             history = list(self.ckpt.get("history", []))
         self.history = history
+        if self.ckpt is not None and not opts.evaluate and self._resumes_in_place():
+            self._reconcile_best()
+
+    def _open_run_folder(self) -> None:
+        """Create and lock the run folder on the main process (the others learn its name); remove temporary files
+        a killed save left there."""
+        cfg, ctx = self.recipe, self.ctx
+        error: UserError | None = None
+        name = str(self.run_dir) if self.run_dir is not None else None
+        if ctx.is_main:
+            try:
+                if self.run_dir is None:
+                    stamp = time.strftime("%Y%m%d-%H%M%S")
+                    self.folder = RunFolder.open(f"runs/{cfg.dataset}-{cfg.model}-k{cfg.branches}-{stamp}",
+                                                 unique=True)
+                else:
+                    self.folder = RunFolder.open(self.run_dir)
+                self.run_dir = self.folder.path
+                try:
+                    self._check_folder_is_free()  # again, now that no other run can write here
+                except UserError:
+                    self.folder.release(remove=True)
+                    raise
+                for p in clean_temp_files(self.run_dir):
+                    _log(f"removed {p.name}, left by a save that was killed", ctx)
+                name = str(self.run_dir)
+            except UserError as e:
+                error = e
+        if ctx.enabled:
+            holder = [name, None if error is None else str(error)]
+            torch.distributed.broadcast_object_list(holder, src=0)
+            name = holder[0]
+            if error is None and holder[1] is not None:
+                raise ConfigError(holder[1])
+        if error is not None:
+            raise error
+        assert name is not None
+        self.run_dir = Path(name)
+        if self._resumes_in_place() and (self.run_dir / ckpt_io.LAST).is_file():
+            self.saved_epoch = int(ckpt_io.peek(self.run_dir / ckpt_io.LAST).get("epoch", 0))
+
+    def _reconcile_best(self) -> None:
+        """Make ``best.pt`` and the best accuracy of this run agree with the record of ``last.pt``.
+
+        ``best.pt`` is written before ``last.pt``: a crash between the two leaves a ``best.pt`` one epoch ahead,
+        which this run adopts (it redoes that epoch, and replaces ``best.pt`` only with a better one). A ``best.pt``
+        that misses the recorded best (removed, or left stale by an older groupnet) is rewritten when ``last.pt``
+        holds the best state, else it is reported.
+        """
+        assert self.ckpt is not None and self.run_dir is not None
+        best_path = self.run_dir / ckpt_io.BEST
+        best = ckpt_io.peek(best_path) if best_path.is_file() else {}
+        best_epoch, best_acc = best.get("epoch"), best.get("best_acc")
+        if isinstance(best_epoch, int) and best_epoch == self.best_epoch:
+            return
+        if isinstance(best_epoch, int) and best_epoch > self.start_epoch and isinstance(best_acc, (int, float)):
+            self.best_epoch, self.best_acc = best_epoch, float(best_acc)
+            return
+        if self.best_epoch == self.start_epoch and self.best_epoch > 0:
+            if self.ctx.is_main:
+                ckpt_io.atomic_save(self.ckpt, best_path)
+            _log(f"rewrote {best_path}: {self.run_dir / ckpt_io.LAST} holds the best epoch ({self.best_epoch}), "
+                 f"{best_path.name} held {'nothing readable' if best_epoch is None else f'epoch {best_epoch}'}",
+                 self.ctx)
+        elif self.best_epoch > 0:
+            print(f"groupnet.train: warning: {best_path} does not hold the best epoch ({self.best_epoch}) that "
+                  f"{self.run_dir / ckpt_io.LAST} records, and that state is not on disk any more; the next epoch "
+                  f"better than {self.best_acc:.2f}% replaces it", file=sys.stderr)
 
     def _restore(self, ckpt: dict[str, Any]) -> None:
         try:
@@ -257,6 +379,7 @@ class Trainer:
         except (KeyError, ValueError, RuntimeError) as e:
             raise CheckpointError(f"checkpoint {self.opts.resume}: cannot restore the training state ({e})") from None
         self.start_epoch, self.best_acc = int(ckpt["epoch"]), float(ckpt.get("best_acc", -1.0))
+        self.best_epoch = int(ckpt["best_epoch"]) if "best_epoch" in ckpt else _best_epoch(self.ckpt_history())
         self.step_ctx.global_step = self.start_epoch * self.sampler.steps_per_epoch()
         # Last, after every module and loader is built (building draws from the RNGs).
         ckpt_io.set_rng_state(ckpt["rng"])
@@ -274,9 +397,12 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(), "lr_scheduler": self.scheduler.state_dict(),
             "cot_ramp": self.ramp.state_dict(), "scaler": self.scaler.state_dict(),
             "sampler": {"seed": self.sampler.seed, "epoch": epoch}, "epoch": epoch, "best_acc": self.best_acc,
-            "history": self.history, "rng": ckpt_io.rng_state(),
+            "best_epoch": self.best_epoch, "history": self.history, "rng": ckpt_io.rng_state(),
             "hooks": {hook.name: hook.state_dict() for hook in self.hooks},
         }
+
+    def ckpt_history(self) -> list[dict[str, Any]]:
+        return list(self.ckpt.get("history", [])) if self.ckpt is not None else []
 
     # ----------------------------------------------------------------------------------------------- running
     def evaluate(self) -> dict[str, float]:
@@ -287,7 +413,23 @@ class Trainer:
                         channels_last=self.recipe.channels_last, amp=self.recipe.amp)
 
     def fit(self) -> dict[str, Any]:
-        """Train from the start (or the checkpoint) to the recipe's epochs; returns the run summary."""
+        """Train from the start (or the checkpoint) to the recipe's epochs; returns the run summary.
+
+        The run folder stays locked until :meth:`close` (which :func:`run` calls after the baseline); a failure
+        closes it here, removing the folders this run created if it saved nothing.
+        """
+        try:
+            return self._fit()
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Unlock the run folder; when this invocation saved no checkpoint, remove the folders it created."""
+        if self.folder is not None:
+            self.folder.release(remove=not self._saved_here)
+
+    def _fit(self) -> dict[str, Any]:
         from tqdm import tqdm
 
         self._build()
@@ -295,9 +437,9 @@ class Trainer:
         assert self.run_dir is not None
         if opts.evaluate:
             return self._finish(self.evaluate(), trained=False)
-        log = MetricsLog(self.run_dir, self.history) if ctx.is_main else None
-        if ctx.is_main:
-            (self.run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+        self.log = MetricsLog(self.run_dir, self.history)
+        if ctx.is_main and self._resumes_from_last():
+            self._write_records(self.ckpt_recipe(), self.history)  # describe what last.pt holds, whatever was there
         _log(f"run folder {self.run_dir} | {cfg.model} K={cfg.branches} ({self.params:,} params) on {cfg.dataset}, "
              f"{len(self.data.train)} train / {len(self.data.test)} test images, device {self.device}"
              + (f", {ctx.world_size} processes" if ctx.enabled else "")
@@ -315,17 +457,14 @@ class Trainer:
             last_eval = self.evaluate()
             self.ramp.step()
             row = {"epoch": epoch + 1, "lr": lr_start, "cot_weight": weight, **train_row, **last_eval}
+            self._check_finite(epoch + 1, row)
             self.history.append(row)
             improved = last_eval["test_acc_ensemble"] > self.best_acc
             if improved:
-                self.best_acc = last_eval["test_acc_ensemble"]
+                self.best_acc, self.best_epoch = last_eval["test_acc_ensemble"], epoch + 1
             if ctx.is_main:
-                state = self._checkpoint(epoch + 1)
-                ckpt_io.atomic_save(state, self.run_dir / ckpt_io.LAST)
-                if improved:
-                    ckpt_io.atomic_save(state, self.run_dir / ckpt_io.BEST)
-                assert log is not None
-                log.append(row)
+                self._save(epoch + 1, improved)
+            self._saved_here, self.saved_epoch = True, epoch + 1
             barrier()
             if cfg.branches > 1:
                 branches = " ".join(f"{last_eval[f'test_acc_{i}']:.2f}" for i in range(cfg.branches))
@@ -339,6 +478,58 @@ class Trainer:
         if ctx.is_main:
             plot_curves(self.history, self.run_dir / PLOT, f"{cfg.model} K={cfg.branches} on {cfg.dataset}")
         return self._finish(last_eval, trained=True)
+
+    def ckpt_recipe(self) -> dict[str, Any]:
+        """The full recipe the resumed checkpoint was trained with."""
+        assert self.ckpt is not None
+        return {**TrainRecipe().to_dict(), **self.ckpt["recipe"]}
+
+    def _check_finite(self, epoch: int, row: dict[str, Any]) -> None:
+        """Raise TrainingDiverged, before anything is saved, when a parameter, a buffer or a loss of the epoch is
+        NaN or infinite (decided together by all processes)."""
+        named = chain((("parameter", n, t) for n, t in self.model.named_parameters()),
+                      (("buffer", n, t) for n, t in self.model.named_buffers()))
+        bad = next((f"{kind} {name!r}" for kind, name, t in named
+                    if t.is_floating_point() and not bool(torch.isfinite(t).all())), None)
+        if bad is None:
+            losses = [k for k in row if k.startswith(("train_loss", "train_divergence", "train_ce_", "test_ce_"))]
+            bad = next((f"{k} ({row[k]})" for k in losses if not math.isfinite(row[k])), None)
+        flag = torch.tensor([0.0 if bad is None else 1.0], dtype=torch.float64, device=self.device)
+        if all_reduce_sum(flag).item() == 0:
+            return
+        where = bad if bad is not None else "a value on another process"
+        if self.saved_epoch is not None:
+            kept = f"{self.run_dir / ckpt_io.LAST} still holds epoch {self.saved_epoch}"
+        else:
+            kept = "no checkpoint was written"
+        raise TrainingDiverged(f"training diverged in epoch {epoch}: {where} is not finite; nothing of this epoch "
+                               f"was saved ({kept}); try a lower --lr")
+
+    def _save(self, epoch: int, improved: bool) -> None:
+        """Write the epoch's checkpoints, then the records that describe them (see the module docstring)."""
+        assert self.run_dir is not None
+        state = self._checkpoint(epoch)
+        last, best = self.run_dir / ckpt_io.LAST, self.run_dir / ckpt_io.BEST
+        if not self._saved_here and not self._resumes_in_place():
+            # The folder's files are not this run's (none, or an overwritten run's): drop them first.
+            for name in (ckpt_io.BEST, SUMMARY, PLOT):
+                (self.run_dir / name).unlink(missing_ok=True)
+        if not self._saved_here and not self._resumes_from_last():
+            # The folder's last.pt is not this run's yet: write it first, so that a crash in between leaves a
+            # last.pt that records the best epoch, which resume turns into best.pt when it is last.pt's own.
+            ckpt_io.atomic_save(state, last)
+            if improved:
+                ckpt_io.atomic_save(state, best)
+        else:
+            if improved:  # before last.pt: a crash in between leaves best.pt one epoch ahead, which resume adopts
+                ckpt_io.atomic_save(state, best)
+            ckpt_io.atomic_save(state, last)
+        self._write_records(self.recipe.to_dict(), self.history)
+
+    def _write_records(self, recipe: dict[str, Any], history: list[dict[str, Any]]) -> None:
+        assert self.run_dir is not None
+        atomic_write_text(self.run_dir / CONFIG, dumps(recipe, indent=2) + "\n")
+        self.log.write(history)
 
     def _finish(self, result: dict[str, float], trained: bool) -> dict[str, Any]:
         cfg = self.recipe
@@ -358,9 +549,27 @@ class Trainer:
             _log(f"exported {len(paths)} branches to {self.run_dir / 'export'}", self.ctx)
         if trained and self.ctx.is_main:
             assert self.run_dir is not None
-            (self.run_dir / SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
+            atomic_write_text(self.run_dir / SUMMARY, dumps(summary, indent=2) + "\n")
         barrier()
         return summary
+
+
+def _divides(spec: Any, k: int) -> bool:
+    try:
+        divide_spec(spec, k, "splitnet")
+    except ValueError:
+        return False
+    return True
+
+
+def _best_epoch(history: list[dict[str, Any]]) -> int:
+    """The epoch the trainer kept as best (the first with the highest ensemble accuracy), 0 for none."""
+    best, epoch = -1.0, 0
+    for row in history:
+        acc = row.get("test_acc_ensemble")
+        if isinstance(acc, (int, float)) and acc > best:
+            best, epoch = float(acc), int(row.get("epoch", 0))
+    return epoch
 
 
 def baseline_command(cfg: TrainRecipe) -> str:
@@ -392,6 +601,17 @@ def run(cfg: TrainRecipe, options: RunOptions | None = None, ckpt: dict[str, Any
 def _run(cfg: TrainRecipe, opts: RunOptions, ckpt: dict[str, Any] | None, ctx: DistContext,
          start: float) -> dict[str, Any]:
     trainer = Trainer(cfg, opts, ckpt, ctx)
+    try:
+        return _train(trainer, cfg, opts, ctx, start)
+    except KeyboardInterrupt:
+        if opts.evaluate:
+            raise
+        raise RunInterrupted(trainer.run_dir, trainer.saved_epoch) from None
+    finally:
+        trainer.close()
+
+
+def _train(trainer: Trainer, cfg: TrainRecipe, opts: RunOptions, ctx: DistContext, start: float) -> dict[str, Any]:
     summary = trainer.fit()
     want_baseline = cfg.baseline if cfg.baseline is not None else cfg.dataset == "digits"
     baseline = None
@@ -400,15 +620,19 @@ def _run(cfg: TrainRecipe, opts: RunOptions, ckpt: dict[str, Any] | None, ctx: D
         base_dir = trainer.run_dir / BASELINE_DIR
         base_ckpt = None
         if opts.resume is not None and (base_dir / ckpt_io.LAST).exists():
-            base_ckpt = ckpt_io.load(base_dir)
+            base_ckpt = ckpt_io.load(base_dir, training_state=True)
         _log(f"training the K=1 baseline in {base_dir}", ctx)
         base_cfg = cfg.replace(branches=1, baseline=False)
         base_opts = opts.replace(output_dir=str(base_dir), export_branches=False, overwrite=True,
                                  resume=str(base_dir / ckpt_io.LAST) if base_ckpt is not None else None)
-        baseline = Trainer(base_cfg, base_opts, base_ckpt, ctx).fit()
+        base_trainer = Trainer(base_cfg, base_opts, base_ckpt, ctx)
+        try:
+            baseline = base_trainer.fit()
+        finally:
+            base_trainer.close()
         summary["baseline"] = baseline
         if ctx.is_main:
-            (trainer.run_dir / SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
+            atomic_write_text(trainer.run_dir / SUMMARY, dumps(summary, indent=2) + "\n")
     if opts.evaluate:
         assert trainer.run_dir is not None
         stored = trainer.run_dir / BASELINE_DIR / SUMMARY  # the baseline trained beside this run, if any
