@@ -34,3 +34,8 @@ def test_ece_from_batch_sums_equals_the_per_sample_definition(n, c, scale, chunk
     targets = torch.randint(0, c, (n,), generator=gen)
     sums = sum(calibration_sums(s, t) for s, t in zip(scores.tensor_split(chunks), targets.tensor_split(chunks)))
     assert math.isclose(expected_calibration_error(sums), naive_ece(scores, targets, ECE_BINS), abs_tol=1e-12)
+
+
+def test_non_finite_scores_give_a_nan_ece_not_an_error():
+    scores = torch.tensor([[float("nan"), 0.0], [1.0, 2.0]])
+    assert math.isnan(expected_calibration_error(calibration_sums(scores, torch.tensor([0, 1]))))

@@ -141,7 +141,7 @@ def test_ddp_mask_disagreement_is_detected(tmp_path):
         try:
             hook.check_agreement()
         except RuntimeError as e:
-            print("detected:", e)
+            print(f"detected: {e}", flush=True)  # one write per rank: the ranks share the pipe
         dist.destroy_process_group()
     """))
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",

@@ -19,7 +19,8 @@ def calibration_sums(scores: Tensor, targets: Tensor, bins: int = ECE_BINS) -> T
     """
     probs = torch.softmax(scores.double(), dim=-1)
     confidence, predicted = probs.max(dim=-1)
-    index = (confidence * bins).long().clamp_(max=bins - 1)  # confidence 1.0 falls in the last bin
+    # Confidence 1.0 falls in the last bin; a NaN (diverged logits) counts in bin 0 and makes the ECE NaN.
+    index = torch.nan_to_num(confidence * bins, nan=0.0).long().clamp_(0, bins - 1)
     sums = torch.zeros(3, bins, dtype=torch.float64, device=scores.device)
     sums[0].index_add_(0, index, torch.ones_like(confidence))
     sums[1].index_add_(0, index, confidence)
