@@ -157,13 +157,17 @@ class GroupedLayerNorm(BranchSkeletonMixin, nn.Module):
         if x.dim() < 1:
             raise ValueError(f"{type(self).__name__} expects (..., K*num_features), got a scalar")
         _checks.check_channels(x.shape[-1], self.branches, self.num_features, type(self).__name__, "features")
-        if self.weight is not None:
+        if self.weight is not None and _checks.autocast_dtype(x.device.type) is None:
             _checks.check_same(x, self.weight, type(self).__name__)
+        # Under autocast F.layer_norm picks the output dtype as for nn.LayerNorm (float32 on CUDA, the input's on
+        # CPU); the affine step runs in the weights' dtype and returns to that one.
         y = F.layer_norm(x.unflatten(-1, (self.branches, self.num_features)), (self.num_features,), eps=self.eps)
         if self.weight is not None:
+            out_dtype = y.dtype
             y = y * self.weight
             if self.bias is not None:
                 y = y + self.bias
+            y = y.to(out_dtype)
         return y.flatten(-2)
 
     def branch_tensors(self) -> list[dict[str, Tensor]]:
