@@ -28,6 +28,8 @@ from groupnet.training.errors import ConfigError
 
 ENSEMBLE_MODES = ("logits", "probs", "geometric")
 LR_SCHEDULES = ("cosine", "constant")
+#: Mixed precision of ``--amp``: torch.autocast in bfloat16 (CPU or CUDA) or float16 (CUDA, with gradient scaling).
+AMP_MODES = ("bf16", "fp16")
 #: Recipe fields that define the model a checkpoint holds: a resumed run may not change them.
 MODEL_IDENTITY = ("model", "branches", "dataset", "image_size")
 #: Former option names, still read from the command line, config files and saved recipes: old name -> new name.
@@ -82,7 +84,7 @@ class TrainRecipe:
     # execution
     channels_last: bool = False
     execution_order: str = "auto"
-    amp: bool = False
+    amp: str | None = None  # None (float32), "bf16" or "fp16"
     sync_bn: bool = True
     seed: int = 0
     baseline: bool | None = None
@@ -161,6 +163,8 @@ def renamed(options: dict[str, Any]) -> dict[str, Any]:
     A value under a former name is checked here, so an error names the option as it was written.
     """
     out = dict(options)
+    if "amp" in out:
+        out["amp"] = _amp_value(out["amp"])
     for old, new in RENAMED.items():
         if old not in out:
             continue
@@ -169,6 +173,16 @@ def renamed(options: dict[str, Any]) -> dict[str, Any]:
             raise ConfigError(f"--schedule must be one of {EXECUTION_ORDERS}, got {value!r}")
         out.setdefault(new, value)
     return out
+
+
+def _amp_value(value: Any) -> Any:
+    """``amp`` as it is stored now: the former boolean (True was float16 autocast on CUDA) and "none" map to the
+    mode they meant; anything else is left for the type check and validation."""
+    if value is True:
+        return "fp16"
+    if value is False or value == "none":
+        return None
+    return value
 
 
 def split_options(options: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -286,7 +300,10 @@ def build_parser() -> argparse.ArgumentParser:
                    f"picks branch on CPU when the branches' activations outgrow the cache [{d.execution_order}]")
     g.add_argument("--schedule", dest="execution_order", choices=EXECUTION_ORDERS, action=_DeprecatedAlias,
                    new="--execution-order", help=argparse.SUPPRESS)
-    g.add_argument("--amp", action=argparse.BooleanOptionalAction, help="float16 autocast + grad scaling (CUDA only)")
+    g.add_argument("--amp", nargs="?", const="fp16", choices=(*AMP_MODES, "none"),
+                   help="mixed precision: bf16 autocast (CPU or CUDA), fp16 autocast with gradient scaling (CUDA), "
+                   "none; --amp alone is fp16 [none]")
+    g.add_argument("--no-amp", dest="amp", action="store_const", const="none", help=argparse.SUPPRESS)
     g.add_argument("--sync-bn", action=argparse.BooleanOptionalAction,
                    help=f"synchronise batch-norm statistics across processes under DDP [{d.sync_bn}]")
     g.add_argument("--device", help=f"auto, cpu, cuda or cuda:N [{r.device}]")
@@ -356,6 +373,7 @@ def validate(cfg: TrainRecipe, opts: RunOptions | None = None) -> None:
     need(cfg.ensemble in ENSEMBLE_MODES, f"--ensemble must be one of {ENSEMBLE_MODES}, got {cfg.ensemble!r}")
     need(cfg.execution_order in EXECUTION_ORDERS,
          f"--execution-order must be one of {EXECUTION_ORDERS}, got {cfg.execution_order!r}")
+    need(cfg.amp is None or cfg.amp in AMP_MODES, f"--amp must be one of {AMP_MODES} or none, got {cfg.amp!r}")
     need(cfg.dataset in DATASETS, f"--dataset must be one of {DATASETS}, got {cfg.dataset!r}")
     need(cfg.padding is None or cfg.padding >= 0, f"--padding must be >= 0, got {cfg.padding}")
     need(cfg.cutout >= 0, f"--cutout must be >= 0, got {cfg.cutout}")
