@@ -136,10 +136,17 @@ def check_output_shaped(what: str, geom: ConvGeometry, **tensors: Tensor | None)
             raise ValueError(f"{what}: {name} must be {geom.output_size}, got {tuple(t.shape)}")
 
 
+#: No conv config tiles pixels in blocks longer than this. A tile's indices run up to ``pixels - 1 + block``, so
+#: the pixel count keeps this much headroom below 2**31.
+MAX_PIXEL_BLOCK = 256
+
+
 def check_int32_pixels(what: str, pixels: int, description: str) -> None:
-    """The kernels index pixels in int32: ``pixels`` (described as ``description``) must stay below 2**31."""
-    if pixels >= 2**31:
-        raise ValueError(f"{what}: {description} exceeds the int32 pixel index")
+    """The kernels index pixels in int32: ``pixels`` (described as ``description``) plus one tile's length must
+    stay below 2**31, so that the last tile's indices do not wrap."""
+    if pixels + MAX_PIXEL_BLOCK > 2**31:
+        raise ValueError(
+            f"{what}: {description} exceeds the int32 pixel index (at most 2**31 - {MAX_PIXEL_BLOCK} pixels)")
 
 
 # Index helpers inlined into the three kernels (block sizes stay constexpr). Program ids, tile and group origins
@@ -159,6 +166,14 @@ def block_range(tile, size, BLOCK: tl.constexpr):
     """The ``BLOCK`` indices of block ``tile`` along an axis of ``size`` and their in-bounds mask."""
     offs = tile * BLOCK + tl.arange(0, BLOCK)
     return offs, offs < size
+
+
+@triton.jit
+def split_bounds(split, SPLIT_ROWS, R):
+    """``[start, end)`` of chunk ``split`` of ``R`` rows cut into chunks of ``SPLIT_ROWS``. ``start + SPLIT_ROWS``
+    can pass 2**31 for the last chunk, so the end is ``start`` plus what is left, which never wraps."""
+    start = split * SPLIT_ROWS
+    return start, start + tl.minimum(SPLIT_ROWS, R - start)
 
 
 @triton.jit

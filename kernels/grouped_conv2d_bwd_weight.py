@@ -18,7 +18,7 @@ from torch import Tensor
 
 from . import _grouped_conv2d_common as common
 from ._common import CompileSpec, accumulator_dtype, autotune_configs, check_launch_tensors, launch
-from ._grouped_conv2d_common import block_range, pixel_coords
+from ._grouped_conv2d_common import block_range, pixel_coords, split_bounds
 
 BLOCKS = ("BLOCK_CO", "BLOCK_CI", "BLOCK_R")
 # (BLOCK_CO, BLOCK_CI, BLOCK_R, num_warps, num_stages)
@@ -77,8 +77,7 @@ def _grouped_conv2d_bwd_weight_kernel(
 
     acc = tl.zeros((BLOCK_CO, BLOCK_CI), dtype=ACC_DTYPE)
     db_acc = tl.zeros((BLOCK_CO,), dtype=ACC_DTYPE)
-    r_start = split * SPLIT_ROWS
-    r_end = tl.minimum(r_start + SPLIT_ROWS, R)
+    r_start, r_end = split_bounds(split, SPLIT_ROWS, R)
     for r0 in range(r_start, r_end, BLOCK_R):
         offs_r = r0 + tl.arange(0, BLOCK_R)
         mask_r = offs_r < r_end

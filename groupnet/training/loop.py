@@ -5,17 +5,18 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-from groupnet.cotraining import CoTrainingLoss
+from groupnet.cotraining import CoTrainingLoss, CoTrainingOutput
 from groupnet.data.augment import mixup
 from groupnet.ensembling import ensemble, split_branches
 from groupnet.training.distributed import all_reduce_sum
 from groupnet.training.errors import TrainingDiverged
+from groupnet.training.hooks import TrainingHook
 from groupnet.training.lr_schedule import WarmupCosineLR
 
 
@@ -36,6 +37,9 @@ class StepContext:
     mixup_alpha: float = 0.0
     seed: int = 0
     rank: int = 0
+    hooks: list[TrainingHook] = field(default_factory=list)
+    #: Optimizer steps taken in this run so far (restored on resume).
+    global_step: int = 0
 
 
 def _to_device(x: Tensor, device: torch.device, channels_last: bool) -> Tensor:
@@ -45,6 +49,24 @@ def _to_device(x: Tensor, device: torch.device, channels_last: bool) -> Tensor:
 
 def _autocast(amp: bool):
     return torch.autocast("cuda", dtype=torch.float16) if amp else contextlib.nullcontext()
+
+
+def default_step(model: nn.Module, x: Tensor, target: Tensor, ctx: StepContext) -> tuple[CoTrainingOutput, Tensor]:
+    """Forward all branches, the co-training loss, backward (through the grad scaler)."""
+    with _autocast(ctx.amp):
+        logits = model(x)
+    out = ctx.loss_fn(logits.float(), target)
+    ctx.scaler.scale(out.loss).backward()
+    return out, logits
+
+
+def _forward_backward(model: nn.Module, x: Tensor, target: Tensor,
+                      ctx: StepContext) -> tuple[CoTrainingOutput, Tensor]:
+    for hook in ctx.hooks:
+        result = hook.step(model, x, target, ctx)
+        if result is not None:
+            return result
+    return default_step(model, x, target, ctx)
 
 
 def train_one_epoch(model: nn.Module, loader: Iterable, ctx: StepContext, epoch: int,
@@ -66,13 +88,13 @@ def train_one_epoch(model: nn.Module, loader: Iterable, ctx: StepContext, epoch:
             rng = np.random.default_rng([ctx.seed, epoch, step, ctx.rank])
             x, target = mixup(x, y, c, ctx.mixup_alpha, rng)
             scored = target.argmax(1)
-        with _autocast(ctx.amp):
-            logits = model(x)
-        out = ctx.loss_fn(logits.float(), target)
         ctx.optimizer.zero_grad(set_to_none=True)
-        ctx.scaler.scale(out.loss).backward()
+        out, logits = _forward_backward(model, x, target, ctx)
         ctx.scaler.step(ctx.optimizer)
         ctx.scaler.update()
+        ctx.global_step += 1
+        for hook in ctx.hooks:
+            hook.after_optimizer_step(ctx.global_step)
         ctx.scheduler.step()
         with torch.no_grad():
             n = y.shape[0]

@@ -35,11 +35,13 @@ from groupnet.training.distributed import (
 )
 from groupnet.training.errors import CheckpointError, ConfigError
 from groupnet.training.export import export_branches
+from groupnet.training.hooks import build_hooks
 from groupnet.training.loop import StepContext, evaluate, train_one_epoch
 from groupnet.training.metrics import PLOT, MetricsLog, plot_curves
 from groupnet.training.optim import build_sgd
 from groupnet.training.accuracy_table import accuracy_table
 from groupnet.training.lr_schedule import WarmupCosineLR
+from groupnet.training.methods import METHOD_HOOKS
 
 SUMMARY = "summary.json"
 BASELINE_DIR = "baseline-k1"
@@ -227,6 +229,10 @@ class Trainer:
         self.step_ctx = StepContext(self.loss_fn, self.optimizer, self.scheduler, self.scaler, self.device,
                                     cfg.branches, data.num_classes, cfg.ensemble, cfg.channels_last, cfg.amp,
                                     cfg.mixup_alpha, cfg.seed, ctx.rank)
+        self.hooks = build_hooks(cfg, METHOD_HOOKS)
+        self.step_ctx.hooks = self.hooks
+        for hook in self.hooks:
+            hook.setup(self)
         self.start_epoch, self.best_acc, history = 0, -1.0, []
         if self.ckpt is not None:
             self._restore(self.ckpt)
@@ -240,9 +246,15 @@ class Trainer:
             self.ramp.load_state_dict(ckpt["cot_ramp"])
             self.scaler.load_state_dict(ckpt["scaler"])
             self.sampler.load_state_dict(ckpt["sampler"])
+            saved_hooks = ckpt.get("hooks", {})
+            for hook in self.hooks:
+                if hook.name not in saved_hooks:
+                    raise KeyError(f"no state for training method {hook.name!r}")
+                hook.load_state_dict(saved_hooks[hook.name])
         except (KeyError, ValueError, RuntimeError) as e:
             raise CheckpointError(f"checkpoint {self.opts.resume}: cannot restore the training state ({e})") from None
         self.start_epoch, self.best_acc = int(ckpt["epoch"]), float(ckpt.get("best_acc", -1.0))
+        self.step_ctx.global_step = self.start_epoch * self.sampler.steps_per_epoch()
         # Last, after every module and loader is built (building draws from the RNGs).
         ckpt_io.set_rng_state(ckpt["rng"])
 
@@ -260,10 +272,13 @@ class Trainer:
             "cot_ramp": self.ramp.state_dict(), "scaler": self.scaler.state_dict(),
             "sampler": {"seed": self.sampler.seed, "epoch": epoch}, "epoch": epoch, "best_acc": self.best_acc,
             "history": self.history, "rng": ckpt_io.rng_state(),
+            "hooks": {hook.name: hook.state_dict() for hook in self.hooks},
         }
 
     # ----------------------------------------------------------------------------------------------- running
     def evaluate(self) -> dict[str, float]:
+        for hook in self.hooks:
+            hook.before_evaluate()
         return evaluate(self.model, self.test_loader, device=self.device, branches=self.recipe.branches,
                         num_classes=self.data.num_classes, ensemble_mode=self.recipe.ensemble,
                         channels_last=self.recipe.channels_last, amp=self.recipe.amp)
@@ -292,6 +307,8 @@ class Trainer:
                        disable=not (opts.progress and ctx.is_main), file=sys.stderr, dynamic_ncols=True)
             with bar:
                 train_row = train_one_epoch(self.ddp, self.train_loader, self.step_ctx, epoch, bar)
+            for hook in self.hooks:
+                train_row.update(hook.epoch_end(epoch))
             last_eval = self.evaluate()
             self.ramp.step()
             row = {"epoch": epoch + 1, "lr": lr_start, "cot_weight": weight, **train_row, **last_eval}

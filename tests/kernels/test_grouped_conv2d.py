@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import triton
+import triton.language as tl
 from helpers.compare import float64_leaves
 from helpers.oob import Embedded, assert_no_oob, nan_embedded, sentinel_output
 from helpers.strategies import conv_cases
@@ -20,6 +21,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import Tensor
 
+from groupnet.kernels import _grouped_conv2d_common as common
 from groupnet.kernels import grouped_conv2d as conv_module
 from groupnet.kernels._grouped_conv2d_common import ConvGeometry
 from groupnet.kernels.grouped_conv2d import compile_specs, grouped_conv2d, roofline_cases
@@ -387,3 +389,36 @@ def test_geometry_matches_torch_output_size():
                  (2, 1), 3)  # fmt: skip
     assert geom.output_size == tuple(y.shape)
 
+
+
+@triton.jit
+def _split_bounds_probe(out_ptr, split, SPLIT_ROWS, R):
+    start, end = common.split_bounds(split, SPLIT_ROWS, R)
+    tl.store(out_ptr, start)
+    tl.store(out_ptr + 1, end)
+
+
+@settings(max_examples=25, deadline=None)
+@given(rows=st.integers(1, 2**31 - 1), split_rows=st.integers(1, 2**31 - 1), data=st.data())
+def test_weight_gradient_split_bounds_do_not_wrap_near_the_int32_limit(rows, split_rows, data):
+    """The weight-gradient pass's split bounds, computed in int32 as in the kernel, near R = 2**31: the last
+    split's end is R, never a wrapped negative number that would drop its rows from dW."""
+    splits = triton.cdiv(rows, split_rows)
+    split = data.draw(st.sampled_from(sorted({0, splits - 1, splits // 2})))
+    out = torch.zeros(2, dtype=torch.int32)
+    _split_bounds_probe[(1,)](out, split, split_rows, rows)
+    start = split * split_rows
+    assert out.tolist() == [start, min(start + split_rows, rows)]
+
+
+def test_the_pixel_check_keeps_one_tile_of_headroom():
+    limit = 2**31 - common.MAX_PIXEL_BLOCK
+    common.check_int32_pixels("probe", limit, "pixels")
+    with pytest.raises(ValueError, match="int32 pixel index"):
+        common.check_int32_pixels("probe", limit + 1, "pixels")
+
+
+def test_every_conv_config_fits_the_pixel_headroom():
+    blocks = [c.kwargs["BLOCK_M"] for c in (*FWD_CONFIGS, *BWD_INPUT_CONFIGS)]
+    blocks += [c.kwargs["BLOCK_R"] for c in BWD_WEIGHT_CONFIGS]
+    assert max(blocks) <= common.MAX_PIXEL_BLOCK

@@ -1,0 +1,9 @@
+"""The training methods the trainer knows beyond plain co-training, as hook builders (see
+:mod:`groupnet.training.hooks`): each returns its hook when the recipe asks for the method, else None."""
+
+from __future__ import annotations
+
+from groupnet.training.hooks import HookBuilder
+
+#: Asked in this order; a method adds its builder here.
+METHOD_HOOKS: list[HookBuilder] = []
