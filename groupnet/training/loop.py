@@ -33,7 +33,7 @@ class StepContext:
     num_classes: int
     ensemble_mode: str = "logits"
     channels_last: bool = False
-    amp: bool = False
+    amp: str | None = None  # None, "bf16" or "fp16" (torch.autocast on the device)
     mixup_alpha: float = 0.0
     seed: int = 0
     rank: int = 0
@@ -47,13 +47,19 @@ def _to_device(x: Tensor, device: torch.device, channels_last: bool) -> Tensor:
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 
-def _autocast(amp: bool):
-    return torch.autocast("cuda", dtype=torch.float16) if amp else contextlib.nullcontext()
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def autocast(amp: str | None, device: torch.device):
+    """The ``--amp`` region of a forward pass: ``torch.autocast`` on ``device`` in bf16/fp16, or nothing."""
+    if amp is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=AMP_DTYPES[amp])
 
 
 def default_step(model: nn.Module, x: Tensor, target: Tensor, ctx: StepContext) -> tuple[CoTrainingOutput, Tensor]:
     """Forward all branches, the co-training loss, backward (through the grad scaler)."""
-    with _autocast(ctx.amp):
+    with autocast(ctx.amp, ctx.device):
         logits = model(x)
     out = ctx.loss_fn(logits.float(), target)
     ctx.scaler.scale(out.loss).backward()
@@ -131,14 +137,14 @@ def train_one_epoch(model: nn.Module, loader: Iterable, ctx: StepContext, epoch:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: Iterable, *, device: torch.device, branches: int, num_classes: int,
-             ensemble_mode: str = "logits", channels_last: bool = False, amp: bool = False) -> dict[str, float]:
+             ensemble_mode: str = "logits", channels_last: bool = False, amp: str | None = None) -> dict[str, float]:
     """Per-branch and ensemble test accuracy (%) and cross-entropy, feeding one view to all branches."""
     model.eval()
     k = branches
     sums = torch.zeros(1 + 2 * k + 2, dtype=torch.float64, device=device)  # n, correct_k, ce_k, ens correct, ens ce
     for x, y in loader:
         x, y = _to_device(x, device, channels_last), y.to(device, non_blocking=True)
-        with _autocast(amp):
+        with autocast(amp, device):
             logits = model(x)
         logits = logits.float()
         per_branch = split_branches(logits, k)  # (K, N, C)

@@ -146,8 +146,9 @@ class Trainer:
         self.device = resolve_device(opts.device, ctx)
         if self.device.type == "cpu":
             retain_freed_memory()  # large activations are otherwise page-faulted in at every step (cpu_memory.py)
-        if cfg.amp and self.device.type != "cuda":
-            raise ConfigError("--amp needs a CUDA device (it is float16 autocast with gradient scaling)")
+        if cfg.amp == "fp16" and self.device.type != "cuda":
+            raise ConfigError("--amp needs a CUDA device for fp16 (float16 autocast with gradient scaling); "
+                              "on the CPU use --amp bf16")
         try:
             arch_spec(cfg.model)
         except ValueError as e:
@@ -225,7 +226,8 @@ class Trainer:
                                       check_finite=False, check_targets=False)
         self.ramp = CoTrainingWeightRamp(self.loss_fn, final=cfg.cot_weight, start=min(0.005, cfg.cot_weight),
                                          warmup_epochs=cfg.cot_warmup_epochs)
-        self.scaler = torch.amp.GradScaler("cuda", enabled=cfg.amp)
+        # float16 needs gradient scaling (its range underflows small gradients); bfloat16 has float32's range.
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.amp == "fp16")
         self.step_ctx = StepContext(self.loss_fn, self.optimizer, self.scheduler, self.scaler, self.device,
                                     cfg.branches, data.num_classes, cfg.ensemble, cfg.channels_last, cfg.amp,
                                     cfg.mixup_alpha, cfg.seed, ctx.rank)
