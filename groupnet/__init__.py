@@ -13,6 +13,8 @@ from groupnet.modules import (
     GroupedConv2d,
     GroupedLayerNorm,
     GroupedLinear,
+    convert_sync_batchnorm,
+    revert_sync_batchnorm,
 )
 from groupnet.reference import PerBranch, reference_of
 from groupnet.model_stacking import extract_branch, num_branches, stack_models
@@ -35,6 +37,7 @@ __all__ = [
     "branch_major_forward",
     "build_model",
     "complexity",
+    "convert_sync_batchnorm",
     "ensemble",
     "fuse_for_inference",
     "split_branches",
@@ -54,6 +57,7 @@ __all__ = [
     "reference_of",
     "repeat",
     "retain_freed_memory",
+    "revert_sync_batchnorm",
     "stack",
     "stack_models",
     "unstack",
