@@ -18,6 +18,7 @@ from groupnet.modules import (
 )
 from groupnet.reference import PerBranch, reference_of
 from groupnet.model_stacking import extract_branch, num_branches, stack_models
+from groupnet.func_state import load_stacked_state, to_stacked_state
 from groupnet.cotraining import CoTrainingLoss, CoTrainingOutput, CoTrainingWeightRamp
 from groupnet.ensembling import ensemble, split_branches
 from groupnet.complexity import Complexity, complexity
@@ -51,6 +52,7 @@ __all__ = [
     "extract_branch",
     "functional",
     "layout",
+    "load_stacked_state",
     "num_branches",
     "ops",
     "reference",
@@ -60,6 +62,7 @@ __all__ = [
     "revert_sync_batchnorm",
     "stack",
     "stack_models",
+    "to_stacked_state",
     "unstack",
     "use_backend",
 ]

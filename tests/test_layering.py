@@ -18,7 +18,8 @@ LAYERS: list[tuple[str, ...]] = [
     ("groupnet.fuse",),
     ("groupnet.models", "groupnet.data"),
     ("groupnet.branch_major", "groupnet.reference", "groupnet.complexity", "groupnet.cotraining",
-     "groupnet.ensembling", "groupnet.opcount", "groupnet.cpu_memory"),  # tools over grouped layers
+     "groupnet.ensembling", "groupnet.opcount", "groupnet.cpu_memory",
+     "groupnet.func_state"),  # tools over grouped layers
     ("groupnet.model_stacking",),
     ("groupnet.modules",),
     ("groupnet.functional",),

@@ -153,6 +153,13 @@ class GroupedLayerNorm(BranchSkeletonMixin, nn.Module):
             self.register_parameter("weight", None)
             self.register_parameter("bias", None)
 
+    def reset_parameters(self) -> None:
+        """Every branch as ``nn.LayerNorm.reset_parameters`` leaves it: weight 1, bias 0."""
+        if self.weight is not None:
+            nn.init.ones_(self.weight)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() < 1:
             raise ValueError(f"{type(self).__name__} expects (..., K*num_features), got a scalar")
