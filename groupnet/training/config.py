@@ -265,7 +265,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--data-dir", help="folder holding the data set (cifar-10-batches-py/, cifar-100-python/, or "
                    "train/ and test/ class folders); digits needs none")
     g.add_argument("--image-size", type=int, help="folder data set: images are resized to this square size [32]")
-    g.add_argument("--train-subset", type=int, help="train on the first N training images only (quick checks)")
+    g.add_argument("--train-subset", type=int, help="train on N training images only, a stratified pick that is the "
+                   "same for every seed (quick checks)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, help=f"[{d.epochs}]")
     g.add_argument("--batch-size", type=int, help=f"global batch size, over all processes [{d.batch_size}]")
