@@ -30,6 +30,7 @@ ENSEMBLE_MODES = ("logits", "probs", "geometric")
 LR_SCHEDULES = ("cosine", "constant")
 #: Mixed precision of ``--amp``: torch.autocast in bfloat16 (CPU or CUDA) or float16 (CUDA, with gradient scaling).
 AMP_MODES = ("bf16", "fp16")
+OPTIMIZERS = ("sgd", "adamw")
 #: Recipe fields that define the model a checkpoint holds: a resumed run may not change them.
 MODEL_IDENTITY = ("model", "branches", "dataset", "image_size")
 #: Former option names, still read from the command line, config files and saved recipes: old name -> new name.
@@ -71,16 +72,21 @@ class TrainRecipe:
     nesterov: bool = True
     weight_decay: float = 5e-4
     split_weight_decay: bool = True
+    optimizer: str = "sgd"  # "sgd" (momentum, nesterov) or "adamw" (decoupled weight decay)
     # co-training
     cot_weight: float = 0.5
     cot_warmup_epochs: float = 5.0
     divergence: str = "js"
     ensemble: str = "logits"
+    label_smoothing: float = 0.0
     # augmentation (None: the data set's default)
     padding: int | None = None
     flip: bool | None = None
     cutout: int = 0
     mixup_alpha: float = 0.0
+    cutmix_alpha: float = 0.0  # with mixup as well, each step picks one of the two at random
+    # weight averaging: an exponential moving average of the weights, evaluated beside the model (0 = off)
+    ema_decay: float = 0.0
     # execution
     channels_last: bool = False
     execution_order: str = "auto"
@@ -108,7 +114,8 @@ class RunOptions:
     - ``overwrite``: this invocation may replace another run's checkpoints.
     - ``evaluate``: this invocation only evaluates the ``resume`` checkpoint.
     - ``export_branches``: this invocation also writes each branch as a torch.export program.
-    - ``progress``: progress bars on the terminal.
+    - ``progress``: progress bars (None: tqdm shows them on a terminal only).
+    - ``tensorboard``: this invocation also writes the metrics as TensorBoard scalars (``tensorboard/``).
     """
 
     device: str = "auto"
@@ -119,7 +126,8 @@ class RunOptions:
     overwrite: bool = False
     evaluate: bool = False
     export_branches: bool = False
-    progress: bool = True
+    progress: bool | None = None
+    tensorboard: bool = False
 
     def replace(self, **changes: Any) -> RunOptions:
         return dataclasses.replace(self, **changes)
@@ -271,7 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--epochs", type=int, help=f"[{d.epochs}]")
     g.add_argument("--batch-size", type=int, help=f"global batch size, over all processes [{d.batch_size}]")
     g.add_argument("--eval-batch-size", type=int, help=f"[{d.eval_batch_size}]")
-    g.add_argument("--lr", type=float, help=f"peak learning rate of SGD [{d.lr}]")
+    g.add_argument("--lr", type=float, help=f"peak learning rate [{d.lr}]")
     g.add_argument("--lr-schedule", choices=LR_SCHEDULES, help=f"after the warm-up [{d.lr_schedule}]")
     g.add_argument("--warmup-epochs", type=float, help=f"linear warm-up from --warmup-lr to --lr [{d.warmup_epochs}]")
     g.add_argument("--warmup-lr", type=float, help=f"[{d.warmup_lr}]")
@@ -282,18 +290,26 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"weight decay, not applied to norm layers and biases [{d.weight_decay}]")
     g.add_argument("--split-weight-decay", action=argparse.BooleanOptionalAction,
                    help=f"scale weight decay by exp(1/K - 1) (SplitNet) [{d.split_weight_decay}]")
+    g.add_argument("--optimizer", choices=OPTIMIZERS,
+                   help=f"sgd (--momentum, --nesterov) or adamw (decoupled weight decay) [{d.optimizer}]")
+    g.add_argument("--ema-decay", type=float, help="also keep an exponential moving average of the weights with "
+                   f"this decay (e.g. 0.999) and report its test accuracy; 0 = off [{d.ema_decay}]")
     g = p.add_argument_group("co-training")
     g.add_argument("--cot-weight", type=float, help=f"weight of the divergence term [{d.cot_weight}]")
     g.add_argument("--cot-warmup-epochs", type=float,
                    help=f"linear ramp of the weight from 0.005 [{d.cot_warmup_epochs}]")
     g.add_argument("--divergence", choices=DIVERGENCES, help=f"co-training divergence [{d.divergence}]")
     g.add_argument("--ensemble", choices=ENSEMBLE_MODES, help=f"how branch outputs are combined [{d.ensemble}]")
+    g.add_argument("--label-smoothing", type=float,
+                   help=f"label smoothing of each branch's cross-entropy, in [0, 1) [{d.label_smoothing}]")
     g = p.add_argument_group("augmentation")
     g.add_argument("--padding", type=int, help="random-crop zero padding [data set default: digits 1, CIFAR 4]")
     g.add_argument("--flip", action=argparse.BooleanOptionalAction,
                    help="random horizontal flip [data set default: off for digits, on otherwise]")
     g.add_argument("--cutout", type=int, help=f"cutout square side, 0 = off [{d.cutout}]")
     g.add_argument("--mixup-alpha", type=float, help=f"mixup Beta(alpha, alpha), 0 = off [{d.mixup_alpha}]")
+    g.add_argument("--cutmix-alpha", type=float,
+                   help=f"cutmix Beta(alpha, alpha), 0 = off; with --mixup-alpha each step picks one [{d.cutmix_alpha}]")
     g = p.add_argument_group("execution")
     g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, help=f"[{d.channels_last}]")
     g.add_argument("--execution-order", choices=EXECUTION_ORDERS,
@@ -322,7 +338,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write each branch as a standalone torch.export program (export/branch_k.pt2)")
     g.add_argument("--baseline", action=argparse.BooleanOptionalAction,
                    help="also train the K=1 baseline and compare [on for digits, off otherwise]")
-    g.add_argument("--progress", action=argparse.BooleanOptionalAction, help="progress bars")
+    g.add_argument("--progress", action=argparse.BooleanOptionalAction,
+                   help="progress bars [on a terminal only]")
+    g.add_argument("--tensorboard", action=argparse.BooleanOptionalAction,
+                   help="also write the metrics as TensorBoard scalars into RUN/tensorboard (needs tensorboard)")
     return p
 
 
@@ -363,7 +382,7 @@ def validate(cfg: TrainRecipe, opts: RunOptions | None = None) -> None:
     need(cfg.batch_size >= 1, f"--batch-size must be >= 1, got {cfg.batch_size}")
     need(cfg.eval_batch_size >= 1, f"--eval-batch-size must be >= 1, got {cfg.eval_batch_size}")
     for name in ("lr", "warmup_lr", "min_lr", "weight_decay", "cot_weight", "warmup_epochs", "cot_warmup_epochs",
-                 "mixup_alpha"):
+                 "mixup_alpha", "cutmix_alpha"):
         v = getattr(cfg, name)
         need(math.isfinite(v) and v >= 0, f"--{name.replace('_', '-')} must be a finite number >= 0, got {v}")
     need(cfg.lr > 0, f"--lr must be > 0, got {cfg.lr}")
@@ -375,6 +394,10 @@ def validate(cfg: TrainRecipe, opts: RunOptions | None = None) -> None:
     need(cfg.execution_order in EXECUTION_ORDERS,
          f"--execution-order must be one of {EXECUTION_ORDERS}, got {cfg.execution_order!r}")
     need(cfg.amp is None or cfg.amp in AMP_MODES, f"--amp must be one of {AMP_MODES} or none, got {cfg.amp!r}")
+    need(cfg.optimizer in OPTIMIZERS, f"--optimizer must be one of {OPTIMIZERS}, got {cfg.optimizer!r}")
+    need(math.isfinite(cfg.label_smoothing) and 0 <= cfg.label_smoothing < 1,
+         f"--label-smoothing must be in [0, 1), got {cfg.label_smoothing}")
+    need(math.isfinite(cfg.ema_decay) and 0 <= cfg.ema_decay < 1, f"--ema-decay must be in [0, 1), got {cfg.ema_decay}")
     need(cfg.dataset in DATASETS, f"--dataset must be one of {DATASETS}, got {cfg.dataset!r}")
     need(cfg.padding is None or cfg.padding >= 0, f"--padding must be >= 0, got {cfg.padding}")
     need(cfg.cutout >= 0, f"--cutout must be >= 0, got {cfg.cutout}")

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from groupnet.cotraining import CoTrainingLoss, CoTrainingOutput
-from groupnet.data.augment import mixup
+from groupnet.data.augment import cutmix, mixup
 from groupnet.ensembling import ensemble, split_branches
 from groupnet.training.calibration import ECE_BINS, calibration_sums, expected_calibration_error
 from groupnet.training.distributed import all_reduce_sum
@@ -41,6 +41,7 @@ class StepContext:
     hooks: list[TrainingHook] = field(default_factory=list)
     #: Optimizer steps taken in this run so far (restored on resume).
     global_step: int = 0
+    cutmix_alpha: float = 0.0
 
 
 def _to_device(x: Tensor, device: torch.device, channels_last: bool) -> Tensor:
@@ -81,8 +82,8 @@ def train_one_epoch(model: nn.Module, loader: Iterable, ctx: StepContext, epoch:
     """Train one epoch; returns the epoch's mean loss terms, per-branch and ensemble accuracy and throughput.
 
     Accuracy on the training views: branch k is scored on its own view; with mixup, against the label of the
-    larger mixing share. Mixup draws one lambda and permutation per step from a generator seeded by
-    (seed, epoch, step, rank).
+    larger mixing share. Mixup and cutmix draw one lambda and permutation (and cutmix its box) per step from a
+    generator seeded by (seed, epoch, step, rank).
     """
     model.train()
     k, c = ctx.branches, ctx.num_classes
@@ -91,9 +92,12 @@ def train_one_epoch(model: nn.Module, loader: Iterable, ctx: StepContext, epoch:
     for step, (x, y) in enumerate(loader):
         x, y = _to_device(x, ctx.device, ctx.channels_last), y.to(ctx.device, non_blocking=True)
         target, scored = y, y
-        if ctx.mixup_alpha > 0:
+        if ctx.mixup_alpha > 0 or ctx.cutmix_alpha > 0:
             rng = np.random.default_rng([ctx.seed, epoch, step, ctx.rank])
-            x, target = mixup(x, y, c, ctx.mixup_alpha, rng)
+            # with both on, a fair coin picks one per step (drawn only then: mixup-only runs keep their stream)
+            use_cutmix = ctx.cutmix_alpha > 0 and (ctx.mixup_alpha == 0 or rng.random() < 0.5)
+            x, target = (cutmix(x, y, c, ctx.cutmix_alpha, rng) if use_cutmix
+                         else mixup(x, y, c, ctx.mixup_alpha, rng))
             scored = target.argmax(1)
         ctx.optimizer.zero_grad(set_to_none=True)
         out, logits = _forward_backward(model, x, target, ctx)

@@ -3,7 +3,8 @@
 
 from __future__ import annotations
 
+from groupnet.training.ema_hook import ema_hook
 from groupnet.training.hooks import HookBuilder
 
 #: Asked in this order; a method adds its builder here.
-METHOD_HOOKS: list[HookBuilder] = []
+METHOD_HOOKS: list[HookBuilder] = [ema_hook]

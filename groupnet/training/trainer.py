@@ -8,6 +8,7 @@ an atomic replace. A fresh run refuses a folder that already holds checkpoints u
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import random
 import shlex
@@ -38,7 +39,7 @@ from groupnet.training.export import export_branches
 from groupnet.training.hooks import build_hooks
 from groupnet.training.loop import StepContext, evaluate, train_one_epoch
 from groupnet.training.metrics import PLOT, MetricsLog, plot_curves
-from groupnet.training.optim import build_sgd
+from groupnet.training.optim import build_optimizer
 from groupnet.training.accuracy_table import accuracy_table
 from groupnet.training.lr_schedule import WarmupCosineLR
 from groupnet.training.methods import METHOD_HOOKS
@@ -53,6 +54,13 @@ def _log(msg: str, ctx: DistContext) -> None:
 
         tqdm.write(msg, file=sys.stdout)
         sys.stdout.flush()
+
+
+def _tensorboard_writer(run_dir: Path):
+    """A TensorBoard writer into ``run_dir/tensorboard`` (imported here: tensorboard is optional)."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter(str(run_dir / "tensorboard"))
 
 
 def resolve_device(name: str, ctx: DistContext) -> torch.device:
@@ -146,6 +154,8 @@ class Trainer:
         self.device = resolve_device(opts.device, ctx)
         if self.device.type == "cpu":
             retain_freed_memory()  # large activations are otherwise page-faulted in at every step (cpu_memory.py)
+        if opts.tensorboard and importlib.util.find_spec("tensorboard") is None:
+            raise ConfigError("--tensorboard needs the tensorboard package (pip install tensorboard)")
         if cfg.amp == "fp16" and self.device.type != "cuda":
             raise ConfigError("--amp needs a CUDA device for fp16 (float16 autocast with gradient scaling); "
                               "on the CPU use --amp bf16")
@@ -209,7 +219,8 @@ class Trainer:
                 model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         wd = split_weight_decay(cfg.weight_decay, cfg.branches) if cfg.split_weight_decay else cfg.weight_decay
         self.weight_decay = wd
-        self.optimizer = build_sgd(model, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=wd)
+        self.optimizer = build_optimizer(model, cfg.optimizer, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
+                                         weight_decay=wd)
         augment = Augment(padding=data.padding if cfg.padding is None else cfg.padding,
                           flip=data.flip if cfg.flip is None else cfg.flip, cutout=cfg.cutout)
         pin = self.device.type == "cuda"
@@ -223,14 +234,14 @@ class Trainer:
             self.optimizer, lr=cfg.lr, total_steps=cfg.epochs * steps, warmup_steps=round(cfg.warmup_epochs * steps),
             warmup_lr=cfg.warmup_lr, min_lr=cfg.min_lr, schedule=cfg.lr_schedule)
         self.loss_fn = CoTrainingLoss(cfg.branches, weight=cfg.cot_weight, divergence=cfg.divergence,
-                                      check_finite=False, check_targets=False)
+                                      check_finite=False, check_targets=False, label_smoothing=cfg.label_smoothing)
         self.ramp = CoTrainingWeightRamp(self.loss_fn, final=cfg.cot_weight, start=min(0.005, cfg.cot_weight),
                                          warmup_epochs=cfg.cot_warmup_epochs)
         # float16 needs gradient scaling (its range underflows small gradients); bfloat16 has float32's range.
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.amp == "fp16")
         self.step_ctx = StepContext(self.loss_fn, self.optimizer, self.scheduler, self.scaler, self.device,
                                     cfg.branches, data.num_classes, cfg.ensemble, cfg.channels_last, cfg.amp,
-                                    cfg.mixup_alpha, cfg.seed, ctx.rank)
+                                    cfg.mixup_alpha, cfg.seed, ctx.rank, cutmix_alpha=cfg.cutmix_alpha)
         self.hooks = build_hooks(cfg, METHOD_HOOKS)
         self.step_ctx.hooks = self.hooks
         for hook in self.hooks:
@@ -295,10 +306,11 @@ class Trainer:
         if opts.evaluate:
             return self._finish(self.evaluate(), trained=False)
         log = MetricsLog(self.run_dir, self.history) if ctx.is_main else None
+        board = _tensorboard_writer(self.run_dir) if ctx.is_main and opts.tensorboard else None
         if ctx.is_main:
             (self.run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
         _log(f"run folder {self.run_dir} | {cfg.model} K={cfg.branches} ({self.params:,} params) on {cfg.dataset}, "
-             f"{len(self.data.train)} train / {len(self.data.test)} test images, device {self.device}"
+             f"{len(self.data.train)} train / {len(self.data.test)} test images, device {self.device}, seed {cfg.seed}"
              + (f", {ctx.world_size} processes" if ctx.enabled else "")
              + (f", resuming after epoch {self.start_epoch}" if self.start_epoch else ""), ctx)
         last_eval: dict[str, float] | None = None
@@ -306,7 +318,8 @@ class Trainer:
             self.sampler.set_epoch(epoch)
             lr_start, weight = self.scheduler.current_lr(), self.loss_fn.weight
             bar = tqdm(total=self.sampler.steps_per_epoch(), desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False,
-                       disable=not (opts.progress and ctx.is_main), file=sys.stderr, dynamic_ncols=True)
+                       disable=True if not ctx.is_main else None if opts.progress is None else not opts.progress,
+                       file=sys.stderr, dynamic_ncols=True)  # None: tqdm shows the bar on a terminal only
             with bar:
                 train_row = train_one_epoch(self.ddp, self.train_loader, self.step_ctx, epoch, bar)
             for hook in self.hooks:
@@ -325,6 +338,11 @@ class Trainer:
                     ckpt_io.atomic_save(state, self.run_dir / ckpt_io.BEST)
                 assert log is not None
                 log.append(row)
+                if board is not None:
+                    for key, value in row.items():
+                        if key != "epoch" and isinstance(value, (int, float)):
+                            board.add_scalar(key, value, row["epoch"])
+                    board.flush()
             barrier()
             if cfg.branches > 1:
                 branches = " ".join(f"{last_eval[f'test_acc_{i}']:.2f}" for i in range(cfg.branches))
@@ -335,6 +353,8 @@ class Trainer:
             _log(f"epoch {epoch + 1:>3}/{cfg.epochs} | {losses} | {accs} | {row['train_images_per_s']:.0f} img/s", ctx)
         if last_eval is None:  # resumed a finished run
             last_eval = self.evaluate()
+        if board is not None:
+            board.close()
         if ctx.is_main:
             plot_curves(self.history, self.run_dir / PLOT, f"{cfg.model} K={cfg.branches} on {cfg.dataset}")
         return self._finish(last_eval, trained=True)
