@@ -124,3 +124,24 @@ def test_progress_is_left_to_tqdm_unless_asked(monkeypatch, tmp_path):
     assert main(args(tmp_path / "a")) == 0
     assert main([*args(tmp_path / "b"), "--progress"]) == 0
     assert seen == [None, False]  # None: tqdm shows a bar on a terminal only (here: not a terminal, so none)
+
+
+def test_print_config_and_a_run_folders_config_json_as_config(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(quick(out, "--epochs", "1", "--label-smoothing", "0.05", "--amp", "bf16")) == 0
+    saved = json.loads((out / "config.json").read_text())
+    capsys.readouterr()
+    assert main(["--config", str(out / "config.json"), "--print-config"]) == 0  # runs nothing
+    printed = json.loads(capsys.readouterr().out)
+    assert printed == saved
+    assert main(["--config", str(out / "config.json"), "--seed", "3", "--print-config"]) == 0
+    assert json.loads(capsys.readouterr().out) == {**saved, "seed": 3}  # the command line still wins
+    assert not (tmp_path / "runs").exists()
+
+
+def test_help_lists_the_model_names(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for name in ("small_cnn", "resnet20", "wrn-16-4", "resnext29-8x64d"):
+        assert name in text

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import math
 import sys
 import tomllib
@@ -114,6 +115,7 @@ class RunOptions:
     - ``overwrite``: this invocation may replace another run's checkpoints.
     - ``evaluate``: this invocation only evaluates the ``resume`` checkpoint.
     - ``export_branches``: this invocation also writes each branch as a torch.export program.
+    - ``print_config``: this invocation prints the recipe it resolved (as ``config.json``) and runs nothing.
     - ``progress``: progress bars (None: tqdm shows them on a terminal only).
     - ``tensorboard``: this invocation also writes the metrics as TensorBoard scalars (``tensorboard/``).
     """
@@ -126,6 +128,7 @@ class RunOptions:
     overwrite: bool = False
     evaluate: bool = False
     export_branches: bool = False
+    print_config: bool = False
     progress: bool | None = None
     tensorboard: bool = False
 
@@ -215,7 +218,8 @@ def saved_recipe(saved: dict[str, Any]) -> dict[str, Any]:
 
 
 def load_config_file(path: str | Path) -> dict[str, Any]:
-    """Options from a YAML (``.yaml``/``.yml``) or TOML (``.toml``) file; keys may use ``-`` or ``_``."""
+    """Options from a YAML (``.yaml``/``.yml``), TOML (``.toml``) or JSON (``.json``, such as a run folder's
+    ``config.json``) file; keys may use ``-`` or ``_``."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
@@ -227,8 +231,10 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
             raw = yaml.safe_load(text) or {}
         elif path.suffix == ".toml":
             raw = tomllib.loads(text)
+        elif path.suffix == ".json":
+            raw = json.loads(text)
         else:
-            raise ConfigError(f"config file {path} must end in .yaml, .yml or .toml")
+            raise ConfigError(f"config file {path} must end in .yaml, .yml, .toml or .json")
     except ConfigError:
         raise
     except Exception as e:
@@ -256,6 +262,12 @@ class _DeprecatedAlias(argparse.Action):
         setattr(namespace, self.dest, values)
 
 
+def _model_names() -> list[str]:
+    from groupnet.models.registry import model_descriptions
+
+    return list(model_descriptions())
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command-line parser; every option defaults to 'not given' so config files and checkpoints can fill in."""
     d, r = TrainRecipe(), RunOptions()
@@ -266,8 +278,11 @@ def build_parser() -> argparse.ArgumentParser:
         argument_default=argparse.SUPPRESS,  # absent options stay absent: config files and checkpoints fill in
     )
     g = p.add_argument_group("model and data")
-    g.add_argument("--config", help="YAML or TOML file setting any option below (the command line wins)")
-    g.add_argument("--model", help=f"architecture (groupnet.models.available_models()) [{d.model}]")
+    g.add_argument("--config", help="YAML, TOML or JSON file setting any option below (the command line wins); a "
+                   "run folder's config.json repeats that run")
+    g.add_argument("--print-config", action="store_true",
+                   help="print the resolved training options as JSON (the config.json format) and exit")
+    g.add_argument("--model", help=f"architecture: {', '.join(_model_names())} [{d.model}]")
     g.add_argument("--branches", "-K", type=int, help=f"K, the number of branches [{d.branches}]")
     g.add_argument("--dataset", choices=DATASETS, help=f"data set [{d.dataset}]")
     g.add_argument("--data-dir", help="folder holding the data set (cifar-10-batches-py/, cifar-100-python/, or "
