@@ -145,3 +145,23 @@ def test_help_lists_the_model_names(capsys):
     text = " ".join(capsys.readouterr().out.split())
     for name in ("small_cnn", "resnet20", "wrn-16-4", "resnext29-8x64d"):
         assert name in text
+
+
+@pytest.mark.parametrize("mode", ["logits", "probs"])
+def test_export_ensemble_is_one_program_of_the_ensemble_without_groupnet_ops(tmp_path, mode):
+    from groupnet.ensembling import ensemble
+    from groupnet.models import build_model
+
+    out = tmp_path / "run"
+    assert main(quick(out, "--epochs", "1", "--export-ensemble", "--ensemble", mode)) == 0
+    program = torch.export.load(out / "export" / "ensemble.pt2")
+    targets = [str(n.target) for n in program.graph.nodes if n.op == "call_function"]
+    assert targets and not any("groupnet" in t for t in targets), targets
+    ckpt = load_ckpt(out / "last.pt")
+    model = build_model("small_cnn", branches=2, num_classes=10, in_channels=1)
+    model.load_state_dict(ckpt["model"])
+    model.eval()
+    x = torch.randn(5, 1, 8, 8)  # another batch size than the example: the batch dimension is dynamic
+    with torch.no_grad():
+        expected = ensemble(model(x), 2, mode)
+    torch.testing.assert_close(program.module()(x), expected, rtol=1e-5, atol=1e-5)

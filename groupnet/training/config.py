@@ -115,6 +115,7 @@ class RunOptions:
     - ``overwrite``: this invocation may replace another run's checkpoints.
     - ``evaluate``: this invocation only evaluates the ``resume`` checkpoint.
     - ``export_branches``: this invocation also writes each branch as a torch.export program.
+    - ``export_ensemble``: this invocation also writes the whole ensemble as one torch.export program.
     - ``print_config``: this invocation prints the recipe it resolved (as ``config.json``) and runs nothing.
     - ``progress``: progress bars (None: tqdm shows them on a terminal only).
     - ``tensorboard``: this invocation also writes the metrics as TensorBoard scalars (``tensorboard/``).
@@ -128,6 +129,7 @@ class RunOptions:
     overwrite: bool = False
     evaluate: bool = False
     export_branches: bool = False
+    export_ensemble: bool = False
     print_config: bool = False
     progress: bool | None = None
     tensorboard: bool = False
@@ -351,6 +353,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--evaluate", action="store_true", help="only evaluate the --resume checkpoint")
     g.add_argument("--export-branches", action="store_true",
                    help="write each branch as a standalone torch.export program (export/branch_k.pt2)")
+    g.add_argument("--export-ensemble", action="store_true",
+                   help="write the whole ensemble (images -> ensemble scores) as one torch.export program "
+                   "(export/ensemble.pt2)")
     g.add_argument("--baseline", action=argparse.BooleanOptionalAction,
                    help="also train the K=1 baseline and compare [on for digits, off otherwise]")
     g.add_argument("--progress", action=argparse.BooleanOptionalAction,

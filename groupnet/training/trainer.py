@@ -35,7 +35,7 @@ from groupnet.training.distributed import (
     init_process_group,
 )
 from groupnet.training.errors import CheckpointError, ConfigError
-from groupnet.training.export import export_branches
+from groupnet.training.export import export_branches, export_ensemble
 from groupnet.training.hooks import build_hooks
 from groupnet.training.loop import StepContext, evaluate, train_one_epoch
 from groupnet.training.metrics import PLOT, MetricsLog, plot_curves
@@ -373,6 +373,11 @@ class Trainer:
             paths = export_branches(self.model, self.run_dir / "export", self.model_meta())
             summary["exported"] = [str(p) for p in paths]
             _log(f"exported {len(paths)} branches to {self.run_dir / 'export'}", self.ctx)
+        if self.opts.export_ensemble and self.ctx.is_main:
+            assert self.run_dir is not None
+            path = export_ensemble(self.model, self.run_dir / "export", self.model_meta(), self.recipe.ensemble)
+            summary["exported_ensemble"] = str(path)
+            _log(f"exported the ensemble to {path}", self.ctx)
         if trained and self.ctx.is_main:
             assert self.run_dir is not None
             (self.run_dir / SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
@@ -420,8 +425,8 @@ def _run(cfg: TrainRecipe, opts: RunOptions, ckpt: dict[str, Any] | None, ctx: D
             base_ckpt = ckpt_io.load(base_dir)
         _log(f"training the K=1 baseline in {base_dir}", ctx)
         base_cfg = cfg.replace(branches=1, baseline=False)
-        base_opts = opts.replace(output_dir=str(base_dir), export_branches=False, overwrite=True,
-                                 resume=str(base_dir / ckpt_io.LAST) if base_ckpt is not None else None)
+        base_opts = opts.replace(output_dir=str(base_dir), export_branches=False, export_ensemble=False,
+                                 overwrite=True, resume=str(base_dir / ckpt_io.LAST) if base_ckpt is not None else None)
         baseline = Trainer(base_cfg, base_opts, base_ckpt, ctx).fit()
         summary["baseline"] = baseline
         if ctx.is_main:
