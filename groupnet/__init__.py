@@ -16,9 +16,12 @@ from groupnet.modules import (
     GroupedConv2d,
     GroupedLayerNorm,
     GroupedLinear,
+    convert_sync_batchnorm,
+    revert_sync_batchnorm,
 )
 from groupnet.reference import PerBranch, reference_of
 from groupnet.model_stacking import StackingError, extract_branch, num_branches, stack_models
+from groupnet.func_state import load_stacked_state, to_stacked_state
 from groupnet.cotraining import CoTrainingLoss, CoTrainingOutput, CoTrainingWeightRamp
 from groupnet.ensembling import ensemble, split_branches
 from groupnet.complexity import Complexity, complexity
@@ -48,6 +51,7 @@ __all__ = [
     "branch_major_forward",
     "build_model",
     "complexity",
+    "convert_sync_batchnorm",
     "ensemble",
     "fuse_for_inference",
     "itop_stats",
@@ -63,6 +67,7 @@ __all__ = [
     "extract_branch",
     "functional",
     "layout",
+    "load_stacked_state",
     "num_branches",
     "ops",
     "reference",
@@ -70,8 +75,10 @@ __all__ = [
     "repeat",
     "retain_freed_memory",
     "sparse",
+    "revert_sync_batchnorm",
     "stack",
     "stack_models",
+    "to_stacked_state",
     "unstack",
     "use_backend",
 ]

@@ -106,5 +106,32 @@ def check_linear_args(x: Tensor, weight: Tensor, bias: Tensor | None) -> None:
     check_bias(bias, weight, (k, out_f), "grouped_linear")
 
 
+AUTOCAST_DEVICE_TYPES = ("cpu", "cuda")
+"""Device types whose autocast state the grouped ops follow."""
+
+
+def autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The dtype autocast runs conv/linear in on ``device_type`` (``"cpu"``, ``"cuda"``), None when it is off there."""
+    if device_type not in AUTOCAST_DEVICE_TYPES or not torch.is_autocast_enabled(device_type):
+        return None
+    return torch.get_autocast_dtype(device_type)
+
+
+def autocast_inputs(device_type: str, *tensors: Tensor | None) -> tuple[Tensor | None, ...]:
+    """The cast policy of the grouped conv and linear ops under autocast: the one of ``nn.Conv2d``/``nn.Linear``.
+
+    With autocast enabled on ``device_type``, every float32/float16/bfloat16 tensor is cast to autocast's dtype
+    (torch's "lower precision" op list, where conv2d, linear, bmm and baddbmm are); float64, integer tensors and None
+    pass through unchanged (so float64 stays an error against lower-precision weights, as in torch). Off: unchanged.
+    """
+    dtype = autocast_dtype(device_type)
+    if dtype is None:
+        return tensors
+    return tuple(
+        t.to(dtype) if isinstance(t, Tensor) and t.is_floating_point() and t.dtype != torch.float64 else t
+        for t in tensors
+    )
+
+
 def is_channels_last(x: Tensor) -> bool:
     return x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()

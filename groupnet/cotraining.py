@@ -70,6 +70,14 @@ class CoTrainingLoss(nn.Module):
             with ``check_targets``); switch it off for speed, then non-finite inputs give a NaN loss.
         check_targets: raise on hard targets outside ``[0, C)`` that are not ``ignore_index``. With it off, the
             Triton kernel gives NaN for such samples and the torch path fails in torch's gather (index error).
+        label_smoothing: eps in [0, 1): each branch's cross-entropy is taken against ``(1 - eps) q + eps / C``
+            (q: the one-hot or soft target), as ``nn.CrossEntropyLoss(label_smoothing=eps)``; the divergence is
+            unaffected.
+
+    Returns:
+        A :class:`CoTrainingOutput` named tuple, not a tensor: ``.loss`` is the scalar to backpropagate (the mean
+        over non-ignored samples); ``.ce`` (``(K,)``), ``.divergence`` and ``.weight`` are detached, for logging.
+        Code written for ``nn.CrossEntropyLoss`` takes ``loss_fn(logits, y).loss``.
 
     Shape:
         - logits: ``(N, K*C)`` (groupnet's layout: branch k owns columns ``[k*C, (k+1)*C)``) or ``(K, N, C)``;
@@ -91,6 +99,7 @@ class CoTrainingLoss(nn.Module):
         ignore_index: int = -100,
         check_finite: bool = True,
         check_targets: bool = True,
+        label_smoothing: float = 0.0,
     ) -> None:
         super().__init__()
         if isinstance(branches, bool) or not isinstance(branches, int) or branches < 1:
@@ -105,6 +114,9 @@ class CoTrainingLoss(nn.Module):
         self.ignore_index = ignore_index
         self.check_finite = check_finite
         self.check_targets = check_targets
+        self.label_smoothing = _check_float("label_smoothing", label_smoothing)
+        if self.label_smoothing >= 1:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing!r}")
 
     @property
     def weight(self) -> float:
@@ -119,6 +131,7 @@ class CoTrainingLoss(nn.Module):
         return (
             f"branches={self.branches}, weight={self.weight}, divergence={self.divergence!r}, "
             f"temperature={self.temperature}, ignore_index={self.ignore_index}"
+            + (f", label_smoothing={self.label_smoothing}" if self.label_smoothing else "")
         )
 
     def forward(self, logits: Tensor, targets: Tensor) -> CoTrainingOutput:
@@ -133,6 +146,7 @@ class CoTrainingLoss(nn.Module):
             ignore_index=self.ignore_index,
             check_finite=self.check_finite,
             check_targets=self.check_targets,
+            label_smoothing=self.label_smoothing,
         )
         if targets.dim() == 2:
             count = rows.loss.new_full((), float(max(targets.shape[0], 1)))

@@ -7,6 +7,7 @@ any of them. Multi-process: ``torchrun --nproc_per_node N -m groupnet.train ...`
 
 from __future__ import annotations
 
+import json
 import sys
 
 from groupnet.data.errors import DataError
@@ -22,6 +23,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         from_file, from_cli = parse_options(argv)
         recipe, options, ckpt = config_for_run(from_file, from_cli)
+        if options.print_config:
+            print(json.dumps(recipe.to_dict(), indent=2))
+            return 0
         run(recipe, options, ckpt)
         destroy_process_group(wait_for_all=True)
         return 0

@@ -19,6 +19,8 @@ import triton.language as tl
 from torch import Tensor
 from triton.runtime.autotuner import Autotuner
 
+from groupnet import _checks
+
 SHARED_MEMORY_LIMIT = {80: 166912, 90: 232448}
 """Static shared memory per block a kernel may use, by compute capability (bytes)."""
 
@@ -52,6 +54,35 @@ def default_input_precision(op: str) -> str:  # keeps the precision in force whe
         return "tf32" if chosen == "tf32" else "ieee"
     legacy = torch.backends.cudnn.allow_tf32 if op == "conv" else torch.backends.cuda.matmul.allow_tf32
     return "tf32" if legacy else "ieee"
+
+
+_AUTOCAST_LIBRARY = torch.library.Library("groupnet", "FRAGMENT")  # holds the autocast registrations
+
+
+def register_autocast_rule(qualname: str) -> None:
+    """Give the forward custom op ``qualname`` (``"groupnet::name"``) autocast kernels for CPU and CUDA.
+
+    Under autocast on the tensors' device they cast the floating operands by ``_checks.autocast_inputs`` (the
+    policy of ``nn.Conv2d``/``nn.Linear``: to the dtype autocast is running in, float64 untouched), then run the op
+    with autocast excluded. ``torch.library.register_autocast`` would fix one dtype at registration; autocast
+    runs in float16 or bfloat16, chosen per region. Backward ops get no rule: their dtypes are the forward's.
+    """
+    namespace, name = qualname.split("::")
+    op = getattr(getattr(torch.ops, namespace), name).default
+    for device_type in _checks.AUTOCAST_DEVICE_TYPES:
+        key_name = "Autocast" + torch._C._dispatch_key_for_device(device_type)
+        key = getattr(torch._C.DispatchKey, key_name)
+
+        def cast_and_run(*args, _device_type: str = device_type, _key: Any = key):
+            cast = _checks.autocast_inputs(_device_type, *args)  # before the guard: it turns autocast off
+            with torch._C._ExcludeDispatchKeyGuard(torch._C.DispatchKeySet(_key)):
+                return op(*cast)
+
+        if op.has_kernel_for_dispatch_key(key):
+            op.py_kernels.pop(key, None)
+        op.py_impl(key)(cast_and_run)  # the Python dispatcher's kernel (torch.compile tracing)
+        _AUTOCAST_LIBRARY.impl(name, lambda _keyset, *args, _run=cast_and_run: _run(*args), key_name,
+                               with_keyset=True)
 
 
 def check_input_precision(what: str, input_precision: str) -> None:

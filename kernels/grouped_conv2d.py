@@ -17,7 +17,7 @@ from torch import Tensor
 
 from groupnet import _checks
 
-from ._common import CompileSpec, check_input_precision, default_input_precision
+from ._common import CompileSpec, check_input_precision, default_input_precision, register_autocast_rule
 from ._grouped_conv2d_common import ConvGeometry
 from .grouped_conv2d_bwd_input import bwd_input_compile_specs, grouped_conv2d_bwd_input
 from .grouped_conv2d_bwd_weight import bwd_weight_compile_specs, grouped_conv2d_bwd_weight
@@ -72,6 +72,9 @@ def _(x, weight, bias, stride, padding, dilation, groups, activation, input_prec
     geom = _geometry(x.shape, weight.shape, stride, padding, dilation, groups)
     fmt = _memory_format(_checks.is_channels_last(x))
     return x.new_empty(geom.output_size).contiguous(memory_format=fmt)
+
+
+register_autocast_rule("groupnet::grouped_conv2d_forward")
 
 
 @torch.library.custom_op("groupnet::grouped_conv2d_backward_input", mutates_args=())
@@ -207,7 +210,11 @@ def grouped_conv2d(
 
     Returns:
         ``(N, K*Cout, OH, OW)`` in x's memory format (channels_last stays channels_last).
+
+    Under ``torch.autocast`` the operands are cast as for ``nn.Conv2d`` (``_checks.autocast_inputs``).
     """
+    if isinstance(x, Tensor):
+        x, weight, bias = _checks.autocast_inputs(x.device.type, x, weight, bias)
     _checks.check_conv_args(x, weight, bias, branches=branches, groups=groups)
     stride, padding, dilation = (
         _checks.pair(v, f"grouped_conv2d: {name}")

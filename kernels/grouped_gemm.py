@@ -43,6 +43,7 @@ from ._common import (
     default_input_precision,
     is_interpreter,
     launch,
+    register_autocast_rule,
     tl_accumulator_dtype,
 )
 
@@ -288,6 +289,9 @@ def _(x: Tensor, weight: Tensor, bias: Tensor | None, input_precision: str) -> T
     return x.new_empty((x.shape[0], weight.shape[0] * weight.shape[1]))
 
 
+register_autocast_rule("groupnet::grouped_linear_forward")
+
+
 @torch.library.custom_op("groupnet::grouped_linear_backward_input", mutates_args=())
 def grouped_linear_backward_input(grad_y: Tensor, weight: Tensor, input_precision: str) -> Tensor:
     """The input gradient of :func:`grouped_linear` ``(M, K*in)`` (grad_y may have any strides, even 0)."""
@@ -364,7 +368,11 @@ def grouped_linear(
 
     Returns:
         ``(M, K*out)``, contiguous.
+
+    Under ``torch.autocast`` the operands are cast as for ``nn.Linear`` (``_checks.autocast_inputs``).
     """
+    if isinstance(x, Tensor):
+        x, weight, bias = _checks.autocast_inputs(x.device.type, x, weight, bias)
     _checks.check_rank(x, 2, "grouped_linear (Triton)")
     _checks.check_linear_args(x, weight, bias)
     return run_grouped_linear(x, weight, bias, input_precision=input_precision)

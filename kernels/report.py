@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import json
 import os
 import pkgutil
@@ -219,6 +220,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=max(1, min(2, os.cpu_count() or 1)))
     parser.add_argument("--modules", nargs="+", help="short module names to report (default: all)")
     args = parser.parse_args(argv)
+    if importlib.util.find_spec("triton") is None:
+        print("groupnet.kernels.report needs triton, which is not installed (pip install triton; Linux only)",
+              file=sys.stderr)
+        return 2
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         parser.error("run without TRITON_INTERPRET=1: the interpreter cannot compile kernels for a GPU")
 

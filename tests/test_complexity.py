@@ -111,3 +111,34 @@ def test_bad_arguments():
         complexity(model, (1, 8, 8), branches=0)
     with pytest.raises(ValueError, match=r"\(N, 2, H, W\)"):
         complexity(model, (3, 8, 8))
+
+
+@pytest.mark.parametrize("arch, overrides", [("small_cnn", {}), ("resnet20", {"depths": (1, 1, 1)}),
+                                             ("resnext29-4x4d", {"depths": (1, 1, 1), "widths": (16, 32, 64),
+                                                                 "stem_width": 8})])
+@pytest.mark.parametrize("branches", [1, 2, 4])
+def test_torch_flop_counter_agrees_with_complexity_on_grouped_models(arch, overrides, branches):
+    """torch's FlopCounterMode sees the grouped conv/bmm at the aten level: its FLOPs are 2 x the multiply-adds,
+    without the bias adds that the pycls conventions count (module-level counters such as thop miss them)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    c_in = 1 if arch == "small_cnn" else 3
+    model = build_model(arch, branches=branches, num_classes=7, in_channels=c_in, **overrides).eval()
+    size = (c_in, 8, 8)
+    counted = complexity(model, size)
+    biases = 0
+    hooks = []
+
+    def count_bias(m, inputs, out):
+        nonlocal biases
+        if getattr(m, "bias", None) is not None:
+            biases += out.numel()
+
+    for m in model.modules():
+        if type(m).__name__ in ("GroupedConv2d", "GroupedLinear"):
+            hooks.append(m.register_forward_hook(count_bias))
+    with FlopCounterMode(display=False) as counter:
+        model(torch.randn(1, *size))
+    for h in hooks:
+        h.remove()
+    assert counter.get_total_flops() / 2 + biases == counted.flops

@@ -385,3 +385,47 @@ def test_ramp_bad_arguments_raise():
         CoTrainingWeightRamp().step(math.inf)
     with pytest.raises(KeyError, match="must have keys"):
         CoTrainingWeightRamp().load_state_dict({"epoch": 1.0})
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@settings(max_examples=15)
+@given(n=st.integers(1, 6), k=st.integers(1, 4), c=st.integers(2, 12), eps=st.floats(0.0, 0.9),
+       targets=st.sampled_from(["hard", "hard_ignore", "soft"]), divergence=st.sampled_from(["js", "kl"]),
+       weight=st.floats(0.0, 2.0), seed=st.integers(0, 2**20))
+def test_label_smoothing_is_torch_cross_entropy_with_label_smoothing(backend, n, k, c, eps, targets, divergence,
+                                                                     weight, seed, request):
+    request.getfixturevalue(backend)
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(n, k * c, generator=g, dtype=torch.float64, requires_grad=True)
+    if targets == "soft":
+        y = torch.softmax(torch.randn(n, c, generator=g, dtype=torch.float64), -1)
+    else:
+        y = torch.randint(0, c, (n,), generator=g)
+        if targets == "hard_ignore":
+            y[torch.rand(n, generator=g) < 0.4] = -100
+    out = CoTrainingLoss(k, weight=weight, divergence=divergence, label_smoothing=eps)(logits, y)
+    plain = CoTrainingLoss(k, weight=weight, divergence=divergence)(logits, y)
+    per_branch = logits.unflatten(1, (k, c)).transpose(0, 1)  # (K, N, C)
+
+    def ce_of(smoothing: float) -> torch.Tensor:  # (K,), differentiable: torch's cross-entropy per branch
+        if targets == "soft":
+            return torch.stack([F.cross_entropy(per_branch[i], y, label_smoothing=smoothing) for i in range(k)])
+        total = torch.stack([F.cross_entropy(per_branch[i], y, label_smoothing=smoothing, reduction="sum")
+                             for i in range(k)])
+        return total / (y != -100).sum().clamp(min=1)
+
+    ce = ce_of(eps)
+    assert_close(out.ce, ce.detach(), kind="reference")
+    assert_close(out.divergence, plain.divergence, kind="reference")  # smoothing leaves the divergence alone
+    expected = ce.sum() + (plain.loss - ce_of(0.0).sum())  # smoothed CE + the unchanged weighted divergence
+    assert_close(out.loss, expected, kind="reference")
+    (grad,) = torch.autograd.grad(out.loss, logits)
+    (grad_expected,) = torch.autograd.grad(expected, logits)
+    assert_close(grad, grad_expected, kind="reference")
+
+
+def test_label_smoothing_is_checked():
+    for bad in (-0.1, 1.0, float("nan"), True):
+        with pytest.raises(ValueError, match="label_smoothing"):
+            CoTrainingLoss(2, label_smoothing=bad)
+    assert "label_smoothing=0.1" in repr(CoTrainingLoss(2, label_smoothing=0.1))

@@ -18,7 +18,8 @@ LAYERS: list[tuple[str, ...]] = [
     ("groupnet.fuse", "groupnet.netaug"),
     ("groupnet.models", "groupnet.data"),
     ("groupnet.branch_major", "groupnet.reference", "groupnet.complexity", "groupnet.cotraining",
-     "groupnet.ensembling", "groupnet.opcount", "groupnet.cpu_memory", "groupnet.sparse"),  # tools over grouped layers
+     "groupnet.ensembling", "groupnet.opcount", "groupnet.cpu_memory", "groupnet.sparse",
+     "groupnet.func_state"),  # tools over grouped layers
     ("groupnet.model_stacking",),
     ("groupnet.modules",),
     ("groupnet.functional",),

@@ -20,3 +20,82 @@ def test_every_package_directory_is_listed_in_pyproject():
             on_disk.add(".".join([package, *parts]))
     assert on_disk - listed == set(), f"packages missing from pyproject's [tool.setuptools] packages: {on_disk - listed}"
     assert listed - on_disk == set(), f"listed packages without an __init__.py: {listed - on_disk}"
+
+
+def test_wheel_installs_and_runs_without_triton_or_the_train_extra(tmp_path):
+    """Build the wheel, install it with ``pip --no-deps`` into a fresh venv that sees torch and numpy (and their
+    dependencies) but neither triton nor the trainer's extras, and use it there: the layers run on torch's path,
+    ``python -m groupnet.kernels.report`` says in one line that triton is missing, and the metadata, license,
+    ``py.typed`` and console scripts are in place."""
+    import shutil
+    import subprocess
+    import sys
+    import sysconfig
+    import textwrap
+
+    skip = shutil.ignore_patterns(".git", ".venv", "build", "dist", "runs", "*.egg-info", "__pycache__", ".hypothesis",
+                                  ".pytest_cache", ".benchmarks")
+    source = tmp_path / "src"
+    shutil.copytree(ROOT, source, ignore=skip)
+    wheels = tmp_path / "wheels"
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "--no-input"]
+    subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(wheels), str(source)],
+                   check=True, cwd=tmp_path)
+    (wheel,) = wheels.glob("groupnet-*.whl")
+
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    python = venv / "bin" / "python"
+    subprocess.run([*pip, "--python", str(python), "install", "--no-deps", "--no-index", "-q", str(wheel)], check=True)
+
+    # torch, numpy and their dependencies from this environment, through symlinks: no triton, no trainer extras,
+    # no groupnet (editable or installed)
+    here = Path(sysconfig.get_paths()["purelib"])
+    hidden = ("triton", "groupnet", "__editable__", "tqdm", "matplotlib", "sklearn", "scikit_learn", "yaml", "_yaml",
+              "pyyaml", "PyYAML")
+    deps = tmp_path / "deps"
+    deps.mkdir()
+    for entry in here.iterdir():
+        if not entry.name.lower().startswith(tuple(h.lower() for h in hidden)) and entry.suffix != ".pth":
+            (deps / entry.name).symlink_to(entry)
+    (site,) = (venv / "lib").glob("python3*/site-packages")
+    (site / "deps-of-the-test.pth").write_text(f"{deps}\n")
+
+    check = textwrap.dedent(f"""
+        import importlib.metadata as md, importlib.resources, importlib.util, sys
+        import torch
+        import groupnet as gn
+        assert gn.__file__.startswith({str(venv)!r}), gn.__file__
+        assert importlib.util.find_spec("triton") is None
+        assert not gn.ops.triton_available()
+        model = gn.build_model("small_cnn", branches=2, num_classes=10, in_channels=1)
+        assert model(torch.randn(2, 2, 8, 8)).shape == (2, 20)
+        loaded = {{"tqdm", "matplotlib", "sklearn", "yaml"}} & set(sys.modules)
+        assert not loaded, loaded
+        assert importlib.resources.files("groupnet").joinpath("py.typed").is_file()
+        meta = md.metadata("groupnet")
+        assert meta["License-Expression"] == "Apache-2.0", meta["License-Expression"]
+        assert "LICENSE" in meta.get_all("License-File")
+        files = [str(f) for f in md.files("groupnet")]
+        assert any(f.endswith("LICENSE") for f in files), files
+        requires = md.requires("groupnet")
+        core = sorted(r for r in requires if "extra ==" not in r)
+        assert [r.split(">")[0].split(";")[0].strip() for r in core] == ["numpy", "torch"], core
+        train = sorted(r.split(";")[0].strip() for r in requires if 'extra == "train"' in r)
+        assert train == ["matplotlib", "pyyaml", "scikit-learn", "tqdm"], train
+        assert not any(r.startswith("triton") for r in requires), requires
+        scripts = {{e.name for e in md.entry_points(group="console_scripts") if e.dist.name == "groupnet"}}
+        assert scripts == {{"groupnet-train", "groupnet-eval", "groupnet-scaling", "groupnet-roofline",
+                           "groupnet-kernels-report"}}, scripts
+        print("ok")
+    """)
+    env = {k: v for k, v in __import__("os").environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
+    done = subprocess.run([str(python), "-c", check], capture_output=True, text=True, cwd=tmp_path, env=env)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
+    for script in ("groupnet-train", "groupnet-eval", "groupnet-kernels-report"):
+        assert (venv / "bin" / script).is_file(), script
+
+    report = subprocess.run([str(python), "-m", "groupnet.kernels.report"], capture_output=True, text=True,
+                            cwd=tmp_path, env=env)
+    assert report.returncode == 2
+    assert report.stdout == "" and report.stderr.count("\n") == 1 and "needs triton" in report.stderr, report.stderr

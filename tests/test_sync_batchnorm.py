@@ -153,3 +153,18 @@ def test_two_processes_compute_the_whole_batch_forward_and_backward(tmp_path):
     for r in ranks:
         for name, t in bn.state_dict().items():  # running statistics of the whole batch
             torch.testing.assert_close(r["state"][name], t, msg=name)
+
+
+def test_groupnet_exports_the_conversion_and_it_round_trips_through_branch_extraction():
+    assert gn.convert_sync_batchnorm is convert_sync_batchnorm and gn.revert_sync_batchnorm is revert_sync_batchnorm
+    torch.manual_seed(0)
+    model = build_model("resnet20", branches=2, num_classes=10).eval()
+    x = torch.randn(2, 3, 8, 8)
+    expected = [gn.extract_branch(model, k)(x) for k in range(2)]
+    gn.convert_sync_batchnorm(model)
+    assert any(isinstance(m, SyncGroupedBatchNorm2d) for m in model.modules())
+    for k in range(2):
+        torch.testing.assert_close(gn.extract_branch(model, k)(x), expected[k], rtol=0, atol=0)
+    gn.revert_sync_batchnorm(model)
+    assert not any(isinstance(m, SyncGroupedBatchNorm2d) for m in model.modules())
+    torch.testing.assert_close(gn.extract_branch(model, 1)(x), expected[1], rtol=0, atol=0)

@@ -206,3 +206,29 @@ def test_lr_schedule_warms_up_linearly_then_decays_to_min(total, warm_frac, lr, 
 def test_unknown_schedule_in_a_config_is_named():
     with pytest.raises(ConfigError, match="--schedule must be one of"):
         make_config(TrainRecipe().to_dict(), {"schedule": "sideways"})
+
+
+def test_lr_schedule_is_a_torch_lr_scheduler_and_resumes_exactly_from_either_state_format():
+    from torch.optim.lr_scheduler import LRScheduler
+
+    params = [torch.zeros(1, requires_grad=True)]
+    opt = torch.optim.SGD([{"params": params}, {"params": [torch.zeros(1, requires_grad=True)]}], lr=1.0)
+    sched = WarmupCosineLR(opt, lr=0.1, total_steps=20, warmup_steps=5, warmup_lr=0.01, min_lr=0.001)
+    assert isinstance(sched, LRScheduler)
+    seen = []
+    for _ in range(12):
+        opt.step()
+        sched.step()
+        seen.append(sched.get_last_lr())
+    assert sched.last_epoch == sched.step_count == 12
+    assert all(len(lrs) == 2 and lrs[0] == lrs[1] for lrs in seen)
+    assert seen[-1] == [g["lr"] for g in opt.param_groups] == [sched.lr_at(12)] * 2
+    for state in (sched.state_dict(), {"step_count": 12}):  # the current format and the former one
+        opt2 = torch.optim.SGD([{"params": params}, {"params": [torch.zeros(1, requires_grad=True)]}], lr=1.0)
+        resumed = WarmupCosineLR(opt2, lr=0.1, total_steps=20, warmup_steps=5, warmup_lr=0.01, min_lr=0.001)
+        resumed.load_state_dict(state)
+        assert resumed.get_last_lr() == sched.get_last_lr()
+        for _ in range(8):
+            opt.step(), sched.step(), opt2.step(), resumed.step()
+            assert resumed.get_last_lr() == sched.get_last_lr()  # exactly, not approximately
+        sched.load_state_dict({"last_epoch": 12})

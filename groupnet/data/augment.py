@@ -7,6 +7,7 @@ count (DDP rank split) and resume point.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -76,3 +77,27 @@ def mixup(x: Tensor, y: Tensor, num_classes: int, alpha: float, rng: np.random.G
     perm = torch.from_numpy(rng.permutation(x.shape[0])).to(x.device)
     one_hot = F.one_hot(y, num_classes).to(x.dtype)
     return lam * x + (1 - lam) * x[perm], lam * one_hot + (1 - lam) * one_hot[perm]
+
+
+def cutmix(x: Tensor, y: Tensor, num_classes: int, alpha: float, rng: np.random.Generator) -> tuple[Tensor, Tensor]:
+    """Paste a box of a shuffled copy of the batch into it (Yun et al., 2019); returns the batch and soft targets.
+
+    One lambda ~ Beta(alpha, alpha), one box of area about ``(1 - lambda)`` of the image (centre uniform, clipped
+    at the border) and one permutation for the whole batch and every branch's view; the target weight is the area
+    actually kept, ``1 - box area / image area``.
+    """
+    if alpha <= 0:
+        raise ValueError(f"cutmix alpha must be > 0, got {alpha}")
+    lam = float(rng.beta(alpha, alpha))
+    perm = torch.from_numpy(rng.permutation(x.shape[0])).to(x.device)
+    h, w = x.shape[-2:]
+    cut = math.sqrt(1.0 - lam)
+    ch, cw = int(h * cut), int(w * cut)
+    cy, cx = int(rng.integers(h)), int(rng.integers(w))
+    top, bottom = max(cy - ch // 2, 0), min(cy + ch // 2, h)
+    left, right = max(cx - cw // 2, 0), min(cx + cw // 2, w)
+    out = x.clone()
+    out[..., top:bottom, left:right] = x[perm][..., top:bottom, left:right]
+    kept = 1.0 - (bottom - top) * (right - left) / (h * w)
+    one_hot = F.one_hot(y, num_classes).to(x.dtype)
+    return out, kept * one_hot + (1 - kept) * one_hot[perm]

@@ -15,6 +15,9 @@ from groupnet.modules._branch_params import check_branch_index, check_branch_mod
 from groupnet.modules._fx import leaf_call
 from groupnet.modules.branchwise import BranchSkeletonMixin
 
+PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
+"""``padding_mode`` values, as ``nn.Conv2d`` takes them."""
+
 
 class GroupedConv2d(BranchSkeletonMixin, nn.Module):
     """K independent ``nn.Conv2d`` layers on a channel-stacked input ``(N, K*in_channels, H, W)``.
@@ -22,6 +25,8 @@ class GroupedConv2d(BranchSkeletonMixin, nn.Module):
     Sizes are per branch. ``weight`` is ``(K*out_channels, in_channels/groups, kh, kw)`` (branch k owns rows
     ``[k*out_channels, (k+1)*out_channels)``), ``bias`` is ``(K*out_channels,)``. Each branch is initialised
     exactly as ``nn.Conv2d`` initialises itself (same fan-in, same random stream as K convs built one after another).
+    ``padding`` (ints, ``"same"`` or ``"valid"``) and ``padding_mode`` (``"zeros"``, ``"reflect"``, ``"replicate"``,
+    ``"circular"``) mean what they mean for ``nn.Conv2d``; padding acts per channel, hence per branch.
 
     Example:
         >>> conv = GroupedConv2d(16, 32, 3, branches=4, padding=1)
@@ -37,10 +42,11 @@ class GroupedConv2d(BranchSkeletonMixin, nn.Module):
         *,
         branches: int,
         stride: int | tuple[int, int] = 1,
-        padding: int | tuple[int, int] = 0,
+        padding: int | tuple[int, int] | str = 0,
         dilation: int | tuple[int, int] = 1,
         groups: int = 1,
         bias: bool = True,
+        padding_mode: str = "zeros",
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -53,11 +59,23 @@ class GroupedConv2d(BranchSkeletonMixin, nn.Module):
         self.in_channels, self.out_channels, self.branches, self.groups = in_channels, out_channels, branches, groups
         self.kernel_size = _checks.pair(kernel_size, "kernel_size")
         self.stride = _checks.pair(stride, "stride")
-        self.padding = _checks.pair(padding, "padding")
         self.dilation = _checks.pair(dilation, "dilation")
         _checks.check_positive(kernel_size=min(self.kernel_size), stride=min(self.stride), dilation=min(self.dilation))
-        if min(self.padding) < 0:
-            raise ValueError(f"padding must be >= 0, got {self.padding}")
+        if isinstance(padding, str):
+            if padding not in ("same", "valid"):
+                raise ValueError(f"padding must be an int, a pair of ints, 'same' or 'valid', got {padding!r}")
+            if padding == "same" and self.stride != (1, 1):
+                raise ValueError(f"padding='same' needs stride 1 (as in nn.Conv2d), got stride={self.stride}")
+            self.padding: tuple[int, int] | str = padding
+        else:
+            self.padding = _checks.pair(padding, "padding")
+            if min(self.padding) < 0:
+                raise ValueError(f"padding must be >= 0, got {self.padding}")
+        if padding_mode not in PADDING_MODES:
+            raise ValueError(f"padding_mode must be one of {PADDING_MODES}, got {padding_mode!r}")
+        self.padding_mode = padding_mode
+        self._input_pad, self._conv_padding = _padding_plan(self.padding, padding_mode, self.kernel_size,
+                                                            self.dilation)
         factory = {"device": device, "dtype": dtype}
         self.weight = nn.Parameter(
             torch.empty(branches * out_channels, in_channels // groups, *self.kernel_size, **factory)
@@ -80,19 +98,23 @@ class GroupedConv2d(BranchSkeletonMixin, nn.Module):
         traced = leaf_call(self, x)
         if traced is not None:
             return traced
+        if self._input_pad is not None:
+            x = _pad_input(x, self._input_pad, self.padding_mode)
         return grouped_conv2d(
             x,
             self.weight,
             self.bias,
             branches=self.branches,
             stride=self.stride,
-            padding=self.padding,
+            padding=self._conv_padding,
             dilation=self.dilation,
             groups=self.groups,
         )
 
     def _traced_root(self, x: Tensor) -> Tensor:
-        return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation,
+        if self._input_pad is not None:
+            x = _pad_input(x, self._input_pad, self.padding_mode)
+        return F.conv2d(x, self.weight, self.bias, self.stride, self._conv_padding, self.dilation,
                         self.branches * self.groups)
 
     def branch_tensors(self) -> list[dict[str, Tensor]]:
@@ -112,6 +134,7 @@ class GroupedConv2d(BranchSkeletonMixin, nn.Module):
             self.dilation,
             self.groups,
             bias=self.bias is not None,
+            padding_mode=self.padding_mode,
             device=self.weight.device,
             dtype=self.weight.dtype,
         )
@@ -126,15 +149,10 @@ class GroupedConv2d(BranchSkeletonMixin, nn.Module):
 
         check_branch_modules(modules, nn.Conv2d, config)
         m0 = modules[0]
-        if m0.padding_mode != "zeros" or isinstance(m0.padding, str):
-            raise ValueError(
-                f"GroupedConv2d supports padding_mode='zeros' with explicit int padding, got "
-                f"padding_mode={m0.padding_mode!r}, padding={m0.padding!r}"
-            )
         out = cls(
             m0.in_channels, m0.out_channels, m0.kernel_size, branches=len(modules), stride=m0.stride,
             padding=m0.padding, dilation=m0.dilation, groups=m0.groups, bias=m0.bias is not None,
-            device=m0.weight.device, dtype=m0.weight.dtype,
+            padding_mode=m0.padding_mode, device=m0.weight.device, dtype=m0.weight.dtype,
         )
         with torch.no_grad():
             out.weight.copy_(torch.cat([m.weight for m in modules]))
@@ -151,4 +169,34 @@ class GroupedConv2d(BranchSkeletonMixin, nn.Module):
             s += f", groups={self.groups}"
         if self.bias is None:
             s += ", bias=False"
+        if self.padding_mode != "zeros":
+            s += f", padding_mode={self.padding_mode!r}"
         return s
+
+
+def _padding_plan(padding: tuple[int, int] | str, mode: str, kernel_size: tuple[int, int],
+                  dilation: tuple[int, int]) -> tuple[tuple[int, int, int, int] | None, tuple[int, int]]:
+    """(F.pad amounts (left, right, top, bottom) applied to the input first, or None; the conv's own padding).
+
+    Zero padding the conv can do itself stays in the conv; other modes, and the uneven split of ``"same"`` (the
+    extra row/column goes to the bottom/right, as in ``nn.Conv2d``), pad the input first.
+    """
+    if padding == "valid":
+        return None, (0, 0)
+    if padding == "same":
+        totals = [d * (k - 1) for d, k in zip(dilation, kernel_size)]
+        (top, left) = (totals[0] // 2, totals[1] // 2)
+        (bottom, right) = (totals[0] - top, totals[1] - left)
+    else:
+        assert not isinstance(padding, str)
+        top = bottom = padding[0]
+        left = right = padding[1]
+    if mode == "zeros" and (top, left) == (bottom, right):
+        return None, (top, left)
+    return (left, right, top, bottom), (0, 0)
+
+
+def _pad_input(x: Tensor, amounts: tuple[int, int, int, int], mode: str) -> Tensor:
+    """``x`` padded per channel (``F.pad``), keeping channels_last when ``x`` has it."""
+    y = F.pad(x, amounts, mode="constant" if mode == "zeros" else mode)
+    return y.contiguous(memory_format=torch.channels_last) if _checks.is_channels_last(x) else y

@@ -168,6 +168,13 @@ class GroupedLayerNorm(BranchSkeletonMixin, nn.Module):
             self.register_parameter("weight", None)
             self.register_parameter("bias", None)
 
+    def reset_parameters(self) -> None:
+        """Every branch as ``nn.LayerNorm.reset_parameters`` leaves it: weight 1, bias 0."""
+        if self.weight is not None:
+            nn.init.ones_(self.weight)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+
     def forward(self, x: Tensor) -> Tensor:
         traced = leaf_call(self, x)
         if traced is not None:
@@ -175,16 +182,20 @@ class GroupedLayerNorm(BranchSkeletonMixin, nn.Module):
         if x.dim() < 1:
             raise ValueError(f"{type(self).__name__} expects (..., K*num_features), got a scalar")
         _checks.check_channels(x.shape[-1], self.branches, self.num_features, type(self).__name__, "features")
-        if self.weight is not None:
+        if self.weight is not None and _checks.autocast_dtype(x.device.type) is None:
             _checks.check_same(x, self.weight, type(self).__name__)
         return self._traced_root(x)
 
     def _traced_root(self, x: Tensor) -> Tensor:
+        # Under autocast F.layer_norm picks the output dtype as for nn.LayerNorm (float32 on CUDA, the input's on
+        # CPU); the affine step runs in the weights' dtype and returns to that one.
         y = F.layer_norm(x.unflatten(-1, (self.branches, self.num_features)), (self.num_features,), eps=self.eps)
         if self.weight is not None:
+            out_dtype = y.dtype
             y = y * self.weight
             if self.bias is not None:
                 y = y + self.bias
+            y = y.to(out_dtype)
         return y.flatten(-2)
 
     def branch_tensors(self) -> list[dict[str, Tensor]]:

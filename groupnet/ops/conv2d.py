@@ -37,7 +37,11 @@ def grouped_conv2d(
 
     Returns:
         ``(N, K*Cout, OH, OW)`` in the memory format of ``input``.
+
+    Under ``torch.autocast`` it casts as ``nn.Conv2d`` does: float32/16 operands to autocast's dtype.
     """
+    if isinstance(input, Tensor):
+        input, weight, bias = _checks.autocast_inputs(input.device.type, input, weight, bias)
     stride = _checks.pair(stride, "stride")
     padding = _checks.pair(padding, "padding")
     dilation = _checks.pair(dilation, "dilation")

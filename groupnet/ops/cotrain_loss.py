@@ -41,13 +41,24 @@ def cotrain_loss(
     ignore_index: int = -100,
     check_finite: bool = True,
     check_targets: bool = True,
+    label_smoothing: float = 0.0,
 ) -> CoTrainLossRows:
     """Per-sample co-training loss of ``logits`` (``(N, K*C)`` or ``(K, N, C)``) against ``targets`` (``(N,)``
-    class indices or ``(N, C)`` soft targets). Reduction over samples is the caller's."""
+    class indices or ``(N, C)`` soft targets). Reduction over samples is the caller's.
+
+    ``label_smoothing`` = eps in [0, 1) replaces the target distribution q by ``(1 - eps) q + eps / C`` in the
+    cross-entropy, as ``F.cross_entropy(label_smoothing=eps)`` does (hard and soft targets alike); samples whose
+    hard target is ``ignore_index`` still give 0."""
     _checks.check_divergence(divergence)
+    if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, (int, float)) or not (
+            0.0 <= label_smoothing < 1.0):
+        raise ValueError(f"label_smoothing must be a number in [0, 1), got {label_smoothing!r}")
     n, c = _check_inputs(logits, targets, branches)
     _check_values(logits, targets, c, ignore_index, check_finite=check_finite, check_targets=check_targets)
     targets = targets.detach() if targets.dim() == 2 else targets.long()
+    if label_smoothing > 0:
+        return _smoothed(logits, targets, n, c, branches, weight, divergence, temperature, ignore_index,
+                         float(label_smoothing))
     if backend_for(logits) == "triton":
         from groupnet.kernels import cotrain_loss as kernel
 
@@ -57,6 +68,25 @@ def cotrain_loss(
                 ignore_index=ignore_index, divergence=divergence,
             ))  # fmt: skip
     return _rows_torch(logits, targets, n, c, branches, weight, divergence, temperature, ignore_index)
+
+
+def _smoothed(
+    logits: Tensor, targets: Tensor, n: int, c: int, k: int, weight: float, divergence: str, t: float,
+    ignore_index: int, eps: float,
+) -> CoTrainLossRows:  # fmt: skip
+    """The loss with smoothed soft targets; ignored hard-target samples are masked to 0 afterwards."""
+    valid = None
+    dtype = logits.dtype if logits.dtype in (torch.float32, torch.float64) else torch.float32
+    if targets.dim() == 1:
+        valid = targets != ignore_index
+        targets = F.one_hot(torch.where(valid, targets, 0), c).to(dtype)
+    soft = targets.to(dtype) * (1.0 - eps) + eps / c
+    rows = cotrain_loss(logits, soft, branches=k, weight=weight, divergence=divergence, temperature=t,
+                        ignore_index=ignore_index, check_finite=False, check_targets=False)
+    if valid is None:
+        return rows
+    return CoTrainLossRows(torch.where(valid, rows.loss, 0.0), torch.where(valid.unsqueeze(1), rows.ce, 0.0),
+                           torch.where(valid, rows.divergence, 0.0))
 
 
 def _rows_torch(

@@ -23,7 +23,11 @@ def grouped_linear(input: Tensor, weight: Tensor, bias: Tensor | None = None) ->
 
     Returns:
         ``(..., K*out)``.
+
+    Under ``torch.autocast`` it casts as ``nn.Linear`` does: float32/16 operands to autocast's dtype.
     """
+    if isinstance(input, Tensor):
+        input, weight, bias = _checks.autocast_inputs(input.device.type, input, weight, bias)
     _checks.check_linear_args(input, weight, bias)
     k, out_f, in_f = weight.shape
     lead = input.shape[:-1]

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import math
 import sys
 import tomllib
@@ -31,6 +32,9 @@ ENSEMBLE_MODES = ("logits", "probs", "geometric")
 #: Training methods: plain co-training, or network augmentation of each branch (groupnet.training.netaug_hook).
 METHODS = ("cotrain", "netaug")
 LR_SCHEDULES = ("cosine", "constant")
+#: Mixed precision of ``--amp``: torch.autocast in bfloat16 (CPU or CUDA) or float16 (CUDA, with gradient scaling).
+AMP_MODES = ("bf16", "fp16")
+OPTIMIZERS = ("sgd", "adamw")
 #: Recipe fields that define the model a checkpoint holds: a resumed run may not change them.
 MODEL_IDENTITY = ("model", "branches", "dataset", "image_size")
 #: Former option names, still read from the command line, config files and saved recipes: old name -> new name.
@@ -72,20 +76,25 @@ class TrainRecipe:
     nesterov: bool = True
     weight_decay: float = 5e-4
     split_weight_decay: bool = True
+    optimizer: str = "sgd"  # "sgd" (momentum, nesterov) or "adamw" (decoupled weight decay)
     # co-training
     cot_weight: float = 0.5
     cot_warmup_epochs: float = 5.0
     divergence: str = "js"
     ensemble: str = "logits"
+    label_smoothing: float = 0.0
     # augmentation (None: the data set's default)
     padding: int | None = None
     flip: bool | None = None
     cutout: int = 0
     mixup_alpha: float = 0.0
+    cutmix_alpha: float = 0.0  # with mixup as well, each step picks one of the two at random
+    # weight averaging: an exponential moving average of the weights, evaluated beside the model (0 = off)
+    ema_decay: float = 0.0
     # execution
     channels_last: bool = False
     execution_order: str = "auto"
-    amp: bool = False
+    amp: str | None = None  # None (float32), "bf16" or "fp16"
     sync_bn: bool = True
     seed: int = 0
     baseline: bool | None = None
@@ -134,7 +143,10 @@ class RunOptions:
     - ``overwrite``: this invocation may replace another run's checkpoints.
     - ``evaluate``: this invocation only evaluates the ``resume`` checkpoint.
     - ``export_branches``: this invocation also writes each branch as a torch.export program.
-    - ``progress``: progress bars on the terminal.
+    - ``export_ensemble``: this invocation also writes the whole ensemble as one torch.export program.
+    - ``print_config``: this invocation prints the recipe it resolved (as ``config.json``) and runs nothing.
+    - ``progress``: progress bars (None: tqdm shows them on a terminal only).
+    - ``tensorboard``: this invocation also writes the metrics as TensorBoard scalars (``tensorboard/``).
     - ``dist_timeout``: seconds a process waits for the others in a collective before the run fails (None: 180
       on CPU, 600 on CUDA); only used with several processes.
     """
@@ -147,7 +159,10 @@ class RunOptions:
     overwrite: bool = False
     evaluate: bool = False
     export_branches: bool = False
-    progress: bool = True
+    export_ensemble: bool = False
+    print_config: bool = False
+    progress: bool | None = None
+    tensorboard: bool = False
     dist_timeout: float | None = None
 
     def replace(self, **changes: Any) -> RunOptions:
@@ -203,6 +218,8 @@ def renamed(options: dict[str, Any]) -> dict[str, Any]:
     A value under a former name is checked here, so an error names the option as it was written.
     """
     out = dict(options)
+    if "amp" in out:
+        out["amp"] = _amp_value(out["amp"])
     for old, new in RENAMED.items():
         if old not in out:
             continue
@@ -211,6 +228,16 @@ def renamed(options: dict[str, Any]) -> dict[str, Any]:
             raise ConfigError(f"--schedule must be one of {EXECUTION_ORDERS}, got {value!r}")
         out.setdefault(new, value)
     return out
+
+
+def _amp_value(value: Any) -> Any:
+    """``amp`` as it is stored now: the former boolean (True was float16 autocast on CUDA) and "none" map to the
+    mode they meant; anything else is left for the type check and validation."""
+    if value is True:
+        return "fp16"
+    if value is False or value == "none":
+        return None
+    return value
 
 
 def split_options(options: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -235,7 +262,8 @@ def saved_recipe(saved: dict[str, Any]) -> dict[str, Any]:
 
 
 def load_config_file(path: str | Path) -> dict[str, Any]:
-    """Options from a YAML (``.yaml``/``.yml``) or TOML (``.toml``) file; keys may use ``-`` or ``_``."""
+    """Options from a YAML (``.yaml``/``.yml``), TOML (``.toml``) or JSON (``.json``, such as a run folder's
+    ``config.json``) file; keys may use ``-`` or ``_``."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
@@ -247,8 +275,10 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
             raw = yaml.safe_load(text) or {}
         elif path.suffix == ".toml":
             raw = tomllib.loads(text)
+        elif path.suffix == ".json":
+            raw = json.loads(text)
         else:
-            raise ConfigError(f"config file {path} must end in .yaml, .yml or .toml")
+            raise ConfigError(f"config file {path} must end in .yaml, .yml, .toml or .json")
     except ConfigError:
         raise
     except Exception as e:
@@ -276,6 +306,12 @@ class _DeprecatedAlias(argparse.Action):
         setattr(namespace, self.dest, values)
 
 
+def _model_names() -> list[str]:
+    from groupnet.models.registry import model_descriptions
+
+    return list(model_descriptions())
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command-line parser; every option defaults to 'not given' so config files and checkpoints can fill in."""
     d, r = TrainRecipe(), RunOptions()
@@ -286,9 +322,12 @@ def build_parser() -> argparse.ArgumentParser:
         argument_default=argparse.SUPPRESS,  # absent options stay absent: config files and checkpoints fill in
     )
     g = p.add_argument_group("model and data")
-    g.add_argument("--config", help="YAML or TOML file setting any option below (the command line wins)")
-    g.add_argument("--model", help=f"architecture (groupnet.models.available_models()), or pkg.module:Class for a "
-                   f"plain model of one's own, built K times and stacked [{d.model}]")
+    g.add_argument("--config", help="YAML, TOML or JSON file setting any option below (the command line wins); a "
+                   "run folder's config.json repeats that run")
+    g.add_argument("--print-config", action="store_true",
+                   help="print the resolved training options as JSON (the config.json format) and exit")
+    g.add_argument("--model", help=f"architecture: {', '.join(_model_names())}, or pkg.module:Class for a plain "
+                   f"model of one's own, built K times and stacked [{d.model}]")
     g.add_argument("--branches", "-K", type=int, help=f"K, the number of branches [{d.branches}]")
     g.add_argument("--dataset", choices=DATASETS, help=f"data set [{d.dataset}]")
     g.add_argument("--data-dir", help="folder holding the data set (cifar-10-batches-py/, cifar-100-python/, or "
@@ -300,7 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--epochs", type=int, help=f"[{d.epochs}]")
     g.add_argument("--batch-size", type=int, help=f"global batch size, over all processes [{d.batch_size}]")
     g.add_argument("--eval-batch-size", type=int, help=f"[{d.eval_batch_size}]")
-    g.add_argument("--lr", type=float, help=f"peak learning rate of SGD [{d.lr}]")
+    g.add_argument("--lr", type=float, help=f"peak learning rate [{d.lr}]")
     g.add_argument("--lr-schedule", choices=LR_SCHEDULES, help=f"after the warm-up [{d.lr_schedule}]")
     g.add_argument("--warmup-epochs", type=float, help=f"linear warm-up from --warmup-lr to --lr [{d.warmup_epochs}]")
     g.add_argument("--warmup-lr", type=float, help=f"[{d.warmup_lr}]")
@@ -311,18 +350,26 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"weight decay, not applied to norm layers and biases [{d.weight_decay}]")
     g.add_argument("--split-weight-decay", action=argparse.BooleanOptionalAction,
                    help=f"scale weight decay by exp(1/K - 1) (SplitNet) [{d.split_weight_decay}]")
+    g.add_argument("--optimizer", choices=OPTIMIZERS,
+                   help=f"sgd (--momentum, --nesterov) or adamw (decoupled weight decay) [{d.optimizer}]")
+    g.add_argument("--ema-decay", type=float, help="also keep an exponential moving average of the weights with "
+                   f"this decay (e.g. 0.999) and report its test accuracy; 0 = off [{d.ema_decay}]")
     g = p.add_argument_group("co-training")
     g.add_argument("--cot-weight", type=float, help=f"weight of the divergence term [{d.cot_weight}]")
     g.add_argument("--cot-warmup-epochs", type=float,
                    help=f"linear ramp of the weight from 0.005 [{d.cot_warmup_epochs}]")
     g.add_argument("--divergence", choices=DIVERGENCES, help=f"co-training divergence [{d.divergence}]")
     g.add_argument("--ensemble", choices=ENSEMBLE_MODES, help=f"how branch outputs are combined [{d.ensemble}]")
+    g.add_argument("--label-smoothing", type=float,
+                   help=f"label smoothing of each branch's cross-entropy, in [0, 1) [{d.label_smoothing}]")
     g = p.add_argument_group("augmentation")
     g.add_argument("--padding", type=int, help="random-crop zero padding [data set default: digits 1, CIFAR 4]")
     g.add_argument("--flip", action=argparse.BooleanOptionalAction,
                    help="random horizontal flip [data set default: off for digits, on otherwise]")
     g.add_argument("--cutout", type=int, help=f"cutout square side, 0 = off [{d.cutout}]")
     g.add_argument("--mixup-alpha", type=float, help=f"mixup Beta(alpha, alpha), 0 = off [{d.mixup_alpha}]")
+    g.add_argument("--cutmix-alpha", type=float,
+                   help=f"cutmix Beta(alpha, alpha), 0 = off; with --mixup-alpha each step picks one [{d.cutmix_alpha}]")
     g = p.add_argument_group("network augmentation (--method netaug)")
     g.add_argument("--method", choices=METHODS,
                    help=f"training method: plain co-training, or network augmentation (NetAug) of each tiny branch "
@@ -347,7 +394,10 @@ def build_parser() -> argparse.ArgumentParser:
                    f"picks branch on CPU when the branches' activations outgrow the cache [{d.execution_order}]")
     g.add_argument("--schedule", dest="execution_order", choices=EXECUTION_ORDERS, action=_DeprecatedAlias,
                    new="--execution-order", help=argparse.SUPPRESS)
-    g.add_argument("--amp", action=argparse.BooleanOptionalAction, help="float16 autocast + grad scaling (CUDA only)")
+    g.add_argument("--amp", nargs="?", const="fp16", choices=(*AMP_MODES, "none"),
+                   help="mixed precision: bf16 autocast (CPU or CUDA), fp16 autocast with gradient scaling (CUDA), "
+                   "none; --amp alone is fp16 [none]")
+    g.add_argument("--no-amp", dest="amp", action="store_const", const="none", help=argparse.SUPPRESS)
     g.add_argument("--sync-bn", action=argparse.BooleanOptionalAction,
                    help=f"synchronise batch-norm statistics across processes under DDP [{d.sync_bn}]")
     g.add_argument("--device", help=f"auto, cpu, cuda or cuda:N [{r.device}]")
@@ -363,9 +413,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--evaluate", action="store_true", help="only evaluate the --resume checkpoint")
     g.add_argument("--export-branches", action="store_true",
                    help="write each branch as a standalone torch.export program (export/branch_k.pt2)")
+    g.add_argument("--export-ensemble", action="store_true",
+                   help="write the whole ensemble (images -> ensemble scores) as one torch.export program "
+                   "(export/ensemble.pt2)")
     g.add_argument("--baseline", action=argparse.BooleanOptionalAction,
                    help="also train the K=1 baseline and compare [on for digits, off otherwise]")
-    g.add_argument("--progress", action=argparse.BooleanOptionalAction, help="progress bars")
+    g.add_argument("--progress", action=argparse.BooleanOptionalAction,
+                   help="progress bars [on a terminal only]")
+    g.add_argument("--tensorboard", action=argparse.BooleanOptionalAction,
+                   help="also write the metrics as TensorBoard scalars into RUN/tensorboard (needs tensorboard)")
     g.add_argument("--dist-timeout", type=float, metavar="SECONDS",
                    help="with several processes: how long they wait for one that stopped responding before the run "
                    "fails [180 on CPU, 600 on CUDA]")
@@ -424,7 +480,7 @@ def validate(cfg: TrainRecipe, opts: RunOptions | None = None) -> None:
     need(cfg.batch_size >= 1, f"--batch-size must be >= 1, got {cfg.batch_size}")
     need(cfg.eval_batch_size >= 1, f"--eval-batch-size must be >= 1, got {cfg.eval_batch_size}")
     for name in ("lr", "warmup_lr", "min_lr", "weight_decay", "cot_weight", "warmup_epochs", "cot_warmup_epochs",
-                 "mixup_alpha"):
+                 "mixup_alpha", "cutmix_alpha"):
         v = getattr(cfg, name)
         need(math.isfinite(v) and v >= 0, f"--{name.replace('_', '-')} must be a finite number >= 0, got {v}")
     need(cfg.lr > 0, f"--lr must be > 0, got {cfg.lr}")
@@ -435,6 +491,11 @@ def validate(cfg: TrainRecipe, opts: RunOptions | None = None) -> None:
     need(cfg.ensemble in ENSEMBLE_MODES, f"--ensemble must be one of {ENSEMBLE_MODES}, got {cfg.ensemble!r}")
     need(cfg.execution_order in EXECUTION_ORDERS,
          f"--execution-order must be one of {EXECUTION_ORDERS}, got {cfg.execution_order!r}")
+    need(cfg.amp is None or cfg.amp in AMP_MODES, f"--amp must be one of {AMP_MODES} or none, got {cfg.amp!r}")
+    need(cfg.optimizer in OPTIMIZERS, f"--optimizer must be one of {OPTIMIZERS}, got {cfg.optimizer!r}")
+    need(math.isfinite(cfg.label_smoothing) and 0 <= cfg.label_smoothing < 1,
+         f"--label-smoothing must be in [0, 1), got {cfg.label_smoothing}")
+    need(math.isfinite(cfg.ema_decay) and 0 <= cfg.ema_decay < 1, f"--ema-decay must be in [0, 1), got {cfg.ema_decay}")
     need(cfg.dataset in DATASETS, f"--dataset must be one of {DATASETS}, got {cfg.dataset!r}")
     need(cfg.padding is None or cfg.padding >= 0, f"--padding must be >= 0, got {cfg.padding}")
     need(cfg.cutout >= 0, f"--cutout must be >= 0, got {cfg.cutout}")

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from groupnet.cotraining import CoTrainingLoss, CoTrainingOutput
-from groupnet.data.augment import mixup
+from groupnet.data.augment import cutmix, mixup
 from groupnet.ensembling import ensemble, split_branches
 from groupnet.training.calibration import ECE_BINS, calibration_sums, expected_calibration_error
 from groupnet.training.distributed import all_reduce_sum
@@ -34,13 +34,14 @@ class StepContext:
     num_classes: int
     ensemble_mode: str = "logits"
     channels_last: bool = False
-    amp: bool = False
+    amp: str | None = None  # None, "bf16" or "fp16" (torch.autocast on the device)
     mixup_alpha: float = 0.0
     seed: int = 0
     rank: int = 0
     hooks: list[TrainingHook] = field(default_factory=list)
     #: Optimizer steps taken in this run so far (restored on resume).
     global_step: int = 0
+    cutmix_alpha: float = 0.0
 
 
 def _to_device(x: Tensor, device: torch.device, channels_last: bool) -> Tensor:
@@ -48,13 +49,19 @@ def _to_device(x: Tensor, device: torch.device, channels_last: bool) -> Tensor:
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 
-def _autocast(amp: bool):
-    return torch.autocast("cuda", dtype=torch.float16) if amp else contextlib.nullcontext()
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def autocast(amp: str | None, device: torch.device):
+    """The ``--amp`` region of a forward pass: ``torch.autocast`` on ``device`` in bf16/fp16, or nothing."""
+    if amp is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=AMP_DTYPES[amp])
 
 
 def default_step(model: nn.Module, x: Tensor, target: Tensor, ctx: StepContext) -> tuple[CoTrainingOutput, Tensor]:
     """Forward all branches, the co-training loss, backward (through the grad scaler)."""
-    with _autocast(ctx.amp):
+    with autocast(ctx.amp, ctx.device):
         logits = model(x)
     out = ctx.loss_fn(logits.float(), target)
     ctx.scaler.scale(out.loss).backward()
@@ -75,8 +82,8 @@ def train_one_epoch(model: nn.Module, loader: Iterable, ctx: StepContext, epoch:
     """Train one epoch; returns the epoch's mean loss terms, per-branch and ensemble accuracy and throughput.
 
     Accuracy on the training views: branch k is scored on its own view; with mixup, against the label of the
-    larger mixing share. Mixup draws one lambda and permutation per step from a generator seeded by
-    (seed, epoch, step, rank).
+    larger mixing share. Mixup and cutmix draw one lambda and permutation (and cutmix its box) per step from a
+    generator seeded by (seed, epoch, step, rank).
     """
     model.train()
     k, c = ctx.branches, ctx.num_classes
@@ -85,9 +92,12 @@ def train_one_epoch(model: nn.Module, loader: Iterable, ctx: StepContext, epoch:
     for step, (x, y) in enumerate(loader):
         x, y = _to_device(x, ctx.device, ctx.channels_last), y.to(ctx.device, non_blocking=True)
         target, scored = y, y
-        if ctx.mixup_alpha > 0:
+        if ctx.mixup_alpha > 0 or ctx.cutmix_alpha > 0:
             rng = np.random.default_rng([ctx.seed, epoch, step, ctx.rank])
-            x, target = mixup(x, y, c, ctx.mixup_alpha, rng)
+            # with both on, a fair coin picks one per step (drawn only then: mixup-only runs keep their stream)
+            use_cutmix = ctx.cutmix_alpha > 0 and (ctx.mixup_alpha == 0 or rng.random() < 0.5)
+            x, target = (cutmix(x, y, c, ctx.cutmix_alpha, rng) if use_cutmix
+                         else mixup(x, y, c, ctx.mixup_alpha, rng))
             scored = target.argmax(1)
         ctx.optimizer.zero_grad(set_to_none=True)
         out, logits = _forward_backward(model, x, target, ctx)
@@ -132,7 +142,7 @@ def train_one_epoch(model: nn.Module, loader: Iterable, ctx: StepContext, epoch:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: Iterable, *, device: torch.device, branches: int, num_classes: int,
-             ensemble_mode: str = "logits", channels_last: bool = False, amp: bool = False) -> dict[str, float]:
+             ensemble_mode: str = "logits", channels_last: bool = False, amp: str | None = None) -> dict[str, float]:
     """Per-branch and ensemble test accuracy (%) and cross-entropy, and the ensemble's expected calibration error
     (%, :mod:`groupnet.training.calibration`), feeding one view to all branches."""
     model.eval()
@@ -141,7 +151,7 @@ def evaluate(model: nn.Module, loader: Iterable, *, device: torch.device, branch
     calibration = torch.zeros(3, ECE_BINS, dtype=torch.float64, device=device)
     for x, y in loader:
         x, y = _to_device(x, device, channels_last), y.to(device, non_blocking=True)
-        with _autocast(amp):
+        with autocast(amp, device):
             logits = model(x)
         logits = logits.float()
         per_branch = split_branches(logits, k)  # (K, N, C)

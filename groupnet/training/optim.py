@@ -1,4 +1,5 @@
-"""SGD with Nesterov momentum and weight decay on conv/linear weights only (not on norm layers or biases)."""
+"""The optimisers: SGD with Nesterov momentum or AdamW, with weight decay on conv/linear weights only (not on norm
+layers or biases)."""
 
 from __future__ import annotations
 
@@ -27,3 +28,14 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 def build_sgd(model: nn.Module, *, lr: float, momentum: float, nesterov: bool, weight_decay: float) -> torch.optim.SGD:
     return torch.optim.SGD(parameter_groups(model, weight_decay), lr=lr, momentum=momentum, nesterov=nesterov)
+
+
+def build_optimizer(model: nn.Module, name: str, *, lr: float, momentum: float, nesterov: bool,
+                    weight_decay: float) -> torch.optim.Optimizer:
+    """``"sgd"`` (:func:`build_sgd`) or ``"adamw"`` (torch's default betas; decoupled weight decay on the same
+    parameter groups; ``momentum`` and ``nesterov`` are SGD's only)."""
+    if name == "sgd":
+        return build_sgd(model, lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay)
+    if name == "adamw":
+        return torch.optim.AdamW(parameter_groups(model, weight_decay), lr=lr)
+    raise ValueError(f"optimizer must be 'sgd' or 'adamw', got {name!r}")

@@ -13,6 +13,7 @@ folders it created. README "What a run guarantees" says what each crash point le
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import random
@@ -44,12 +45,12 @@ from groupnet.training.distributed import (
     init_process_group,
 )
 from groupnet.training.errors import CheckpointError, ConfigError, RunInterrupted, TrainingDiverged, UserError
-from groupnet.training.export import export_branches
+from groupnet.training.export import export_branches, export_ensemble
 from groupnet.training.hooks import build_hooks
 from groupnet.training.loop import StepContext, evaluate, train_one_epoch
 from groupnet.training.metrics import PLOT, MetricsLog, plot_curves
 from groupnet.training.run_folder import RunFolder, atomic_write_text, clean_temp_files, dumps
-from groupnet.training.optim import build_sgd
+from groupnet.training.optim import build_optimizer
 from groupnet.training.accuracy_table import accuracy_table
 from groupnet.training.lr_schedule import WarmupCosineLR
 from groupnet.training.methods import METHOD_HOOKS
@@ -65,6 +66,13 @@ def _log(msg: str, ctx: DistContext) -> None:
 
         tqdm.write(msg, file=sys.stdout)
         sys.stdout.flush()
+
+
+def _tensorboard_writer(run_dir: Path):
+    """A TensorBoard writer into ``run_dir/tensorboard`` (imported here: tensorboard is optional)."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter(str(run_dir / "tensorboard"))
 
 
 def resolve_device(name: str, ctx: DistContext) -> torch.device:
@@ -159,8 +167,11 @@ class Trainer:
         self.device = resolve_device(opts.device, ctx)
         if self.device.type == "cpu":
             retain_freed_memory()  # large activations are otherwise page-faulted in at every step (cpu_memory.py)
-        if cfg.amp and self.device.type != "cuda":
-            raise ConfigError("--amp needs a CUDA device (it is float16 autocast with gradient scaling)")
+        if opts.tensorboard and importlib.util.find_spec("tensorboard") is None:
+            raise ConfigError("--tensorboard needs the tensorboard package (pip install tensorboard)")
+        if cfg.amp == "fp16" and self.device.type != "cuda":
+            raise ConfigError("--amp needs a CUDA device for fp16 (float16 autocast with gradient scaling); "
+                              "on the CPU use --amp bf16")
         try:
             spec = None if is_import_path(cfg.model) else arch_spec(cfg.model)
             if spec is None:
@@ -263,7 +274,8 @@ class Trainer:
                 model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         wd = split_weight_decay(cfg.weight_decay, cfg.branches) if cfg.split_weight_decay else cfg.weight_decay
         self.weight_decay = wd
-        self.optimizer = build_sgd(model, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=wd)
+        self.optimizer = build_optimizer(model, cfg.optimizer, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
+                                         weight_decay=wd)
         augment = Augment(padding=data.padding if cfg.padding is None else cfg.padding,
                           flip=data.flip if cfg.flip is None else cfg.flip, cutout=cfg.cutout)
         pin = self.device.type == "cuda"
@@ -277,13 +289,14 @@ class Trainer:
             self.optimizer, lr=cfg.lr, total_steps=cfg.epochs * steps, warmup_steps=round(cfg.warmup_epochs * steps),
             warmup_lr=cfg.warmup_lr, min_lr=cfg.min_lr, schedule=cfg.lr_schedule)
         self.loss_fn = CoTrainingLoss(cfg.branches, weight=cfg.cot_weight, divergence=cfg.divergence,
-                                      check_finite=False, check_targets=False)
+                                      check_finite=False, check_targets=False, label_smoothing=cfg.label_smoothing)
         self.ramp = CoTrainingWeightRamp(self.loss_fn, final=cfg.cot_weight, start=min(0.005, cfg.cot_weight),
                                          warmup_epochs=cfg.cot_warmup_epochs)
-        self.scaler = torch.amp.GradScaler("cuda", enabled=cfg.amp)
+        # float16 needs gradient scaling (its range underflows small gradients); bfloat16 has float32's range.
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.amp == "fp16")
         self.step_ctx = StepContext(self.loss_fn, self.optimizer, self.scheduler, self.scaler, self.device,
                                     cfg.branches, data.num_classes, cfg.ensemble, cfg.channels_last, cfg.amp,
-                                    cfg.mixup_alpha, cfg.seed, ctx.rank)
+                                    cfg.mixup_alpha, cfg.seed, ctx.rank, cutmix_alpha=cfg.cutmix_alpha)
         self.step_ctx.hooks = self.hooks
         for hook in self.hooks:
             hook.setup(self)
@@ -440,8 +453,9 @@ class Trainer:
         self.log = MetricsLog(self.run_dir, self.history)
         if ctx.is_main and self._resumes_from_last():
             self._write_records(self.ckpt_recipe(), self.history)  # describe what last.pt holds, whatever was there
+        board = None  # the TensorBoard writer, opened with the first save (nothing is written before it)
         _log(f"run folder {self.run_dir} | {cfg.model} K={cfg.branches} ({self.params:,} params) on {cfg.dataset}, "
-             f"{len(self.data.train)} train / {len(self.data.test)} test images, device {self.device}"
+             f"{len(self.data.train)} train / {len(self.data.test)} test images, device {self.device}, seed {cfg.seed}"
              + (f", {ctx.world_size} processes" if ctx.enabled else "")
              + (f", resuming after epoch {self.start_epoch}" if self.start_epoch else ""), ctx)
         last_eval: dict[str, float] | None = None
@@ -449,7 +463,8 @@ class Trainer:
             self.sampler.set_epoch(epoch)
             lr_start, weight = self.scheduler.current_lr(), self.loss_fn.weight
             bar = tqdm(total=self.sampler.steps_per_epoch(), desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False,
-                       disable=not (opts.progress and ctx.is_main), file=sys.stderr, dynamic_ncols=True)
+                       disable=True if not ctx.is_main else None if opts.progress is None else not opts.progress,
+                       file=sys.stderr, dynamic_ncols=True)  # None: tqdm shows the bar on a terminal only
             with bar:
                 train_row = train_one_epoch(self.ddp, self.train_loader, self.step_ctx, epoch, bar)
             for hook in self.hooks:
@@ -464,6 +479,12 @@ class Trainer:
                 self.best_acc, self.best_epoch = last_eval["test_acc_ensemble"], epoch + 1
             if ctx.is_main:
                 self._save(epoch + 1, improved)
+                if opts.tensorboard:
+                    board = board or _tensorboard_writer(self.run_dir)
+                    for key, value in row.items():
+                        if key != "epoch" and isinstance(value, (int, float)):
+                            board.add_scalar(key, value, row["epoch"])
+                    board.flush()
             self._saved_here, self.saved_epoch = True, epoch + 1
             barrier()
             if cfg.branches > 1:
@@ -475,6 +496,8 @@ class Trainer:
             _log(f"epoch {epoch + 1:>3}/{cfg.epochs} | {losses} | {accs} | {row['train_images_per_s']:.0f} img/s", ctx)
         if last_eval is None:  # resumed a finished run
             last_eval = self.evaluate()
+        if board is not None:
+            board.close()
         if ctx.is_main:
             plot_curves(self.history, self.run_dir / PLOT, f"{cfg.model} K={cfg.branches} on {cfg.dataset}")
         return self._finish(last_eval, trained=True)
@@ -547,6 +570,11 @@ class Trainer:
             paths = export_branches(self.model, self.run_dir / "export", self.model_meta())
             summary["exported"] = [str(p) for p in paths]
             _log(f"exported {len(paths)} branches to {self.run_dir / 'export'}", self.ctx)
+        if self.opts.export_ensemble and self.ctx.is_main:
+            assert self.run_dir is not None
+            path = export_ensemble(self.model, self.run_dir / "export", self.model_meta(), self.recipe.ensemble)
+            summary["exported_ensemble"] = str(path)
+            _log(f"exported the ensemble to {path}", self.ctx)
         if trained and self.ctx.is_main:
             assert self.run_dir is not None
             atomic_write_text(self.run_dir / SUMMARY, dumps(summary, indent=2) + "\n")
@@ -623,8 +651,8 @@ def _train(trainer: Trainer, cfg: TrainRecipe, opts: RunOptions, ctx: DistContex
             base_ckpt = ckpt_io.load(base_dir, training_state=True)
         _log(f"training the K=1 baseline in {base_dir}", ctx)
         base_cfg = cfg.replace(branches=1, baseline=False)
-        base_opts = opts.replace(output_dir=str(base_dir), export_branches=False, overwrite=True,
-                                 resume=str(base_dir / ckpt_io.LAST) if base_ckpt is not None else None)
+        base_opts = opts.replace(output_dir=str(base_dir), export_branches=False, export_ensemble=False,
+                                 overwrite=True, resume=str(base_dir / ckpt_io.LAST) if base_ckpt is not None else None)
         base_trainer = Trainer(base_cfg, base_opts, base_ckpt, ctx)
         try:
             baseline = base_trainer.fit()
