@@ -37,7 +37,7 @@ from groupnet.netaug import WidthSpace, make_dynamic, recalibrate_batchnorm
 from groupnet.training.distributed import all_reduce_sum
 from groupnet.training.errors import ConfigError
 from groupnet.training.hooks import TrainingHook
-from groupnet.training.loop import StepContext, default_step
+from groupnet.training.loop import StepContext, autocast, default_step
 
 __all__ = ["NetAugHook", "build_netaug_hook", "augmented_loss"]
 
@@ -132,7 +132,7 @@ class NetAugHook(TrainingHook):
             config = space.sample(self.generator, widths=widths)
             space.set(config)
             try:
-                with torch.autocast("cuda", dtype=torch.float16, enabled=ctx.amp):
+                with autocast(ctx.amp, ctx.device):
                     aug_logits = model(x)
                 aug = augmented_loss(aug_logits, target, ctx.branches)
                 ctx.scaler.scale(self.alpha * aug).backward()
