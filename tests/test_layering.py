@@ -13,7 +13,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 LAYERS: list[tuple[str, ...]] = [
-    ("groupnet.train", "groupnet.eval", "groupnet.scaling", "groupnet.roofline"),  # command lines
+    ("groupnet.train", "groupnet.eval", "groupnet.scaling", "groupnet.roofline", "groupnet.experiments"),  # CLIs
     ("groupnet.training",),
     ("groupnet.fuse",),
     ("groupnet.models", "groupnet.data"),

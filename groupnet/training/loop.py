@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from groupnet.cotraining import CoTrainingLoss, CoTrainingOutput
 from groupnet.data.augment import mixup
 from groupnet.ensembling import ensemble, split_branches
+from groupnet.training.calibration import ECE_BINS, calibration_sums, expected_calibration_error
 from groupnet.training.distributed import all_reduce_sum
 from groupnet.training.errors import TrainingDiverged
 from groupnet.training.hooks import TrainingHook
@@ -132,10 +133,12 @@ def train_one_epoch(model: nn.Module, loader: Iterable, ctx: StepContext, epoch:
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: Iterable, *, device: torch.device, branches: int, num_classes: int,
              ensemble_mode: str = "logits", channels_last: bool = False, amp: bool = False) -> dict[str, float]:
-    """Per-branch and ensemble test accuracy (%) and cross-entropy, feeding one view to all branches."""
+    """Per-branch and ensemble test accuracy (%) and cross-entropy, and the ensemble's expected calibration error
+    (%, :mod:`groupnet.training.calibration`), feeding one view to all branches."""
     model.eval()
     k = branches
     sums = torch.zeros(1 + 2 * k + 2, dtype=torch.float64, device=device)  # n, correct_k, ce_k, ens correct, ens ce
+    calibration = torch.zeros(3, ECE_BINS, dtype=torch.float64, device=device)
     for x, y in loader:
         x, y = _to_device(x, device, channels_last), y.to(device, non_blocking=True)
         with _autocast(amp):
@@ -150,11 +153,13 @@ def evaluate(model: nn.Module, loader: Iterable, *, device: torch.device, branch
             (scores.argmax(-1) == y).sum().double().view(1),
             nn.functional.cross_entropy(scores, y, reduction="sum").double().view(1),
         ])
+        calibration += calibration_sums(scores, y)
     total = all_reduce_sum(sums).cpu().tolist()
     n = max(total[0], 1.0)
     row = {f"test_acc_{i}": 100 * total[1 + i] / n for i in range(k)}
     row.update({f"test_ce_{i}": total[1 + k + i] / n for i in range(k)})
     row["test_acc_ensemble"] = 100 * total[1 + 2 * k] / n
     row["test_ce_ensemble"] = total[2 + 2 * k] / n
+    row["test_ece_ensemble"] = 100 * expected_calibration_error(all_reduce_sum(calibration).cpu())
     row["test_images"] = int(total[0])
     return row
