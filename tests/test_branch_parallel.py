@@ -5,11 +5,20 @@ summation order differs (gathered gradients, the data-parallel all-reduce, synch
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
+import subprocess
+import sys
+
 import pytest
 import torch
 
+from groupnet.train import main
+
 from groupnet.training.branch_parallel import BranchLayout, check_layout, local_views, shard_model
-from helpers.branch_parallel_runs import (MODES, bad_layouts, full_model, launch, reference, train_rank)
+from helpers.branch_parallel_runs import MODES, bad_layouts, full_model, launch, reference, train_rank
+from helpers.train_runs import load_ckpt, quick
 
 TOL = {"rtol": 1e-9, "atol": 1e-11}
 
@@ -97,3 +106,56 @@ def test_layout_checks_and_sharding_in_one_process():
         torch.testing.assert_close(got, want[:, r * 6:(r + 1) * 6], rtol=0, atol=0)
     with pytest.raises(ValueError, match=r"expects \(N, 4, H, W\)"):
         local_views(torch.randn(3, 2, 8, 8), BranchLayout(4, 2, 2, 0), 1)
+
+
+def _torchrun(tmp_path, module: str, *args: str) -> subprocess.CompletedProcess:
+    # torch 2.13 deprecates the differentiable all_reduce the synchronised batch norm uses: keep stderr readable
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore::FutureWarning"}
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "-m", module, *args], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=500)
+
+
+def test_trainer_with_two_branch_groups_matches_one_process_and_checkpoints_move(tmp_path):
+    """``torchrun --nproc_per_node 2 -m groupnet.train --branch-parallel 2`` (K=2) against one process: weights,
+    optimizer state and metrics; its checkpoint resumes in one process as the single run's own does; and
+    ``python -m groupnet.eval --branch-parallel 2`` reports what one process reports."""
+    bp, one = tmp_path / "bp", tmp_path / "one"
+    proc = _torchrun(tmp_path, "groupnet.train", *quick(bp, "--branch-parallel", "2"))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert main(quick(one)) == 0
+    a, b = load_ckpt(one / "last.pt"), load_ckpt(bp / "last.pt")
+    assert a["model"].keys() == b["model"].keys()
+    for key, v in a["model"].items():
+        torch.testing.assert_close(b["model"][key], v, rtol=1e-4, atol=1e-5)
+    for i, s in a["optimizer"]["state"].items():
+        torch.testing.assert_close(b["optimizer"]["state"][i]["momentum_buffer"], s["momentum_buffer"],
+                                   rtol=1e-4, atol=1e-5)
+    rows_a = [json.loads(x) for x in (one / "metrics.jsonl").read_text().splitlines()]
+    rows_b = [json.loads(x) for x in (bp / "metrics.jsonl").read_text().splitlines()]
+    for ra, rb in zip(rows_a, rows_b, strict=True):
+        assert ra["test_images"] == rb["test_images"]
+        for key in ("train_loss", "train_divergence", "test_ce_0", "test_ce_1", "test_ce_ensemble"):
+            assert abs(ra[key] - rb[key]) < 1e-4, (ra["epoch"], key, ra[key], rb[key])
+
+    # the B=2 checkpoint continues in one process exactly as the one-process checkpoint does
+    for run in (bp, one):
+        shutil.copytree(run, tmp_path / f"{run.name}-resumed")
+        assert main(["--resume", str(tmp_path / f"{run.name}-resumed"), "--epochs", "3", "--no-progress"]) == 0
+    c, d = load_ckpt(tmp_path / "bp-resumed" / "last.pt"), load_ckpt(tmp_path / "one-resumed" / "last.pt")
+    for key, v in d["model"].items():
+        torch.testing.assert_close(c["model"][key], v, rtol=1e-4, atol=1e-5)
+
+    proc = _torchrun(tmp_path, "groupnet.eval", str(bp), "--branch-parallel", "2")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    single = subprocess.run([sys.executable, "-m", "groupnet.eval", str(bp)], capture_output=True, text=True,
+                            cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert single.returncode == 0, single.stderr[-4000:]
+    table = [line for line in proc.stdout.splitlines() if line.startswith("K=2")]
+    assert table and table == [line for line in single.stdout.splitlines() if line.startswith("K=2")]
+
+
+def test_trainer_refuses_branch_parallel_it_cannot_lay_out(tmp_path, capsys):
+    assert main(quick(tmp_path / "x", "--branch-parallel", "2")) == 2
+    assert "world size 1 must be a multiple of B=2" in capsys.readouterr().err
+    assert main(quick(tmp_path / "y", "--branch-parallel", "0")) == 2
+    assert "--branch-parallel must be >= 1" in capsys.readouterr().err

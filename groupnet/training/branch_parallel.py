@@ -43,9 +43,10 @@ from groupnet.ensembling import EnsembleMode, ensemble
 from groupnet.models import GroupedClassifier, build_from_spec
 from groupnet.modules.registry import is_grouped_layer
 from groupnet.modules.sync_batchnorm import convert_sync_batchnorm
+from groupnet.training.hooks import TrainingHook
 
 __all__ = [
-    "BranchLayout", "BranchParallel", "branch_stacked_keys", "check_layout", "communication_bytes",
+    "BranchLayout", "BranchParallel", "BranchParallelModel", "BranchParallelStep", "branch_stacked_keys", "check_layout", "communication_bytes",
     "full_optimizer_state", "full_state_dict", "local_views", "shard_model", "shard_optimizer_state",
     "shard_state_dict",
 ]
@@ -143,11 +144,11 @@ class BranchParallel:
         assert self.mesh.get_local_rank("data") == self.layout.data_rank
 
     # -------------------------------------------------------------------------------------------- model
-    def shard(self, full: nn.Module) -> nn.Module:
+    def shard(self, full: nn.Module, sync_batchnorm: bool = True) -> nn.Module:
         """This rank's model cut from ``full`` (:func:`shard_model`), its batch norms synchronised over the data
-        dimension when D > 1."""
+        dimension when D > 1 and ``sync_batchnorm``."""
         local = shard_model(full, self.layout)
-        if self.layout.data_size > 1:
+        if self.layout.data_size > 1 and sync_batchnorm:
             convert_sync_batchnorm(local, self.data_group)
         return local
 
@@ -257,6 +258,46 @@ class BranchParallel:
         return communication_bytes(self.layout, batch, num_classes, params, element_size)
 
 
+class BranchParallelModel(nn.Module):
+    """This rank's branches behind the full model's interface, for the trainer: ``forward`` takes the K-view batch
+    (or a shared view) and returns all K branches' logits ``(N, K*C)``, gathered over the branch dimension with the
+    differentiable all-gather. ``module`` is the rank's grouped model; save the full model with
+    :meth:`BranchParallel.full_state_dict`, not with this module's ``state_dict``."""
+
+    def __init__(self, module: nn.Module, bp: BranchParallel) -> None:
+        super().__init__()
+        self.module = module
+        self.bp = bp
+        self.branches, self.in_channels = bp.layout.branches, _in_channels(module)
+        self.num_classes = module.num_classes
+
+    def forward(self, x: Tensor) -> Tensor:
+        z = self.bp.gather_logits(self.module(self.bp.local_views(x, self.in_channels)))  # (K, N, C)
+        return z.transpose(0, 1).flatten(1)
+
+
+class BranchParallelStep(TrainingHook):
+    """The trainer's training step under branch parallelism: forward of a :class:`BranchParallelModel` (all K
+    logits), the co-training loss, backward of ``loss / B`` (see :meth:`BranchParallel.loss`), gradients averaged
+    over the data dimension. Its state is the layout only, so it keeps none in the checkpoint."""
+
+    name = "branch_parallel"
+
+    def __init__(self, bp: BranchParallel) -> None:
+        self.bp = bp
+
+    def step(self, model: nn.Module, x: Tensor, target: Tensor, ctx: Any) -> tuple[CoTrainingOutput, Tensor]:
+        import contextlib
+
+        amp = torch.autocast("cuda", dtype=torch.float16) if ctx.amp else contextlib.nullcontext()
+        with amp:
+            logits = model(x)
+        out = ctx.loss_fn(logits.float(), target)
+        ctx.scaler.scale(out.loss / self.bp.layout.branch_groups).backward()
+        self.bp.all_reduce_gradients(model)
+        return out, logits
+
+
 def communication_bytes(layout: BranchLayout, batch: int, num_classes: int, params: int,
                         element_size: int = 4) -> dict[str, int]:
     """See :meth:`BranchParallel.communication_bytes` (ring collectives: an all-gather of P parts sends P-1 of
@@ -330,7 +371,7 @@ def shard_model(full: nn.Module, layout: BranchLayout) -> nn.Module:
                          f"K={layout.branches}")
     ref = next(full.parameters())
     local = build_from_spec(full.spec, branches=layout.local_branches, num_classes=full.num_classes,
-                            in_channels=full.in_channels).to(dtype=ref.dtype)
+                            in_channels=full.in_channels).to(device=ref.device, dtype=ref.dtype)
     local.execution_order = full.execution_order
     local.load_state_dict(shard_state_dict(full.state_dict(), branch_stacked_keys(full), layout))
     return local.train(full.training)

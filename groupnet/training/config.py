@@ -107,6 +107,9 @@ class RunOptions:
     - ``evaluate``: this invocation only evaluates the ``resume`` checkpoint.
     - ``export_branches``: this invocation also writes each branch as a torch.export program.
     - ``progress``: progress bars on the terminal.
+    - ``branch_parallel``: B, the ranks the K branches are spread over (:mod:`groupnet.training.branch_parallel`);
+      the other factor of the world size is data parallelism. A layout, not part of the model: a checkpoint holds
+      the full model and resumes in any layout.
     """
 
     device: str = "auto"
@@ -118,6 +121,7 @@ class RunOptions:
     evaluate: bool = False
     export_branches: bool = False
     progress: bool = True
+    branch_parallel: int = 1
 
     def replace(self, **changes: Any) -> RunOptions:
         return dataclasses.replace(self, **changes)
@@ -295,6 +299,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--threads", type=int, help="torch intra-op threads [data set default: 1 for digits (its 8x8 "
                    "ops are too small to split, and spinning threads fight the loader workers), torch's otherwise]")
     g.add_argument("--seed", type=int, help=f"[{d.seed}]")
+    g.add_argument("--branch-parallel", type=int, metavar="B",
+                   help="spread the K branches over B ranks (B divides K and the number of processes; the rest is "
+                   f"data parallelism): torchrun --nproc_per_node P -m groupnet.train --branch-parallel B [{r.branch_parallel}]")
     g = p.add_argument_group("run management")
     g.add_argument("--output-dir", "-o", help="run folder [runs/<dataset>-<model>-k<K>-<time>]")
     g.add_argument("--resume", help="continue from a checkpoint file or a run folder (its last.pt)")
@@ -366,5 +373,8 @@ def validate(cfg: TrainRecipe, opts: RunOptions | None = None) -> None:
         return
     need(opts.workers >= 0, f"--workers must be >= 0, got {opts.workers}")
     need(opts.threads is None or opts.threads >= 1, f"--threads must be >= 1, got {opts.threads}")
+    need(opts.branch_parallel >= 1, f"--branch-parallel must be >= 1, got {opts.branch_parallel}")
+    need(not (opts.branch_parallel > 1 and opts.export_branches),
+         "--export-branches runs in one process: evaluate with --branch-parallel 1 to export")
     need(not (opts.evaluate and opts.resume is None),
          "--evaluate needs --resume CHECKPOINT (or use python -m groupnet.eval)")
