@@ -46,7 +46,8 @@ def _check_run(results: list[dict], want: dict) -> None:
         if res["root_probs"] is not None:
             torch.testing.assert_close(res["root_probs"], want["preds"]["probs"], **TOL)
     # the run moved the weights, so equality above is not the initial state's
-    assert not torch.equal(want["model"]["head.weight"], full_model(results[0]["layout"].branches).state_dict()["head.weight"])
+    start = full_model(results[0]["layout"].branches).state_dict()
+    assert not torch.equal(want["model"]["head.weight"], start["head.weight"])
 
 
 @pytest.mark.parametrize("k, divergence, temperature", [(2, "js", 1.0), (4, "kl", 2.0)])
@@ -67,7 +68,8 @@ def test_two_branch_groups_match_one_process(tmp_path, k, divergence, temperatur
 def test_one_process_checkpoint_resumes_on_two_branch_groups(tmp_path):
     k = 4
     one = reference(k, steps=1)  # the single-process state after step 0, as a checkpoint holds it
-    results = launch(2, train_rank, tmp_path, k, 2, "js", 1.0, {"model": one["model"], "optimizer": one["optimizer"]}, 1)
+    saved = {"model": one["model"], "optimizer": one["optimizer"]}
+    results = launch(2, train_rank, tmp_path, k, 2, "js", 1.0, saved, 1)
     _check_run(results, reference(k))
 
 

@@ -46,7 +46,8 @@ from groupnet.modules.sync_batchnorm import convert_sync_batchnorm
 from groupnet.training.hooks import TrainingHook
 
 __all__ = [
-    "BranchLayout", "BranchParallel", "BranchParallelModel", "BranchParallelStep", "branch_stacked_keys", "check_layout", "communication_bytes",
+    "BranchLayout", "BranchParallel", "BranchParallelModel", "BranchParallelStep", "branch_stacked_keys",
+    "check_layout", "communication_bytes",
     "full_optimizer_state", "full_state_dict", "local_views", "shard_model", "shard_optimizer_state",
     "shard_state_dict",
 ]

@@ -301,7 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, help=f"[{d.seed}]")
     g.add_argument("--branch-parallel", type=int, metavar="B",
                    help="spread the K branches over B ranks (B divides K and the number of processes; the rest is "
-                   f"data parallelism): torchrun --nproc_per_node P -m groupnet.train --branch-parallel B [{r.branch_parallel}]")
+                   f"data parallelism), under torchrun --nproc_per_node P [{r.branch_parallel}]")
     g = p.add_argument_group("run management")
     g.add_argument("--output-dir", "-o", help="run folder [runs/<dataset>-<model>-k<K>-<time>]")
     g.add_argument("--resume", help="continue from a checkpoint file or a run folder (its last.pt)")

@@ -289,10 +289,12 @@ class Trainer:
                 "mean": list(d.mean), "std": list(d.std), "params": self.params}
 
     def _checkpoint(self, epoch: int) -> dict[str, Any]:
+        model_state, optimizer_state = (self._full_state if self.bp is not None  # see _gather_full_state
+                                        else (self.model.state_dict(), self.optimizer.state_dict()))
         return {
             "format": ckpt_io.FORMAT, "version": ckpt_io.VERSION, "recipe": self.recipe.to_dict(),
-            "model_meta": self.model_meta(), "model": self._full_state[0] if self.bp else self.model.state_dict(),
-            "optimizer": self._full_state[1] if self.bp else self.optimizer.state_dict(), "lr_scheduler": self.scheduler.state_dict(),
+            "model_meta": self.model_meta(), "model": model_state,
+            "optimizer": optimizer_state, "lr_scheduler": self.scheduler.state_dict(),
             "cot_ramp": self.ramp.state_dict(), "scaler": self.scaler.state_dict(),
             "sampler": {"seed": self.sampler.seed, "epoch": epoch}, "epoch": epoch, "best_acc": self.best_acc,
             "history": self.history, "rng": ckpt_io.rng_state(),
