@@ -28,6 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ensemble", choices=ENSEMBLE_MODES, help="ensemble mode (default: the checkpoint's)")
     p.add_argument("--workers", type=int, default=0)
     p.add_argument("--export-branches", action="store_true", help="also write export/branch_k.pt2 in the run folder")
+    p.add_argument("--branch-parallel", type=int, default=1, metavar="B",
+                   help="spread the K branches over B ranks (under torchrun --nproc_per_node P; B divides K and P)")
     return p
 
 
@@ -41,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"groupnet.eval: error: {option} must be >= {low}, got {value}", file=sys.stderr)
             return 2
     options = training.RunOptions(device=args.device, workers=args.workers, export_branches=args.export_branches,
-                                  progress=False)
+                                  progress=False, branch_parallel=args.branch_parallel)
     recipe_changes = {"eval_batch_size": args.batch_size}
     if args.data_dir is not None:
         recipe_changes["data_dir"] = args.data_dir

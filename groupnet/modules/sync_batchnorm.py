@@ -33,20 +33,29 @@ def world_is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def _all_reduce_sum(t: Tensor) -> Tensor:
+def _all_reduce_sum(t: Tensor, group: str | None = None) -> Tensor:
     from torch.distributed import _functional_collectives as funcol  # torch's recommended differentiable collective
 
-    return funcol.all_reduce(t, "sum", dist.group.WORLD)
+    return funcol.all_reduce(t, "sum", dist.group.WORLD if group is None else group)
 
 
 class _GlobalBatchStatistics:
     """The training forward of the synchronised classes; the class it is mixed into supplies everything else."""
 
+    #: The processes that share the statistics, as (process group name, its size); None: all processes. A name,
+    #: not the group object, so that the module can still be deep-copied (process groups cannot be pickled).
+    sync_group: tuple[str, int] | None = None
+
     def forward(self, x: Tensor) -> Tensor:
-        if not (self.training and world_is_distributed()):
+        if not (self.training and self._synchronised()):
             return super().forward(x)  # type: ignore[misc]
         self._check_global_input(x)
         return _global_batch_norm(self, x)
+
+    def _synchronised(self) -> bool:
+        if self.sync_group is None:
+            return world_is_distributed()
+        return dist.is_available() and dist.is_initialized() and self.sync_group[1] > 1
 
     def _check_global_input(self, x: Tensor) -> None:
         self._check_input_dim(x)  # type: ignore[attr-defined]
@@ -58,12 +67,13 @@ def _global_batch_norm(bn: nn.modules.batchnorm._BatchNorm, x: Tensor) -> Tensor
     dims = [0] + list(range(2, x.dim()))
     shape = [1, c] + [1] * (x.dim() - 2)
     xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+    group = None if bn.sync_group is None else bn.sync_group[0]  # type: ignore[attr-defined]
     local_count = xf.new_full((1,), x.numel() // c)
-    sums = _all_reduce_sum(torch.cat([xf.sum(dims), local_count]))
+    sums = _all_reduce_sum(torch.cat([xf.sum(dims), local_count]), group)
     count = sums[c]
     mean = sums[:c] / count
     centred = xf - mean.view(shape)
-    var = _all_reduce_sum(centred.square().sum(dims)) / count
+    var = _all_reduce_sum(centred.square().sum(dims), group) / count
     y = centred * torch.rsqrt(var + bn.eps).view(shape)
     if bn.weight is not None:
         y = y * bn.weight.view(shape)
@@ -101,7 +111,9 @@ class _GlobalBatchStatisticsGrouped(_GlobalBatchStatistics):
 
     def branch_skeleton(self) -> nn.Module:
         """The synchronised plain batch norm on the meta device: one branch, synchronised as this layer is."""
-        return _holding_same_tensors(super().branch_skeleton(), self._sync_plain)  # type: ignore[misc]
+        skeleton = _holding_same_tensors(super().branch_skeleton(), self._sync_plain)  # type: ignore[misc]
+        skeleton.sync_group = self.sync_group
+        return skeleton
 
 
 class SyncGroupedBatchNorm1d(_GlobalBatchStatisticsGrouped, GroupedBatchNorm1d):
@@ -175,13 +187,21 @@ def _sync_class(m: nn.Module) -> type | None:
     return SYNC_CLASS_OF[type(m)]
 
 
-def convert_sync_batchnorm(model: nn.Module) -> nn.Module:
+def convert_sync_batchnorm(model: nn.Module, process_group: dist.ProcessGroup | None = None) -> nn.Module:
     """Replace every batch norm of ``model`` (grouped or plain) by its synchronised class, in place.
 
     Each new module holds the replaced one's parameter and buffer tensors. Returns ``model``, or the new module when
     ``model`` is itself a batch norm. Outside a multi-process group the converted layers compute exactly as before.
+    ``process_group``: the processes whose batches form the global batch (e.g. the data-parallel ranks of a
+    branch-parallel run, which hold the same branches); None: all processes.
     """
-    return _replace(model, _sync_class)
+    root = _replace(model, _sync_class)
+    if process_group is not None:
+        group = (process_group.group_name, process_group.size())
+        for m in root.modules():
+            if isinstance(m, _GlobalBatchStatistics):
+                m.sync_group = group
+    return root
 
 
 def revert_sync_batchnorm(model: nn.Module) -> nn.Module:

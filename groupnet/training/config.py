@@ -149,6 +149,9 @@ class RunOptions:
     - ``tensorboard``: this invocation also writes the metrics as TensorBoard scalars (``tensorboard/``).
     - ``dist_timeout``: seconds a process waits for the others in a collective before the run fails (None: 180
       on CPU, 600 on CUDA); only used with several processes.
+    - ``branch_parallel``: B, the ranks the K branches are spread over (:mod:`groupnet.training.branch_parallel`);
+      the other factor of the world size is data parallelism. A layout, not part of the model: a checkpoint holds
+      the full model and resumes in any layout.
     """
 
     device: str = "auto"
@@ -164,6 +167,7 @@ class RunOptions:
     progress: bool | None = None
     tensorboard: bool = False
     dist_timeout: float | None = None
+    branch_parallel: int = 1
 
     def replace(self, **changes: Any) -> RunOptions:
         return dataclasses.replace(self, **changes)
@@ -405,6 +409,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--threads", type=int, help="torch intra-op threads [data set default: 1 for digits (its 8x8 "
                    "ops are too small to split, and spinning threads fight the loader workers), torch's otherwise]")
     g.add_argument("--seed", type=int, help=f"[{d.seed}]")
+    g.add_argument("--branch-parallel", type=int, metavar="B",
+                   help="spread the K branches over B ranks (B divides K and the number of processes; the rest is "
+                   f"data parallelism), under torchrun --nproc_per_node P [{r.branch_parallel}]")
     g = p.add_argument_group("run management")
     g.add_argument("--output-dir", "-o", help="run folder [runs/<dataset>-<model>-k<K>-<time>]")
     g.add_argument("--resume", help="continue from a checkpoint file or a run folder (its last.pt)")
@@ -525,6 +532,16 @@ def validate(cfg: TrainRecipe, opts: RunOptions | None = None) -> None:
     need(opts.threads is None or opts.threads >= 1, f"--threads must be >= 1, got {opts.threads}")
     need(opts.dist_timeout is None or (math.isfinite(opts.dist_timeout) and opts.dist_timeout > 0),
          f"--dist-timeout must be a number of seconds > 0, got {opts.dist_timeout}")
+    need(opts.branch_parallel >= 1, f"--branch-parallel must be >= 1, got {opts.branch_parallel}")
+    need(not (opts.branch_parallel > 1 and opts.export_branches),
+         "--export-branches runs in one process: evaluate with --branch-parallel 1 to export")
+    methods = [name for name, on in (("--density", cfg.density is not None), ("--method netaug", cfg.method != "cotrain"),
+                                      ("--ema-decay", cfg.ema_decay > 0)) if on]
+    need(not (opts.branch_parallel > 1 and methods),
+         f"--branch-parallel does not run with {', '.join(methods)} (those methods act on the whole grouped model); "
+         "drop one of them")
+    need(not (opts.branch_parallel > 1 and opts.export_ensemble),
+         "--export-ensemble runs in one process: evaluate with --branch-parallel 1 to export")
     need(not (opts.evaluate and opts.resume is None),
          "--evaluate needs --resume CHECKPOINT (or use python -m groupnet.eval)")
 

@@ -42,6 +42,9 @@ class StepContext:
     #: Optimizer steps taken in this run so far (restored on resume).
     global_step: int = 0
     cutmix_alpha: float = 0.0
+    #: Processes that train on the same samples (the B ranks of a branch-parallel data shard): the metric sums
+    #: over all processes count each sample this many times.
+    replicas: int = 1
 
 
 def _to_device(x: Tensor, device: torch.device, channels_last: bool) -> Tensor:
@@ -127,7 +130,7 @@ def train_one_epoch(model: nn.Module, loader: Iterable, ctx: StepContext, epoch:
     if ctx.device.type == "cuda":
         torch.cuda.synchronize(ctx.device)
     seconds = time.perf_counter() - start
-    total = all_reduce_sum(sums).cpu().tolist()
+    total = (all_reduce_sum(sums) / ctx.replicas).cpu().tolist()
     n = max(total[0], 1.0)
     if not np.isfinite(total[1]):
         raise TrainingDiverged(f"the training loss became {total[1] / n} in epoch {epoch + 1}; try a lower --lr")
@@ -142,9 +145,11 @@ def train_one_epoch(model: nn.Module, loader: Iterable, ctx: StepContext, epoch:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: Iterable, *, device: torch.device, branches: int, num_classes: int,
-             ensemble_mode: str = "logits", channels_last: bool = False, amp: str | None = None) -> dict[str, float]:
+             ensemble_mode: str = "logits", channels_last: bool = False, amp: str | None = None,
+             replicas: int = 1) -> dict[str, float]:
     """Per-branch and ensemble test accuracy (%) and cross-entropy, and the ensemble's expected calibration error
-    (%, :mod:`groupnet.training.calibration`), feeding one view to all branches."""
+    (%, :mod:`groupnet.training.calibration`), feeding one view to all branches. ``replicas``: processes that
+    evaluate the same samples (the B ranks of a branch-parallel data shard); the sums are divided by it."""
     model.eval()
     k = branches
     sums = torch.zeros(1 + 2 * k + 2, dtype=torch.float64, device=device)  # n, correct_k, ce_k, ens correct, ens ce
@@ -164,12 +169,12 @@ def evaluate(model: nn.Module, loader: Iterable, *, device: torch.device, branch
             nn.functional.cross_entropy(scores, y, reduction="sum").double().view(1),
         ])
         calibration += calibration_sums(scores, y)
-    total = all_reduce_sum(sums).cpu().tolist()
+    total = (all_reduce_sum(sums) / replicas).cpu().tolist()
     n = max(total[0], 1.0)
     row = {f"test_acc_{i}": 100 * total[1 + i] / n for i in range(k)}
     row.update({f"test_ce_{i}": total[1 + k + i] / n for i in range(k)})
     row["test_acc_ensemble"] = 100 * total[1 + 2 * k] / n
     row["test_ce_ensemble"] = total[2 + 2 * k] / n
-    row["test_ece_ensemble"] = 100 * expected_calibration_error(all_reduce_sum(calibration).cpu())
+    row["test_ece_ensemble"] = 100 * expected_calibration_error((all_reduce_sum(calibration) / replicas).cpu())
     row["test_images"] = int(total[0])
     return row

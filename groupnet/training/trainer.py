@@ -52,6 +52,8 @@ from groupnet.training.metrics import PLOT, MetricsLog, plot_curves
 from groupnet.training.run_folder import RunFolder, atomic_write_text, clean_temp_files, dumps
 from groupnet.training.optim import build_optimizer
 from groupnet.training.accuracy_table import accuracy_table
+from groupnet.training.branch_parallel import BranchParallel, BranchParallelModel, BranchParallelStep, check_layout
+from groupnet.training.hooks import check_single_step
 from groupnet.training.lr_schedule import WarmupCosineLR
 from groupnet.training.methods import METHOD_HOOKS
 
@@ -164,6 +166,12 @@ class Trainer:
         if cfg.batch_size % ctx.world_size:
             raise ConfigError(f"--batch-size {cfg.batch_size} is the global batch: it must be divisible by the "
                               f"{ctx.world_size} processes")
+        if opts.branch_parallel > 1:
+            try:
+                check_layout(cfg.branches, opts.branch_parallel, ctx.world_size)
+            except ValueError as e:
+                raise ConfigError(f"--branch-parallel {opts.branch_parallel}: {e} (start the processes with torchrun "
+                                  "--nproc_per_node P)") from None
         self.device = resolve_device(opts.device, ctx)
         if self.device.type == "cpu":
             retain_freed_memory()  # large activations are otherwise page-faulted in at every step (cpu_memory.py)
@@ -264,12 +272,18 @@ class Trainer:
                 first = str(e).strip().splitlines()
                 raise CheckpointError(f"checkpoint {opts.resume} does not fit model {cfg.model} with K={cfg.branches}: "
                                       f"{' '.join(first[:2])}") from None
-        if ctx.enabled and cfg.sync_bn:
+        self.params = count_params(model)
+        self.bp: BranchParallel | None = None  # --branch-parallel B > 1: this rank holds K/B of the branches
+        if opts.branch_parallel > 1:
+            self.bp = BranchParallel(cfg.branches, opts.branch_parallel, self.device.type)
+            model = BranchParallelModel(self.bp.shard(model, sync_batchnorm=cfg.sync_bn), self.bp)
+            if cfg.channels_last:
+                model = model.to(memory_format=torch.channels_last)
+        elif ctx.enabled and cfg.sync_bn:
             convert_sync_batchnorm(model)
         self.model = model
-        self.params = count_params(model)
         self.ddp = model
-        if ctx.enabled:
+        if ctx.enabled and self.bp is None:
             self.ddp = nn.parallel.DistributedDataParallel(
                 model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         wd = split_weight_decay(cfg.weight_decay, cfg.branches) if cfg.split_weight_decay else cfg.weight_decay
@@ -279,11 +293,14 @@ class Trainer:
         augment = Augment(padding=data.padding if cfg.padding is None else cfg.padding,
                           flip=data.flip if cfg.flip is None else cfg.flip, cutout=cfg.cutout)
         pin = self.device.type == "cuda"
+        # branch parallelism: the B ranks of a data shard load the same samples
+        data_rank, data_size = ((self.bp.layout.data_rank, self.bp.layout.data_size) if self.bp is not None
+                                else (ctx.rank, ctx.world_size))
         self.train_loader, self.sampler = train_loader(
             data, views=cfg.branches, augment=augment, global_batch=cfg.batch_size, seed=cfg.seed,
-            workers=opts.workers, rank=ctx.rank, world_size=ctx.world_size, pin_memory=pin)
+            workers=opts.workers, rank=data_rank, world_size=data_size, pin_memory=pin)
         self.test_loader = eval_loader(data, batch_size=cfg.eval_batch_size, workers=min(opts.workers, 1),
-                                       rank=ctx.rank, world_size=ctx.world_size, pin_memory=pin)
+                                       rank=data_rank, world_size=data_size, pin_memory=pin)
         steps = self.sampler.steps_per_epoch()
         self.scheduler = WarmupCosineLR(
             self.optimizer, lr=cfg.lr, total_steps=cfg.epochs * steps, warmup_steps=round(cfg.warmup_epochs * steps),
@@ -296,8 +313,12 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.amp == "fp16")
         self.step_ctx = StepContext(self.loss_fn, self.optimizer, self.scheduler, self.scaler, self.device,
                                     cfg.branches, data.num_classes, cfg.ensemble, cfg.channels_last, cfg.amp,
-                                    cfg.mixup_alpha, cfg.seed, ctx.rank, cutmix_alpha=cfg.cutmix_alpha)
+                                    cfg.mixup_alpha, cfg.seed, data_rank, cutmix_alpha=cfg.cutmix_alpha)
         self.step_ctx.hooks = self.hooks
+        if self.bp is not None:  # the branch-parallel step keeps no state, so it is not among the saved hooks
+            self.step_ctx.hooks = [*self.hooks, BranchParallelStep(self.bp)]
+            check_single_step(self.step_ctx.hooks)
+            self.step_ctx.replicas = self.bp.layout.branch_groups
         for hook in self.hooks:
             hook.setup(self)
         self.start_epoch, self.best_acc, self.best_epoch, history = 0, -1.0, 0, []
@@ -379,7 +400,10 @@ class Trainer:
 
     def _restore(self, ckpt: dict[str, Any]) -> None:
         try:
-            self.optimizer.load_state_dict(ckpt["optimizer"])
+            if self.bp is not None:
+                self.bp.load_full_optimizer_state(self.optimizer, self.model.module, ckpt["optimizer"])
+            else:
+                self.optimizer.load_state_dict(ckpt["optimizer"])
             self.scheduler.load_state_dict(ckpt["lr_scheduler"])
             self.ramp.load_state_dict(ckpt["cot_ramp"])
             self.scaler.load_state_dict(ckpt["scaler"])
@@ -404,10 +428,12 @@ class Trainer:
                 "mean": list(d.mean), "std": list(d.std), "params": self.params}
 
     def _checkpoint(self, epoch: int) -> dict[str, Any]:
+        model_state, optimizer_state = (self._full_state if self.bp is not None  # see _gather_full_state
+                                        else (self.model.state_dict(), self.optimizer.state_dict()))
         return {
             "format": ckpt_io.FORMAT, "version": ckpt_io.VERSION, "recipe": self.recipe.to_dict(),
-            "model_meta": self.model_meta(), "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(), "lr_scheduler": self.scheduler.state_dict(),
+            "model_meta": self.model_meta(), "model": model_state,
+            "optimizer": optimizer_state, "lr_scheduler": self.scheduler.state_dict(),
             "cot_ramp": self.ramp.state_dict(), "scaler": self.scaler.state_dict(),
             "sampler": {"seed": self.sampler.seed, "epoch": epoch}, "epoch": epoch, "best_acc": self.best_acc,
             "best_epoch": self.best_epoch, "history": self.history, "rng": ckpt_io.rng_state(),
@@ -417,13 +443,21 @@ class Trainer:
     def ckpt_history(self) -> list[dict[str, Any]]:
         return list(self.ckpt.get("history", [])) if self.ckpt is not None else []
 
+    def _gather_full_state(self) -> None:
+        """Branch parallelism: every rank joins the gathers of the full model's and optimizer's state that the
+        checkpoint holds (so a checkpoint loads in any layout)."""
+        if self.bp is not None:
+            local = self.model.module
+            self._full_state = (self.bp.full_state_dict(local), self.bp.full_optimizer_state(self.optimizer, local))
+
     # ----------------------------------------------------------------------------------------------- running
     def evaluate(self) -> dict[str, float]:
         for hook in self.hooks:
             hook.before_evaluate()
         return evaluate(self.model, self.test_loader, device=self.device, branches=self.recipe.branches,
                         num_classes=self.data.num_classes, ensemble_mode=self.recipe.ensemble,
-                        channels_last=self.recipe.channels_last, amp=self.recipe.amp)
+                        channels_last=self.recipe.channels_last, amp=self.recipe.amp,
+                        replicas=1 if self.bp is None else self.bp.layout.branch_groups)
 
     def fit(self) -> dict[str, Any]:
         """Train from the start (or the checkpoint) to the recipe's epochs; returns the run summary.
@@ -477,6 +511,7 @@ class Trainer:
             improved = last_eval["test_acc_ensemble"] > self.best_acc
             if improved:
                 self.best_acc, self.best_epoch = last_eval["test_acc_ensemble"], epoch + 1
+            self._gather_full_state()
             if ctx.is_main:
                 self._save(epoch + 1, improved)
                 if opts.tensorboard:
@@ -652,7 +687,8 @@ def _train(trainer: Trainer, cfg: TrainRecipe, opts: RunOptions, ctx: DistContex
         _log(f"training the K=1 baseline in {base_dir}", ctx)
         base_cfg = cfg.replace(branches=1, baseline=False)
         base_opts = opts.replace(output_dir=str(base_dir), export_branches=False, export_ensemble=False,
-                                 overwrite=True, resume=str(base_dir / ckpt_io.LAST) if base_ckpt is not None else None)
+                                 overwrite=True, branch_parallel=1,
+                                 resume=str(base_dir / ckpt_io.LAST) if base_ckpt is not None else None)
         base_trainer = Trainer(base_cfg, base_opts, base_ckpt, ctx)
         try:
             baseline = base_trainer.fit()
