@@ -155,7 +155,7 @@ def test_zoo_models_under_bf16_autocast(family, execution_order, k, train, seed)
     arch, overrides = TINY_MODELS[family]
     model = build_model(arch, branches=k, num_classes=5, in_channels=3, **overrides).train(train)
     model.execution_order = execution_order
-    x = torch.randn(2, 3 * k, 8, 8)
+    x = torch.randn(8, 3 * k, 8, 8)  # batch statistics of 2 samples amplify bf16 rounding beyond the bound
     y, gx, grads = run(model, x, seed, autocast=True)
     y64, gx64, grads64 = run(_float64_copy(model), x.double(), seed, autocast=False)
     assert y.dtype == BF16 and gx.dtype == torch.float32
