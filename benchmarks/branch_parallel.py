@@ -19,11 +19,8 @@ What a 2-core machine can and cannot show: see ``benchmarks/NOTES.md`` ("Branch 
 from __future__ import annotations
 
 import argparse
-import ctypes
-import gc
 import json
 import os
-import re
 import socket
 import statistics
 import sys
@@ -36,9 +33,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-def _status_kib(field: str) -> int:
-    return int(re.search(rf"^{field}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.M).group(1))
+from peak_rss import peak_rss_rise_bytes, reset_peak_rss  # noqa: E402
 
 
 def _rank(rank: int, world: int, port: int, args: argparse.Namespace, out: str) -> None:
@@ -68,10 +65,7 @@ def _rank(rank: int, world: int, port: int, args: argparse.Namespace, out: str) 
 
     step()
     step()
-    gc.collect()
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
-    before = _status_kib("VmRSS")
-    Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM, the peak RSS, to the current RSS
+    before = reset_peak_rss()
     walls, cpus = [], []
     for _ in range(args.steps):
         dist.barrier()
@@ -79,7 +73,7 @@ def _rank(rank: int, world: int, port: int, args: argparse.Namespace, out: str) 
         step()
         walls.append(time.perf_counter() - w0)
         cpus.append(time.process_time() - c0)
-    peak_rise = (_status_kib("VmHWM") - before) * 1024
+    peak_rise = peak_rss_rise_bytes(before)
     params = sum(p.numel() for p in model.parameters())
     comm = bp.communication_bytes(n // bp.layout.data_size, c, params)
     result = {"B": world, "rank": rank, "branches_held": list(bp.layout.branch_range), "params": params,

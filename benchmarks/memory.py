@@ -9,33 +9,24 @@ activations, gradients in flight and temporaries cost. Linux only.
 
 from __future__ import annotations
 
-import ctypes
-import gc
 import json
-import re
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from cases import ModelCase, set_threads  # noqa: E402
+from peak_rss import peak_rss_rise_bytes, reset_peak_rss  # noqa: E402
 from peers import make_runner  # noqa: E402
-
-
-def _status_kib(field: str) -> int:
-    return int(re.search(rf"^{field}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.M).group(1))
 
 
 def step_peak_rss_bytes(peer: str, case: ModelCase) -> int:
     step = make_runner(peer, case)
     step()
     step()
-    gc.collect()
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
-    before = _status_kib("VmRSS")
-    Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM, the peak RSS, to the current RSS
+    before = reset_peak_rss()
     step()
-    return (_status_kib("VmHWM") - before) * 1024
+    return peak_rss_rise_bytes(before)
 
 
 def main(argv: list[str]) -> None:
