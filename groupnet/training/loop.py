@@ -169,12 +169,14 @@ def evaluate(model: nn.Module, loader: Iterable, *, device: torch.device, branch
             nn.functional.cross_entropy(scores, y, reduction="sum").double().view(1),
         ])
         calibration += calibration_sums(scores, y)
-    total = (all_reduce_sum(sums) / replicas).cpu().tolist()
+    # one collective for both: the sums, then the calibration bins
+    reduced = (all_reduce_sum(torch.cat([sums, calibration.flatten()])) / replicas).cpu()
+    total = reduced[:sums.numel()].tolist()
     n = max(total[0], 1.0)
     row = {f"test_acc_{i}": 100 * total[1 + i] / n for i in range(k)}
     row.update({f"test_ce_{i}": total[1 + k + i] / n for i in range(k)})
     row["test_acc_ensemble"] = 100 * total[1 + 2 * k] / n
     row["test_ce_ensemble"] = total[2 + 2 * k] / n
-    row["test_ece_ensemble"] = 100 * expected_calibration_error((all_reduce_sum(calibration) / replicas).cpu())
+    row["test_ece_ensemble"] = 100 * expected_calibration_error(reduced[sums.numel():].view(3, ECE_BINS))
     row["test_images"] = int(total[0])
     return row
