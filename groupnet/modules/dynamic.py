@@ -24,6 +24,8 @@ model is the plain model of its active configuration.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -42,6 +44,18 @@ def _check_active(name: str, value: int, maximum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= maximum:
         raise ValueError(f"{name} must be an int in [1, {maximum}] (the allocated width), got {value!r}")
     return value
+
+
+def _sharing(cls: type[nn.Module], layer: nn.Module) -> Any:
+    """An instance of the dynamic subclass ``cls`` holding ``layer``'s own parameters, buffers and submodules (no
+    copy: the two modules hold the same tensors), active at full width."""
+    out = cls.__new__(cls)
+    out.__dict__.update(layer.__dict__)
+    out._parameters = dict(layer._parameters)
+    out._buffers = dict(layer._buffers)
+    out._modules = dict(layer._modules)
+    out._init_dynamic()
+    return out
 
 
 class DynamicGroupedConv2d(GroupedConv2d):
@@ -63,13 +77,7 @@ class DynamicGroupedConv2d(GroupedConv2d):
     @classmethod
     def from_grouped(cls, conv: GroupedConv2d) -> DynamicGroupedConv2d:
         """A dynamic conv sharing ``conv``'s parameters (no copy), active at full width."""
-        out = cls.__new__(cls)
-        out.__dict__.update(conv.__dict__)
-        out._parameters = dict(conv._parameters)
-        out._buffers = dict(conv._buffers)
-        out._modules = dict(conv._modules)
-        out._init_dynamic()
-        return out
+        return _sharing(cls, conv)
 
     def set_active(self, in_channels: int, out_channels: int) -> None:
         """Run ``in_channels -> out_channels`` per branch (equal for a depthwise conv)."""
@@ -151,13 +159,7 @@ class DynamicGroupedLinear(GroupedLinear):
     @classmethod
     def from_grouped(cls, linear: GroupedLinear) -> DynamicGroupedLinear:
         """A dynamic linear sharing ``linear``'s parameters (no copy), active at full width."""
-        out = cls.__new__(cls)
-        out.__dict__.update(linear.__dict__)
-        out._parameters = dict(linear._parameters)
-        out._buffers = dict(linear._buffers)
-        out._modules = dict(linear._modules)
-        out._init_dynamic()
-        return out
+        return _sharing(cls, linear)
 
     def set_active(self, in_features: int, out_features: int) -> None:
         _check_active("active in_features", in_features, self.in_features)
@@ -216,13 +218,7 @@ class DynamicGroupedBatchNorm2d(GroupedBatchNorm2d):
                             "(convert synchronised batch norms back first)")
         if not bn.track_running_stats:
             raise ValueError("DynamicGroupedBatchNorm2d needs track_running_stats=True")
-        out = cls.__new__(cls)
-        out.__dict__.update(bn.__dict__)
-        out._parameters = dict(bn._parameters)
-        out._buffers = dict(bn._buffers)
-        out._modules = dict(bn._modules)
-        out._init_dynamic()
-        return out
+        return _sharing(cls, bn)
 
     def set_active(self, features: int) -> None:
         self.active = _check_active("active num_features", features, self.branch_features)
