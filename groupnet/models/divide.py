@@ -10,6 +10,8 @@ SplitNet code (Zhao et al., "Divide and Co-training", model/*.py) writes this as
   ``2*round(b/(2*sqrt(K)))`` for base width b=16, and that even-rounding rule gives any other K or b.
 - ResNeXt: the cardinality is divided, groups -> groups/K, the width per group kept (ResNeXt-29 8x64d -> 2x 4x64d).
   The stem, the stage output widths and the shortcut projections are not divided, so parameters go up a little.
+- The official networks (``splitnet_wrn``, ``splitnet_resnet``, ``splitnet_resnext``,
+  :mod:`groupnet.models.splitnet_resnet`) follow the same three rules as their zoo counterparts.
 - small_cnn has no SplitNet rule: every width is divided by sqrt(K), as in rule ``"parity"``.
 - mobilenetv2 (SplitNet has no rule for it either): every width (stem, stages, head conv) divided by sqrt(K),
   expansion ratios kept; the 1x1 convs then shrink by K, the depthwise convs by sqrt(K) (1.10x total at K=2).
@@ -78,11 +80,11 @@ def divide(spec: ArchSpec, branches: int, rule: str = "splitnet") -> ArchSpec:
         return spec
     if rule == "parity" or spec.family in ("small_cnn", "mobilenetv2"):
         out = scale_widths(spec, 1 / math.sqrt(branches), divisor=1)
-    elif spec.family == "wrn":
+    elif spec.family in ("wrn", "splitnet_wrn"):
         out = _divide_wrn(spec, branches)
-    elif spec.family == "resnet":
+    elif spec.family in ("resnet", "splitnet_resnet"):
         out = _divide_resnet(spec, branches)
-    elif spec.family == "resnext":
+    elif spec.family in ("resnext", "splitnet_resnext"):
         out = _divide_resnext(spec, branches)
     else:
         raise ValueError(f"no SplitNet division rule for family {spec.family!r}; use rule='parity'")

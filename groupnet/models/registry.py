@@ -8,6 +8,9 @@ Names (the UNSPLIT network; ``branches=K`` divides it):
 - ``wrn-{D}-{k}``: Wide ResNet, D = 6n+4 (wrn-16-4, wrn-16-8, wrn-28-10, wrn-40-10).
 - ``resnext{D}-{C}x{W}d``: CIFAR ResNeXt, D = 9n+2 (resnext29-8x64d, resnext29-16x64d).
 - ``pkg.module:Class``: the user's own plain model, built K times and stacked (:mod:`groupnet.models.imported`).
+- ``splitnet-wrn-{D}-{k}``, ``splitnet-resnet{D}`` (bottleneck, D = 9n+2), ``splitnet-resnext{D}-{C}x{W}d``: the
+  networks exactly as the official SplitNet code defines them (post-activation, ResNet-D shortcuts, zero-init;
+  :mod:`groupnet.models.splitnet_resnet`), the ones its paper's tables report.
 - ``mobilenetv2_tiny``: a tiny MobileNetV2 (inverted bottlenecks, depthwise convs) for the 8x8 digits.
 """
 
@@ -26,6 +29,12 @@ from groupnet.models.resnet import CifarResNet, resnet_spec
 from groupnet.models.resnext import resnext_spec
 from groupnet.models.small_cnn import SmallCNN, small_cnn_spec
 from groupnet.models.spec import ArchSpec
+from groupnet.models.splitnet_resnet import (
+    SplitNetResNet,
+    splitnet_resnet_spec,
+    splitnet_resnext_spec,
+    splitnet_wrn_spec,
+)
 from groupnet.models.wrn import WideResNet, wrn_spec
 
 FAMILY_CLASSES: dict[str, type[GroupedClassifier]] = {
@@ -34,6 +43,9 @@ FAMILY_CLASSES: dict[str, type[GroupedClassifier]] = {
     "resnext": CifarResNet,
     "wrn": WideResNet,
     "mobilenetv2": MobileNetV2,
+    "splitnet_wrn": SplitNetResNet,
+    "splitnet_resnet": SplitNetResNet,
+    "splitnet_resnext": SplitNetResNet,
 }
 
 _PATTERNS: list[tuple[re.Pattern, Callable[..., ArchSpec]]] = [
@@ -42,6 +54,10 @@ _PATTERNS: list[tuple[re.Pattern, Callable[..., ArchSpec]]] = [
     (re.compile(r"resnet(\d+)"), lambda d: resnet_spec(int(d))),
     (re.compile(r"wrn-(\d+)-(\d+)"), lambda d, k: wrn_spec(int(d), int(k))),
     (re.compile(r"resnext(\d+)-(\d+)x(\d+)d"), lambda d, c, w: resnext_spec(int(d), int(c), int(w))),
+    (re.compile(r"splitnet-wrn-(\d+)-(\d+)"), lambda d, k: splitnet_wrn_spec(int(d), int(k))),
+    (re.compile(r"splitnet-resnet(\d+)"), lambda d: splitnet_resnet_spec(int(d))),
+    (re.compile(r"splitnet-resnext(\d+)-(\d+)x(\d+)d"),
+     lambda d, c, w: splitnet_resnext_spec(int(d), int(c), int(w))),
 ]
 
 MODELS: dict[str, str] = {
@@ -59,11 +75,18 @@ MODELS: dict[str, str] = {
     "wrn-40-10": "Wide ResNet 40-10 (classifier dropout 0.1 as in SplitNet), 55.8M params",
     "resnext29-8x64d": "CIFAR ResNeXt-29 8x64d (any resnextD-CxWd), 34.4M params",
     "resnext29-16x64d": "CIFAR ResNeXt-29 16x64d, 68.2M params",
+    "splitnet-wrn-28-10": "WRN-28-10 as the official SplitNet code builds it (post-activation, ResNet-D shortcuts, "
+                          "zero-init), 36.5M params",
+    "splitnet-resnet110": "ResNet-110 as the official SplitNet code builds it (bottleneck [12,12,12], ResNet-D "
+                          "shortcuts), 1.17M params",
+    "splitnet-resnext29-8x64d": "ResNeXt-29 8x64d as the official SplitNet code builds it (ResNet-D shortcuts), "
+                                "34.5M params",
 }
 
 
 def available_models() -> list[str]:
-    """The named zoo models (patterns ``wrn-D-k``, ``resnetD``, ``resnextD-CxWd`` accept other sizes too)."""
+    """The named zoo models (patterns ``wrn-D-k``, ``resnetD``, ``resnextD-CxWd`` and their ``splitnet-`` forms
+    accept other sizes too)."""
     return list(MODELS)
 
 
@@ -82,7 +105,7 @@ def arch_spec(arch: str) -> ArchSpec:
         if m:
             return make(*m.groups())
     raise ValueError(f"unknown arch {arch!r}; known: {available_models()} (and the patterns wrn-D-k, resnetD, "
-                     "resnextD-CxWd)")
+                     "resnextD-CxWd, splitnet-wrn-D-k, splitnet-resnetD, splitnet-resnextD-CxWd)")
 
 
 def build_from_spec(spec: ArchSpec, *, branches: int, num_classes: int, in_channels: int = 3) -> GroupedClassifier:
