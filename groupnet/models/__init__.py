@@ -11,6 +11,7 @@ from groupnet.models.mobilenetv2 import MobileNetV2
 from groupnet.models.resnet import CifarResNet
 from groupnet.models.small_cnn import SmallCNN
 from groupnet.models.spec import ArchSpec
+from groupnet.models.splitnet_resnet import SplitNetResNet
 from groupnet.models.wrn import WideResNet
 
 __all__ = [
@@ -19,6 +20,7 @@ __all__ = [
     "GroupedClassifier",
     "MobileNetV2",
     "SmallCNN",
+    "SplitNetResNet",
     "WideResNet",
     "arch_spec",
     "available_models",
