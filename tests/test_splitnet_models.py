@@ -220,3 +220,16 @@ def test_bad_names_say_what_is_wrong(arch, match):
 def test_resnext_cardinality_must_divide():
     with pytest.raises(ValueError, match="cardinality 8 by K=3"):
         build_model("splitnet-resnext29-8x64d", branches=3, num_classes=10)
+
+
+@pytest.mark.parametrize("arch", sorted(TINY))
+def test_branch_major_order_equals_the_grouped_one(arch):
+    """The CPU's branch-after-branch execution order computes the same function (training mode, float64)."""
+    torch.manual_seed(0)
+    model = build_model(arch, branches=2, num_classes=NUM_CLASSES).double()
+    randomise_norms(model)
+    x = torch.randn(2, 6, 7, 7, dtype=torch.float64)
+    model.execution_order = "grouped"
+    expected = model(x)
+    model.execution_order = "branch"
+    assert_close(model(x), expected, kind="reference")
