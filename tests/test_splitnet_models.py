@@ -56,7 +56,9 @@ def test_parameter_count_equals_the_official_code(arch, k):
 
 
 # The paper's tables (CIFAR-100 Table II, CIFAR-10 Table III; millions as printed, which sometimes truncates:
-# 35,855,016 is printed 35.8) and, where given, the exact count the official code's definitions give.
+# 35,855,016 is printed 35.8) and, where given, the exact count the official code's definitions give. Not listed:
+# ResNeXt-29 8x64d at S=2 on CIFAR-100, printed 35.4 while the official definition gives 35,309,384 (its CIFAR-10
+# count, 35,124,884, is printed 35.1, and the two differ only by the classifiers).
 PAPER = [
     ("splitnet-wrn-28-10", 1, 100, 36.5, 36_539_124),
     ("splitnet-wrn-28-10", 2, 100, 35.8, 35_855_016),
