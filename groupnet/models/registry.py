@@ -30,6 +30,7 @@ from groupnet.models.resnext import resnext_spec
 from groupnet.models.small_cnn import SmallCNN, small_cnn_spec
 from groupnet.models.spec import ArchSpec
 from groupnet.models.splitnet_resnet import (
+    SPLITNET_FAMILIES,
     SplitNetResNet,
     splitnet_resnet_spec,
     splitnet_resnext_spec,
@@ -43,9 +44,7 @@ FAMILY_CLASSES: dict[str, type[GroupedClassifier]] = {
     "resnext": CifarResNet,
     "wrn": WideResNet,
     "mobilenetv2": MobileNetV2,
-    "splitnet_wrn": SplitNetResNet,
-    "splitnet_resnet": SplitNetResNet,
-    "splitnet_resnext": SplitNetResNet,
+    **{family: SplitNetResNet for family in SPLITNET_FAMILIES},
 }
 
 _PATTERNS: list[tuple[re.Pattern, Callable[..., ArchSpec]]] = [
