@@ -158,3 +158,20 @@ def test_recipe_is_saved_and_restored_on_resume(tmp_path):
     assert (recipe.recipe, recipe.mixup_alpha) == ("splitnet-cifar", 0.2)
     assert main(["--resume", str(out), "--epochs", "2", "--threads", "1", "--no-progress"]) == 0
     assert json.loads((out / "config.json").read_text())["recipe"] == "splitnet-cifar"
+
+
+@pytest.mark.parametrize("groups", [None, 1, 4])
+def test_autoaugment_rows_choose_among_the_batch_sub_policies(groups):
+    from groupnet.data.augment import _per_row_policy
+
+    policies = [lambda x, i=i: x + i for i in range(25)]  # sub-policy i adds i: the output tells which one ran
+    picks = []
+    for seed in range(400):
+        torch.manual_seed(seed)
+        out = _per_row_policy(torch.zeros(64, 1, 1, 1), policies, groups)
+        batch = out.flatten().long()
+        assert len(batch.unique()) <= (groups or 25)
+        picks.append(batch)
+    counts = torch.bincount(torch.cat(picks), minlength=25).float()
+    assert (counts > 0).all()  # every sub-policy is used, about equally often over batches
+    assert counts.max() / counts.mean() < 2, counts
