@@ -13,8 +13,8 @@ from groupnet.data.sampler import EpochSampler
 from groupnet.data.views import MultiViewDataset, SingleViewDataset, sample_generator
 
 __all__ = [
-    "Augment", "DATASETS", "RECIPES", "DataBundle", "DataError", "EpochSampler", "ImageFolderDataset", "MultiViewDataset",
-    "SingleViewDataset", "TensorImageDataset", "cutout", "eval_loader", "labels_of", "load_cifar",
+    "Augment", "DATASETS", "DataBundle", "DataError", "EpochSampler", "ImageFolderDataset", "MultiViewDataset",
+    "RECIPES", "SingleViewDataset", "TensorImageDataset", "cutout", "eval_loader", "labels_of", "load_cifar",
     "load_digits_split", "load_dataset", "load_image_folder", "mixup", "recipe_augment",
     "sample_generator", "train_loader",
 ]

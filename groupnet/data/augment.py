@@ -6,8 +6,8 @@ normalised views of each, ``(N, K*C, H, W)`` with view k in channels ``[k*C, (k+
 images repeated K times along dim 0, one pass of the pipeline (every row draws its own parameters), reshaped. It
 runs on any device (kornia's ops are batched tensor ops); its random draws come from one ``torch.Generator`` the
 caller passes, so the views are a pure function of that generator's seed. The trainer seeds one generator per
-sample from (seed, epoch, sample index) (:mod:`groupnet.data.views`), which makes the views independent of worker
-count, process count (DDP rank split) and resume point.
+loader batch from (seed, epoch, the batch's sample indices) (:mod:`groupnet.data.views`), which makes the views
+independent of worker count and resume point.
 
 Named recipes (:data:`RECIPES`, :func:`recipe_augment`) say which steps a run uses.
 """
@@ -28,8 +28,9 @@ from torch import Tensor
 #:
 #: - ``basic``: random crop (the data set's padding) and, where the data set allows it, a horizontal flip.
 #: - ``splitnet-cifar``: the official SplitNet CIFAR recipe: crop (padding 4 on CIFAR), flip, AutoAugment with the
-#:   CIFAR-10 policy (a sub-policy per image, among 4 drawn per batch: :class:`Augment`), random erasing (p 0.5, a near-square box of 12.5-20% of the
-#:   image on CIFAR-10, 6.25-10% on CIFAR-100, filled with 0 after normalisation) and mixup (alpha 0.2).
+#:   CIFAR-10 policy (a sub-policy per image, among 4 drawn per batch: :class:`Augment`), random erasing (p 0.5, a
+#:   near-square box of 12.5-20% of the image on CIFAR-10, 6.25-10% on CIFAR-100, filled with 0 after
+#:   normalisation) and mixup (alpha 0.2).
 RECIPES = ("basic", "splitnet-cifar")
 #: The mixup alpha a recipe sets when the run does not give ``--mixup-alpha`` itself.
 RECIPE_MIXUP = {"basic": 0.0, "splitnet-cifar": 0.2}
