@@ -27,8 +27,6 @@ from groupnet.data import (
     load_digits_split,
     load_image_folder,
     mixup,
-    random_crop,
-    random_flip,
     sample_generator,
     train_loader,
 )
@@ -144,22 +142,7 @@ def test_image_folder_errors(tmp_path):
 # ------------------------------------------------------------------------------------------------ augmentation
 
 
-@settings(max_examples=30)
-@given(h=st.integers(1, 9), w=st.integers(1, 9), pad=st.integers(0, 4), seed=st.integers(0, 2**31))
-def test_random_crop_is_a_window_of_the_padded_image(h, w, pad, seed):
-    img = torch.rand(2, h, w)
-    out = random_crop(img, pad, torch.Generator().manual_seed(seed))
-    padded = F.pad(img, (pad,) * 4)
-    windows = [padded[:, i : i + h, j : j + w] for i in range(2 * pad + 1) for j in range(2 * pad + 1)]
-    assert out.shape == img.shape and any(torch.equal(out, win) for win in windows)
-
-
-def test_flip_and_crop_draw_every_outcome():
-    img = torch.arange(12.0).view(1, 3, 4)
-    flips = {bool(torch.equal(random_flip(img, torch.Generator().manual_seed(s)), img.flip(-1))) for s in range(40)}
-    assert flips == {True, False}
-    shifts = {tuple(random_crop(img, 1, torch.Generator().manual_seed(s)).flatten().tolist()) for s in range(200)}
-    assert len(shifts) == 9
+# crop and flip: tests/test_augment.py (the batched kornia views)
 
 
 @settings(max_examples=30)
@@ -205,11 +188,11 @@ def test_multiview_stacks_independent_views_in_branch_layout(k):
     ds = MultiViewDataset(base, k, aug, mean, std, seed=7)
     x, label = ds[(3, 4)]
     assert x.shape == (k * 2, 5, 5) and label == base[4][1]
-    # view j is the j-th draw from the (seed, epoch, index) generator, normalised; branch j owns channels [2j, 2j+2)
+    # the K views are one batched draw from the (seed, epoch, index) generator, normalised; branch j owns channels
+    # [2j, 2j+2)
     g = sample_generator(7, 3, 4)
     norm = lambda v: (v - torch.tensor(mean).view(-1, 1, 1)) / torch.tensor(std).view(-1, 1, 1)
-    for j in range(k):
-        assert torch.equal(x[2 * j : 2 * j + 2], norm(aug(base[4][0], g)))
+    assert torch.equal(x, aug.views(base[4][0].unsqueeze(0), k, mean, std, g)[0])
     assert torch.equal(ds[(3, 4)][0], x)  # a pure function of (seed, epoch, index)
     assert not torch.equal(ds[(4, 4)][0], x)  # a new epoch draws new views
     if k > 1:

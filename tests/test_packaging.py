@@ -70,7 +70,7 @@ def test_wheel_installs_and_runs_without_triton_or_the_train_extra(tmp_path):
         assert not gn.ops.triton_available()
         model = gn.build_model("small_cnn", branches=2, num_classes=10, in_channels=1)
         assert model(torch.randn(2, 2, 8, 8)).shape == (2, 20)
-        loaded = {{"tqdm", "matplotlib", "sklearn", "yaml"}} & set(sys.modules)
+        loaded = {{"tqdm", "matplotlib", "sklearn", "yaml", "kornia"}} & set(sys.modules)
         assert not loaded, loaded
         assert importlib.resources.files("groupnet").joinpath("py.typed").is_file()
         meta = md.metadata("groupnet")
@@ -82,7 +82,7 @@ def test_wheel_installs_and_runs_without_triton_or_the_train_extra(tmp_path):
         core = sorted(r for r in requires if "extra ==" not in r)
         assert [r.split(">")[0].split(";")[0].strip() for r in core] == ["numpy", "torch"], core
         train = sorted(r.split(";")[0].strip() for r in requires if 'extra == "train"' in r)
-        assert train == ["matplotlib", "pyyaml", "scikit-learn", "tqdm"], train
+        assert train == ["kornia>=0.8", "matplotlib", "pyyaml", "scikit-learn", "tqdm"], train
         assert not any(r.startswith("triton") for r in requires), requires
         scripts = {{e.name for e in md.entry_points(group="console_scripts") if e.dist.name == "groupnet"}}
         assert scripts == {{"groupnet-train", "groupnet-eval", "groupnet-scaling", "groupnet-roofline",

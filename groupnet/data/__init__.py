@@ -1,7 +1,7 @@
 """Data for groupnet's trainer: data sets (digits, CIFAR-10/100, image folder), tensor augmentation, K-view
 stacking, a deterministic rank-aware sampler and loaders."""
 
-from groupnet.data.augment import Augment, cutout, mixup, random_crop, random_flip
+from groupnet.data.augment import RECIPES, Augment, cutout, mixup, recipe_augment
 from groupnet.data.cifar import load_cifar
 from groupnet.data.digits import load_digits_split
 from groupnet.data.errors import DataError
@@ -14,7 +14,7 @@ from groupnet.data.views import MultiViewDataset, SingleViewDataset, sample_gene
 
 __all__ = [
     "Augment", "DATASETS", "DataBundle", "DataError", "EpochSampler", "ImageFolderDataset", "MultiViewDataset",
-    "SingleViewDataset", "TensorImageDataset", "cutout", "eval_loader", "labels_of", "load_cifar",
-    "load_digits_split", "load_dataset", "load_image_folder", "mixup", "random_crop", "random_flip",
+    "RECIPES", "SingleViewDataset", "TensorImageDataset", "cutout", "eval_loader", "labels_of", "load_cifar",
+    "load_digits_split", "load_dataset", "load_image_folder", "mixup", "recipe_augment",
     "sample_generator", "train_loader",
 ]

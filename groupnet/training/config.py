@@ -24,6 +24,7 @@ from typing import Any
 
 from groupnet._checks import DIVERGENCES
 from groupnet.branch_major import EXECUTION_ORDERS
+from groupnet.data.augment import RECIPE_MIXUP, RECIPES
 from groupnet.data.registry import DATASETS
 from groupnet.sparse import DROP_SCHEDULES, DST_METHODS, SPARSE_INITS
 from groupnet.training.errors import ConfigError
@@ -83,7 +84,8 @@ class TrainRecipe:
     divergence: str = "js"
     ensemble: str = "logits"
     label_smoothing: float = 0.0
-    # augmentation (None: the data set's default)
+    # augmentation (None: the data set's default); the recipe names the pipeline (groupnet.data.augment.RECIPES)
+    recipe: str = "basic"
     padding: int | None = None
     flip: bool | None = None
     cutout: int = 0
@@ -374,6 +376,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--mixup-alpha", type=float, help=f"mixup Beta(alpha, alpha), 0 = off [{d.mixup_alpha}]")
     g.add_argument("--cutmix-alpha", type=float,
                    help=f"cutmix Beta(alpha, alpha), 0 = off; with --mixup-alpha each step picks one [{d.cutmix_alpha}]")
+    g = p.add_argument_group("augmentation recipe")
+    g.add_argument("--recipe", choices=RECIPES,
+                   help="the augmentation pipeline by name: basic = random crop + flip (flip only where the data set "
+                   "allows it: not on digits/mnist5k); splitnet-cifar = the official SplitNet CIFAR recipe: crop + "
+                   "flip + AutoAugment (CIFAR-10 policy, per image) + random erasing (p 0.5) + mixup (alpha 0.2 "
+                   "unless --mixup-alpha is given) [basic]")
     g = p.add_argument_group("network augmentation (--method netaug)")
     g.add_argument("--method", choices=METHODS,
                    help=f"training method: plain co-training, or network augmentation (NetAug) of each tiny branch "
@@ -467,10 +475,14 @@ def make_config(base: dict[str, Any], *overrides: dict[str, Any]) -> tuple[Train
     """
     recipe = saved_recipe(base)
     run: dict[str, Any] = {}
+    given: dict[str, Any] = {}
     for o in overrides:
         o_recipe, o_run = split_options(o)
-        recipe.update(o_recipe)
+        given.update(o_recipe)
         run.update(o_run)
+    recipe.update(given)
+    if given.get("recipe") in RECIPE_MIXUP and "mixup_alpha" not in given:
+        recipe["mixup_alpha"] = RECIPE_MIXUP[given["recipe"]]  # a named recipe brings its mixup
     cfg, opts = TrainRecipe(**recipe), RunOptions(**run)
     validate(cfg, opts)
     return cfg, opts
@@ -504,6 +516,7 @@ def validate(cfg: TrainRecipe, opts: RunOptions | None = None) -> None:
          f"--label-smoothing must be in [0, 1), got {cfg.label_smoothing}")
     need(math.isfinite(cfg.ema_decay) and 0 <= cfg.ema_decay < 1, f"--ema-decay must be in [0, 1), got {cfg.ema_decay}")
     need(cfg.dataset in DATASETS, f"--dataset must be one of {DATASETS}, got {cfg.dataset!r}")
+    need(cfg.recipe in RECIPES, f"--recipe must be one of {', '.join(RECIPES)}, got {cfg.recipe!r}")
     need(cfg.padding is None or cfg.padding >= 0, f"--padding must be >= 0, got {cfg.padding}")
     need(cfg.cutout >= 0, f"--cutout must be >= 0, got {cfg.cutout}")
     need(cfg.image_size is None or cfg.image_size >= 1, f"--image-size must be >= 1, got {cfg.image_size}")

@@ -30,7 +30,7 @@ from torch import nn
 
 from groupnet.cotraining import CoTrainingLoss, CoTrainingWeightRamp
 from groupnet.cpu_memory import retain_freed_memory
-from groupnet.data import Augment, DataBundle, eval_loader, load_dataset, train_loader
+from groupnet.data import DataBundle, eval_loader, load_dataset, recipe_augment, train_loader
 from groupnet.models import arch_spec, build_model, split_weight_decay
 from groupnet.models import divide as divide_spec
 from groupnet.models.imported import is_import_path, load_class
@@ -290,8 +290,8 @@ class Trainer:
         self.weight_decay = wd
         self.optimizer = build_optimizer(model, cfg.optimizer, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
                                          weight_decay=wd)
-        augment = Augment(padding=data.padding if cfg.padding is None else cfg.padding,
-                          flip=data.flip if cfg.flip is None else cfg.flip, cutout=cfg.cutout)
+        augment = recipe_augment(cfg.recipe, cfg.dataset, padding=data.padding if cfg.padding is None else cfg.padding,
+                                 flip=data.flip if cfg.flip is None else cfg.flip, cutout=cfg.cutout)
         pin = self.device.type == "cuda"
         # branch parallelism: the B ranks of a data shard load the same samples
         data_rank, data_size = ((self.bp.layout.data_rank, self.bp.layout.data_size) if self.bp is not None
