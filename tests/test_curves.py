@@ -101,3 +101,20 @@ def test_plot_curves_writes_a_png_and_tolerates_missing_values(tmp_path):
     assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     plot_curves([], tmp_path / "none.png")
     assert not (tmp_path / "none.png").exists()
+
+
+def test_the_trainer_redraws_the_curves_with_the_baseline_after_it_ran(tmp_path, monkeypatch):
+    from groupnet.train import main
+    from groupnet.training import trainer as trainer_module
+
+    calls = []
+
+    def spy(rows, path, title="", baseline=None):
+        calls.append((len(rows), path, title, None if baseline is None else len(baseline)))
+        plot_curves(rows, path, title, baseline)
+
+    monkeypatch.setattr(trainer_module, "plot_curves", spy)
+    out = tmp_path / "run"
+    assert main(["--epochs", "1", "--train-subset", "128", "--output-dir", str(out), "--no-progress"]) == 0
+    assert calls[-1] == (1, out / "curves.png", "small_cnn K=2 on digits", 1)  # the K=2 run's, baseline overlaid
+    assert (1, out / "baseline-k1" / "curves.png", "small_cnn K=1 on digits", None) in calls
