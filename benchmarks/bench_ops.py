@@ -21,7 +21,7 @@ import groupnet as gn
 from groupnet.cotraining import CoTrainingLoss
 from groupnet.reference import cotraining_loss_reference
 
-from cases import op_rounds
+from cases import op_rounds, quick
 from peers import GroupedConv1dHead, packed_tu_conv, packed_tu_linear, torch_conv, torch_uncertainty_missing
 
 CL = torch.channels_last
@@ -109,6 +109,8 @@ def run(benchmark, case, peer: str, fn: Callable[[], object]) -> None:
 
 CONV_PEERS = ("groupnet", "loop-nchw", "loop-cl", "vmap", "torch-grouped", "packed-tu", "dense")
 CONV_CASES = [ConvCase(k, ks, s, m) for k in (2, 4) for ks in (3, 1) for s in (1, 2) for m in MODES]
+if quick():  # every peer on one conv per mode
+    CONV_CASES = [c for c in CONV_CASES if (c.branches, c.kernel, c.stride) == (2, 3, 1)]
 
 
 def conv_runner(case: ConvCase, peer: str) -> Callable[[], object]:
@@ -160,6 +162,8 @@ LINEAR_PEERS = ("groupnet", "loop", "vmap", "torch-grouped", "einsum", "packed-t
 # the classifier heads of split WRN-16-4 (K=2: 192 features, K=4: 128) and an MLP layer
 LINEAR_CASES = [LinearCase(k, f, o, m) for k, f, o in ((2, 192, 10), (4, 128, 10), (2, 512, 512), (4, 512, 512))
                 for m in MODES]
+if quick():
+    LINEAR_CASES = LINEAR_CASES[:len(MODES)]
 
 
 def linear_runner(case: LinearCase, peer: str) -> Callable[[], object]:
@@ -210,6 +214,8 @@ def test_linear(benchmark, case, peer):
 
 LOSS_PEERS = ("groupnet", "loop", "dense")
 LOSS_CASES = [LossCase(k, c) for k in (2, 4) for c in (10, 100)]
+if quick():
+    LOSS_CASES = LOSS_CASES[:1]
 
 
 def loss_runner(case: LossCase, peer: str) -> Callable[[], object]:

@@ -31,7 +31,8 @@ def glibc_default() -> bool:
 
 
 def quick() -> bool:
-    """GROUPNET_BENCH_QUICK=1: one small round per case, to check the suite runs (numbers meaningless)."""
+    """GROUPNET_BENCH_QUICK=1: a small subset of the cases, one round each, to check the suite runs (numbers
+    meaningless): every peer but the torch.compile ones runs, at K = 2 and the smallest batches only."""
     return os.environ.get("GROUPNET_BENCH_QUICK", "0") == "1"
 
 
@@ -60,8 +61,8 @@ class ModelCase:
     @property
     def compiles(self) -> bool:
         """The torch.compile peers run here: training only (each compile costs tens of seconds even with a warm
-        cache, minutes with a cold one, so not at every inference batch too)."""
-        return self.mode == "train"
+        cache, minutes with a cold one, so not at every inference batch too), and never under --quick."""
+        return self.mode == "train" and not quick()
 
 
 def op_rounds() -> tuple[int, int]:
@@ -76,10 +77,13 @@ def rounds_summary() -> str:
         warm, n = ModelCase("any", 2, batch, mode).rounds
         parts.append(f"batch {'128' if batch == 128 else '<= 8'} {mode} {warm} warm-up + {n}")
     warm, n = op_rounds()
-    return "; ".join(parts) + f"; ops {warm} + {n}; the torch.compile peers at training only"
+    compiled = "no torch.compile peers (--quick)" if quick() else "the torch.compile peers at training only"
+    return "; ".join(parts) + f"; ops {warm} + {n}; {compiled}"
 
 
 def model_cases() -> list[ModelCase]:
+    if quick():
+        return [ModelCase(arch, 2, batch, mode) for arch in ARCHS for batch, mode in ((8, "train"), (1, "infer"))]
     cases = []
     for arch in ARCHS:
         for k in BRANCHES:

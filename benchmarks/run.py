@@ -2,7 +2,8 @@
 
     python benchmarks/run.py            # the full suite (7 minutes on a quiet 2-core dev machine with a warm
                                         # torch.compile cache, 15 with a cold one)
-    python benchmarks/run.py --quick    # one round per case: checks that everything runs; numbers meaningless
+    python benchmarks/run.py --quick    # a subset (K=2, smallest batches, no torch.compile peers), one round
+                                        # each, quiet: checks that everything runs; numbers meaningless
     python benchmarks/run.py -k "resnet56 and K2"   # a subset (pytest -k), written to the same files
 
 Threads: GROUPNET_BENCH_THREADS (default: all cores). Run it on a quiet machine: the load average at start and end
@@ -23,6 +24,9 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+# Quiet profiler: kineto writes two "USDT: ... profiler_start/stop" lines to stderr for every profiled call (the op
+# counts) below its highest log level. Set before torch is imported, and inherited by the benchmark processes.
+os.environ.setdefault("KINETO_LOG_LEVEL", "6")
 
 import torch  # noqa: E402
 
@@ -64,15 +68,15 @@ def run_pytest(json_path: Path, keyword: str | None, env: dict[str, str]) -> int
     return subprocess.call(cmd, cwd=HERE.parent, env=env)
 
 
-def op_counts() -> list[list[str]]:
+def op_counts(quick: bool = False) -> list[list[str]]:
     import groupnet as gn
     from groupnet.fuse import fuse_for_inference
     from groupnet.models import build_model
     from groupnet.opcount import operator_calls
 
     rows = []
-    for arch in ARCHS:
-        for k in (1, *BRANCHES):
+    for arch in ARCHS[:1] if quick else ARCHS:
+        for k in (1, BRANCHES[0]) if quick else (1, *BRANCHES):
             torch.manual_seed(0)
             model = build_model(arch, branches=k, num_classes=10).to(memory_format=torch.channels_last)
             x = torch.randn(2, 3 * k, 32, 32).contiguous(memory_format=torch.channels_last)
@@ -85,33 +89,34 @@ def op_counts() -> list[list[str]]:
     return rows
 
 
-def memory_rows(env: dict[str, str]) -> list[list[str]]:
-    rows = []
-    for arch in ARCHS:
-        for k in BRANCHES:
+def memory_rows(env: dict[str, str], quick: bool = False) -> list[list[str]]:
+    rows, batch = [], 8 if quick else MEMORY_BATCH
+    for arch in ARCHS[:1] if quick else ARCHS:
+        for k in BRANCHES[:1] if quick else BRANCHES:
             mib = {}
             for peer in MEMORY_PEERS:
-                out = subprocess.run([sys.executable, str(HERE / "memory.py"), arch, str(k), str(MEMORY_BATCH), peer],
+                out = subprocess.run([sys.executable, str(HERE / "memory.py"), arch, str(k), str(batch), peer],
                                      capture_output=True, text=True, env=env, cwd=HERE.parent)
                 if out.returncode:
                     raise RuntimeError(f"memory.py {arch} {k} {peer} failed:\n{out.stderr}")
                 mib[peer] = json.loads(out.stdout.strip().splitlines()[-1])["peak_rss_delta_bytes"] / 2**20
-            rows.append([f"{arch}-K{k}-b{MEMORY_BATCH}-train", f"{mib['groupnet']:.0f}", f"{mib['loop-cl']:.0f}",
+            rows.append([f"{arch}-K{k}-b{batch}-train", f"{mib['groupnet']:.0f}", f"{mib['loop-cl']:.0f}",
                          f"{mib['dense']:.0f}", f"{mib['groupnet'] / mib['loop-cl']:.2f}"])
     return rows
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="one round per case (checks the suite runs)")
+    parser.add_argument("--quick", action="store_true",
+                        help="a small subset, one round per case: checks the suite runs (numbers meaningless)")
     parser.add_argument("-k", dest="keyword", help="pytest -k expression: run a subset")
     parser.add_argument("--output", default=str(HERE / "RESULTS.md"), help="the markdown file to write")
     parser.add_argument("--no-extras", action="store_true", help="skip the op counts and the memory runs")
     args = parser.parse_args()
 
+    if args.quick:  # here too: the header's rounds summary reads it
+        os.environ["GROUPNET_BENCH_QUICK"] = "1"
     env = dict(os.environ)
-    if args.quick:
-        env["GROUPNET_BENCH_QUICK"] = "1"
     threads = set_threads()
     env["GROUPNET_BENCH_THREADS"] = str(threads)
     output = Path(args.output)
@@ -124,8 +129,8 @@ def main() -> int:
         return rc
     counts = memory = None
     if not args.no_extras:
-        counts = op_counts()
-        memory = memory_rows(env)
+        counts = op_counts(args.quick)
+        memory = memory_rows(env, args.quick)
     load_end, minutes = os.getloadavg(), (time.time() - t0) / 60
     bench = json.loads(json_path.read_text())
     from peers import torch_uncertainty_missing

@@ -11,13 +11,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from groupnet.data.errors import DataError
-from groupnet.training.distributed import destroy_process_group
-from groupnet.training.errors import UserError, one_line
+# torch-free (the parser): the training stack is imported after the arguments are parsed, so --help is fast
+from groupnet.training.config import ENSEMBLE_MODES
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from groupnet.training.config import ENSEMBLE_MODES
 
     p = argparse.ArgumentParser(prog="python -m groupnet.eval",
                                 description="Per-branch and ensemble test accuracy of a trained checkpoint.")
@@ -35,9 +33,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Evaluate a checkpoint; returns the exit status (0 ok, 2 bad input)."""
-    from groupnet import training
-
     args = build_parser().parse_args(argv)
+    from groupnet import training
+    from groupnet.data.errors import DataError
+    from groupnet.training.distributed import destroy_process_group
+    from groupnet.training.errors import UserError, one_line
+
     for option, value, low in (("--batch-size", args.batch_size, 1), ("--workers", args.workers, 0)):
         if value < low:  # checked here: the recipe would name its own option (--eval-batch-size)
             print(f"groupnet.eval: error: {option} must be >= {low}, got {value}", file=sys.stderr)

@@ -186,12 +186,12 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the grid's missing cells, then write and print the table; returns the exit status."""
-    from groupnet.data.errors import DataError
-    from groupnet.training.errors import UserError, one_line
-
     argv = list(sys.argv[1:] if argv is None else argv)
     trainer_argv = argv[argv.index("--") + 1:] if "--" in argv else []
     args = build_parser().parse_args(argv[:argv.index("--")] if "--" in argv else argv)
+    from groupnet.data.errors import DataError  # after parsing: --help does not import torch
+    from groupnet.training.errors import UserError, one_line
+
     if any(k < 1 for k in args.branches):
         print("groupnet.experiments: error: --branches values must be >= 1", file=sys.stderr)
         return 2

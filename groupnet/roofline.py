@@ -13,8 +13,6 @@ import json
 import sys
 from collections.abc import Sequence
 
-import torch
-
 H100_SXM_PEAKS = {
     # Dense (no sparsity) peaks of the H100 SXM5 from NVIDIA's datasheet; FLOP/s.
     "bf16": 989.4e12,
@@ -37,6 +35,8 @@ def model_layer_shapes(arch: str, branches: int, *, num_classes: int, image_size
     """(convs, linears) of ``arch`` split into K branches, from a forward pass on the meta device: for each grouped
     conv its module name, per-branch in/out channels, kernel, stride and input size; for each grouped linear its
     name and per-branch in/out features. Distinct shapes only, first module name kept."""
+    import torch
+
     from groupnet.models import build_model
     from groupnet.modules import GroupedConv2d, GroupedLinear
 

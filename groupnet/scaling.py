@@ -36,12 +36,12 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import torch
-import torch.nn.functional as F
+from typing import TYPE_CHECKING
 
-from groupnet.complexity import CONVENTIONS, Complexity, complexity
-from groupnet.models import ArchSpec, arch_spec, build_from_spec, divide
-from groupnet.models.divide import scale_widths
+# torch and the models are imported inside the functions that use them, so that --help needs neither
+if TYPE_CHECKING:
+    from groupnet.complexity import Complexity
+    from groupnet.models import ArchSpec
 
 LETTERS = ("d", "w", "r", "k")
 STRATEGIES = ("depth", "width", "resolution", "dwr", "fast", "branches", "split")
@@ -105,6 +105,8 @@ def scale_factors(factor: float, scaling_type: str) -> dict[str, float]:
 
 def scale(config: NetConfig, factor: float, scaling_type: str, *, divisor: int = 4) -> NetConfig:
     """``config`` with flops scaled by about ``factor`` along the dimensions of ``scaling_type``."""
+    from groupnet.models.divide import scale_widths
+
     f = scale_factors(factor, scaling_type)
     spec = config.spec
     if f["d"] != 1:
@@ -118,6 +120,8 @@ def scale(config: NetConfig, factor: float, scaling_type: str, *, divisor: int =
 
 def split(config: NetConfig, t: float, *, divisor: int = 4) -> NetConfig:
     """SplitNet's K-splitting generalised: K -> t*K branches, every width / sqrt(t); flops and params about kept."""
+    from groupnet.models.divide import scale_widths
+
     branches = max(1, round(config.branches * t))
     achieved = branches / config.branches
     spec = scale_widths(config.spec, 1 / math.sqrt(achieved), divisor) if achieved != 1 else config.spec
@@ -144,6 +148,11 @@ def achieved_factors(base: NetConfig, config: NetConfig) -> dict[str, float]:
 
 def measure(config: NetConfig, *, in_channels: int = 3, num_classes: int = 10) -> Complexity:
     """flops, params and acts of ``config`` (built on the meta device: nothing allocated)."""
+    import torch
+
+    from groupnet.complexity import complexity
+    from groupnet.models import build_from_spec
+
     with torch.device("meta"):
         model = build_from_spec(config.spec, branches=config.branches, num_classes=num_classes,
                                 in_channels=in_channels)
@@ -154,6 +163,11 @@ def measure_time(config: NetConfig, *, in_channels: int = 3, num_classes: int = 
                  repeats: int = 5) -> tuple[float, float]:
     """Median CPU wall time in ms of one training step (forward, backward, SGD step) and one inference forward at
     ``batch_size``, channels_last, after one warm-up step."""
+    import torch
+    import torch.nn.functional as F
+
+    from groupnet.models import build_from_spec
+
     model = build_from_spec(config.spec, branches=config.branches, num_classes=num_classes, in_channels=in_channels)
     model = model.to(memory_format=torch.channels_last)
     k, r = config.branches, config.resolution
@@ -235,6 +249,8 @@ def scaling_rows(base: NetConfig, factors: Sequence[float], strategies: Sequence
 
 def format_table(rows: Sequence[ScalingRow]) -> str:
     """The rows as a text table with the counting conventions."""
+    from groupnet.complexity import CONVENTIONS
+
     dicts = [r.as_dict() for r in rows]
     cols = ["strategy", "factor", "config", "flops", "params", "acts", "flops_ratio", "params_ratio", "acts_ratio"]
     if dicts and "train_ms" in dicts[0]:
@@ -301,6 +317,9 @@ def _cell(v: object) -> str:
 
 def base_config(args: argparse.Namespace) -> tuple[NetConfig, int]:
     """The CLI's base network and its input channels."""
+    from groupnet.models import arch_spec, divide
+    from groupnet.models.divide import scale_widths
+
     if args.arch:
         arch = args.arch
     elif args.model == "wrn":

@@ -10,18 +10,24 @@ from __future__ import annotations
 import json
 import sys
 
-from groupnet.data.errors import DataError
-from groupnet.training.distributed import destroy_process_group
+# Only the parser's torch-free modules at import time: ``--help`` exits inside parse_options before the training
+# stack (torch, the models, the data) is imported.
+from groupnet.training.config import parse_options
 from groupnet.training.errors import RunInterrupted, UserError, one_line
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the trainer; returns the exit status (0 ok, 2 bad input, 130 interrupted)."""
-    from groupnet.training.config import parse_options
+    try:
+        from_file, from_cli = parse_options(argv)
+    except UserError as e:
+        print(f"groupnet.train: error: {one_line(e)}", file=sys.stderr)
+        return 2
+    from groupnet.data.errors import DataError
+    from groupnet.training.distributed import destroy_process_group
     from groupnet.training.trainer import config_for_run, run
 
     try:
-        from_file, from_cli = parse_options(argv)
         recipe, options, ckpt = config_for_run(from_file, from_cli)
         if options.print_config:
             print(json.dumps(recipe.to_dict(), indent=2))

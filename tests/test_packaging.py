@@ -84,6 +84,10 @@ def test_wheel_installs_and_runs_without_triton_or_the_train_extra(tmp_path):
         train = sorted(r.split(";")[0].strip() for r in requires if 'extra == "train"' in r)
         assert train == ["kornia>=0.8", "matplotlib", "pyyaml", "scikit-learn", "tqdm"], train
         assert not any(r.startswith("triton") for r in requires), requires
+        urls = dict(u.split(", ", 1) for u in meta.get_all("Project-URL"))
+        assert {{"Homepage", "Documentation", "Source", "Issues"}} <= set(urls), urls
+        assert all(u.startswith("https://github.com/groupnet/groupnet") for u in urls.values()), urls
+        assert "Typing :: Typed" in meta.get_all("Classifier")
         scripts = {{e.name for e in md.entry_points(group="console_scripts") if e.dist.name == "groupnet"}}
         assert scripts == {{"groupnet-train", "groupnet-eval", "groupnet-scaling", "groupnet-roofline",
                            "groupnet-kernels-report"}}, scripts
@@ -94,6 +98,9 @@ def test_wheel_installs_and_runs_without_triton_or_the_train_extra(tmp_path):
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
     for script in ("groupnet-train", "groupnet-eval", "groupnet-kernels-report"):
         assert (venv / "bin" / script).is_file(), script
+    helped = subprocess.run([str(venv / "bin" / "groupnet-train"), "--help"], capture_output=True, text=True,
+                            cwd=tmp_path, env=env)  # the parser needs neither the train extra nor torch
+    assert helped.returncode == 0 and "--model" in helped.stdout, helped.stderr
 
     report = subprocess.run([str(python), "-m", "groupnet.kernels.report"], capture_output=True, text=True,
                             cwd=tmp_path, env=env)

@@ -4,6 +4,8 @@ computes on the whole batch, forward and backward."""
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -24,6 +26,7 @@ from groupnet.modules import (
     revert_sync_batchnorm,
 )
 from groupnet.training import distributed
+from helpers.tolerances import assert_close
 from groupnet.training.optim import build_sgd
 
 
@@ -117,11 +120,14 @@ def test_training_distributed_reexports_the_conversion():
 def _two_process_worker(rank: int, init_file: str, out_dir: str, x: torch.Tensor, w: torch.Tensor) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     try:
-        bn = convert_sync_batchnorm(_batch_norm())
-        part = x.chunk(2)[rank].clone().requires_grad_(True)
-        (bn(part) * w.chunk(2)[rank]).sum().backward()
+        with warnings.catch_warnings(record=True) as caught:  # e.g. a deprecated collective's FutureWarning
+            warnings.simplefilter("always")
+            bn = convert_sync_batchnorm(_batch_norm())
+            part = x.chunk(2)[rank].clone().requires_grad_(True)
+            (bn(part) * w.chunk(2)[rank]).sum().backward()
         grads = {"x": part.grad, "weight": bn.weight.grad, "bias": bn.bias.grad}
-        torch.save({"grads": grads, "state": bn.state_dict()}, f"{out_dir}/rank{rank}.pt")
+        torch.save({"grads": grads, "state": bn.state_dict(),
+                    "warnings": [f"{w.category.__name__}: {w.message}" for w in caught]}, f"{out_dir}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
@@ -142,6 +148,7 @@ def test_two_processes_compute_the_whole_batch_forward_and_backward(tmp_path):
     mp.start_processes(_two_process_worker, args=(str(tmp_path / "init"), str(tmp_path), x, w), nprocs=2, join=True,
                        start_method="spawn")
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    assert [r["warnings"] for r in ranks] == [[], []]  # no deprecated collective, no other warning
 
     bn = _batch_norm()
     whole = x.clone().requires_grad_(True)
@@ -168,3 +175,61 @@ def test_groupnet_exports_the_conversion_and_it_round_trips_through_branch_extra
     gn.revert_sync_batchnorm(model)
     assert not any(isinstance(m, SyncGroupedBatchNorm2d) for m in model.modules())
     torch.testing.assert_close(gn.extract_branch(model, 1)(x), expected[1], rtol=0, atol=0)
+
+
+def _norm_types(model: nn.Module) -> set[type]:
+    return {type(m) for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
+
+
+def test_torchs_own_conversion_keeps_branches_extractable_and_reverts_to_the_grouped_norms():
+    torch.manual_seed(0)
+    model = build_model("resnet20", branches=2, num_classes=10).double()
+    x = torch.randn(4, 6, 8, 8, dtype=torch.float64)
+    model(x)  # a training step's running statistics: they differ between the branches
+    model.eval()
+    reference = gn.reference_of(model)  # K plain models: the per-branch reference
+    expected = reference(x)
+    before = tensors(model)
+    state_keys = model.state_dict().keys()
+
+    assert nn.SyncBatchNorm.convert_sync_batchnorm(model) is model  # what Lightning's sync_batchnorm=True calls
+    assert _norm_types(model) == {nn.SyncBatchNorm}
+    assert model.state_dict().keys() == state_keys
+    assert_close(model(x), expected, kind="reference")  # torch's class computes the grouped norm (eval, one process)
+    for k in range(2):
+        branch = gn.extract_branch(model, k)
+        assert _norm_types(branch) == {nn.BatchNorm2d}
+        assert_close(branch(x[:, 3 * k:3 * k + 3]), expected[:, 10 * k:10 * k + 10], kind="reference")
+        assert all(torch.equal(a, b) for a, b in zip(branch.state_dict().values(),
+                                                    reference.branch_modules[k].state_dict().values()))
+
+    assert gn.revert_sync_batchnorm(model) is model
+    assert _norm_types(model) == {GroupedBatchNorm2d}
+    after = tensors(model)
+    assert after.keys() == before.keys() and all(after[k] is before[k] for k in before)  # the very same tensors
+    assert_close(model(x), expected, kind="reference")
+
+
+def test_torchs_conversion_of_a_stacked_model_and_a_lone_norm_and_groupnets_conversion_after_it():
+    torch.manual_seed(0)
+    models = [nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 36, 5),
+                            nn.BatchNorm1d(5)).double() for _ in range(2)]
+    for m in models:
+        m(torch.randn(4, 3, 8, 8, dtype=torch.float64))
+        m.eval()
+    stacked = gn.stack_models(models, torch.randn(2, 3, 8, 8, dtype=torch.float64))
+    stacked = nn.SyncBatchNorm.convert_sync_batchnorm(stacked)
+    assert _norm_types(stacked) == {nn.SyncBatchNorm}
+    for k in range(2):
+        branch = gn.extract_branch(stacked, k)
+        assert [type(m) for m in branch.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)] == [
+            nn.BatchNorm2d, nn.BatchNorm1d]
+        assert all(torch.equal(a, b) for a, b in zip(branch.state_dict().values(), models[k].state_dict().values()))
+    assert gn.revert_sync_batchnorm(stacked) is stacked
+    assert _norm_types(stacked) == {GroupedBatchNorm2d, GroupedBatchNorm1d}
+
+    lone = nn.SyncBatchNorm.convert_sync_batchnorm(GroupedBatchNorm1d(3, branches=2, affine=False))
+    assert type(lone) is nn.SyncBatchNorm and type(gn.extract_branch(lone, 1)) is nn.BatchNorm1d
+    assert type(convert_sync_batchnorm(lone)) is SyncGroupedBatchNorm1d  # synchronised as grouped, on any backend
+    plain = nn.SyncBatchNorm.convert_sync_batchnorm(nn.BatchNorm2d(3))
+    assert type(revert_sync_batchnorm(plain)) is nn.SyncBatchNorm  # torch's own from a plain norm stays

@@ -26,6 +26,7 @@ from groupnet.model_stacking.graph import (
     _record_shapes,
     _trace_both_modes,
 )
+from groupnet.modules.norm import grouped_norm_of
 from groupnet.modules.registry import grouped_class_for, is_grouped_layer
 
 __all__ = ["StackingError", "extract_branch", "is_grouped_layer", "num_branches", "stack_models"]
@@ -141,6 +142,7 @@ def extract_branch(model: nn.Module, k: int) -> nn.Module:
     tensors. Otherwise grouped layers become their ``branch(k)``; other modules are copied, and an int attribute
     ``branches`` on them (as the models in :mod:`groupnet.models` hold) is set to 1.
     """
+    model = _as_grouped(model)
     n = num_branches(model)
     if not isinstance(k, int) or not 0 <= k < n:
         raise IndexError(f"branch index must be in [0, {n}), got {k!r}")
@@ -170,15 +172,24 @@ def _branch_value(model: fx.GraphModule, info: StackInfo, name: str, k: int) -> 
         return _fetch(model, name)[k]
     path, _, local = info.moved.get(name, name).rpartition(".")
     owner = model.get_submodule(path)
+    owner = _as_grouped(owner)
     if is_grouped_layer(owner):
         return owner.branch_tensors()[k][local]
     return _fetch(model, name)  # shared by every branch
+
+
+def _as_grouped(m: nn.Module) -> nn.Module:
+    """``m``, or the grouped batch norm it was when torch's ``nn.SyncBatchNorm.convert_sync_batchnorm`` replaced one
+    (same tensors)."""
+    grouped = grouped_norm_of(m)
+    return m if grouped is None else grouped
 
 
 def _replace_grouped(target: nn.Module, source: nn.Module, k: int) -> None:
     if isinstance(getattr(target, "branches", None), int):
         target.branches = 1
     for name, child in source.named_children():
+        child = _as_grouped(child)
         if is_grouped_layer(child):
             setattr(target, name, child.branch(k))
         else:

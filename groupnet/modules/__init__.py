@@ -7,7 +7,13 @@ from groupnet.modules.branchwise import BranchSkeletonMixin, BranchwiseLayer
 from groupnet.modules.conv import GroupedConv2d
 from groupnet.modules.dynamic import DynamicGroupedBatchNorm2d, DynamicGroupedConv2d, DynamicGroupedLinear
 from groupnet.modules.linear import GroupedLinear
-from groupnet.modules.norm import GroupedBatchNorm1d, GroupedBatchNorm2d, GroupedLayerNorm
+from groupnet.modules.norm import (
+    BranchGrouping,
+    GroupedBatchNorm1d,
+    GroupedBatchNorm2d,
+    GroupedLayerNorm,
+    grouped_norm_of,
+)
 from groupnet.modules.registry import (
     GROUPED_LAYERS,
     GroupedLayerType,
@@ -32,5 +38,5 @@ __all__ = [
     "BranchSkeletonMixin", "BranchwiseLayer",
     "DynamicGroupedConv2d", "DynamicGroupedLinear", "DynamicGroupedBatchNorm2d",
     "SyncBatchNorm1d", "SyncBatchNorm2d", "SyncBatchNorm3d", "SyncGroupedBatchNorm1d", "SyncGroupedBatchNorm2d",
-    "convert_sync_batchnorm", "revert_sync_batchnorm",
+    "convert_sync_batchnorm", "revert_sync_batchnorm", "BranchGrouping", "grouped_norm_of",
 ]

@@ -26,6 +26,26 @@ from groupnet.modules._fx import leaf_call
 from groupnet.modules.branchwise import BranchSkeletonMixin
 
 
+class BranchGrouping(nn.Module):
+    """The child every grouped batch norm carries, naming its grouped class and its K (it holds no tensors and is
+    never called).
+
+    Why: torch's ``nn.SyncBatchNorm.convert_sync_batchnorm`` (what Lightning's ``sync_batchnorm=True`` calls)
+    replaces every batch norm, grouped ones included, by a plain ``nn.SyncBatchNorm`` over the same tensors and keeps
+    the replaced module's children. Through this child the converted module is still known as K branches' norms:
+    :func:`groupnet.extract_branch` takes a branch out of it and :func:`groupnet.revert_sync_batchnorm` restores the
+    grouped class (see :func:`grouped_norm_of`). The computation itself needs nothing: a batch norm over the
+    channel-stacked layout is per branch already.
+    """
+
+    def __init__(self, grouped: type[nn.Module], branch_count: int) -> None:
+        super().__init__()
+        self.grouped, self.branch_count = grouped, branch_count
+
+    def extra_repr(self) -> str:
+        return f"{self.grouped.__name__}, branches={self.branch_count}"
+
+
 class _GroupedBatchNormMixin(BranchSkeletonMixin):
     _plain: type[nn.modules.batchnorm._BatchNorm]
     _ranks: tuple[int, ...]
@@ -33,6 +53,7 @@ class _GroupedBatchNormMixin(BranchSkeletonMixin):
     def _init_grouped(self, num_features: int, branches: int) -> None:
         self.branches = branches
         self.branch_features = num_features
+        self.grouping = BranchGrouping(_GROUPED_BASE[self._plain], branches)
 
     def _check(self, x: Tensor) -> None:
         name = type(self).__name__
@@ -235,3 +256,28 @@ class GroupedLayerNorm(BranchSkeletonMixin, nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.num_features}, branches={self.branches}, eps={self.eps}, affine={self.elementwise_affine}"
+
+
+_GROUPED_BASE: dict[type[nn.Module], type[nn.Module]] = {nn.BatchNorm1d: GroupedBatchNorm1d,
+                                                         nn.BatchNorm2d: GroupedBatchNorm2d}
+
+
+def grouped_norm_of(bn: nn.Module) -> GroupedBatchNorm1d | GroupedBatchNorm2d | None:
+    """For a plain batch norm that replaced a grouped one keeping its children (torch's
+    ``nn.SyncBatchNorm.convert_sync_batchnorm`` does): the grouped batch norm it was, holding the very same parameter
+    and buffer tensors (no copy), in the same training mode. None for any other module."""
+    grouping = bn._modules.get("grouping")
+    if (not isinstance(grouping, BranchGrouping) or not isinstance(bn, nn.modules.batchnorm._BatchNorm)
+            or isinstance(bn, _GroupedBatchNormMixin)):
+        return None
+    k = grouping.branch_count
+    if bn.num_features % k:
+        raise ValueError(f"{type(bn).__name__} with {bn.num_features} features cannot be {k} branches of a "
+                         f"{grouping.grouped.__name__}")
+    out = grouping.grouped(bn.num_features // k, branches=k, eps=bn.eps, momentum=bn.momentum, affine=bn.affine,
+                           track_running_stats=bn.track_running_stats, device="meta")
+    for name, p in bn._parameters.items():  # None entries too (affine=False)
+        out.register_parameter(name, p)
+    for name, b in bn._buffers.items():
+        out.register_buffer(name, b, persistent=name not in bn._non_persistent_buffers_set)
+    return out.train(bn.training)

@@ -17,6 +17,13 @@ own); its ``branch_skeleton()`` is the synchronised plain one, so branch-major e
 :func:`convert_sync_batchnorm` and :func:`revert_sync_batchnorm` replace the modules: each new module holds the very
 same parameter and buffer tensors as the one it replaces, so ``state_dict`` keys and values, and an optimizer built
 before or after, are unaffected.
+
+torch's own ``nn.SyncBatchNorm.convert_sync_batchnorm`` (Lightning's ``sync_batchnorm=True``) turns a grouped batch
+norm into a plain ``nn.SyncBatchNorm`` over the same ``K*C`` channels. That computes the same thing (batch norm over
+the channel-stacked layout is per branch), on the devices torch's class supports (CUDA, not gloo on CPU), and the
+module keeps the grouped one's :class:`~groupnet.modules.norm.BranchGrouping` child, so
+:func:`groupnet.extract_branch` still takes branches out of it and :func:`revert_sync_batchnorm` restores the grouped
+class; :func:`convert_sync_batchnorm` turns it into the synchronised grouped class (which runs on any backend).
 """
 
 from __future__ import annotations
@@ -25,7 +32,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from groupnet.modules.norm import GroupedBatchNorm1d, GroupedBatchNorm2d
+from groupnet.modules.norm import GroupedBatchNorm1d, GroupedBatchNorm2d, grouped_norm_of
 
 
 def world_is_distributed() -> bool:
@@ -138,12 +145,16 @@ SYNC_CLASS_OF: dict[type[nn.Module], type[nn.Module]] = {
 _UNSYNCED_CLASS_OF = {sync: plain for plain, sync in SYNC_CLASS_OF.items()}
 
 
-def _holding_same_tensors(bn: nn.modules.batchnorm._BatchNorm, cls: type) -> nn.Module:
-    """A ``cls`` configured as ``bn`` whose parameters and buffers are ``bn``'s own tensor objects (no copy)."""
+def _refuse_hooks(bn: nn.Module) -> None:
     hooks = (bn._forward_hooks, bn._forward_pre_hooks, bn._backward_hooks, bn._backward_pre_hooks)
     if any(hooks):
         raise ValueError(f"cannot replace a {type(bn).__name__} that has hooks (they would stay on the replaced "
                          "module); register them after the conversion")
+
+
+def _holding_same_tensors(bn: nn.modules.batchnorm._BatchNorm, cls: type) -> nn.Module:
+    """A ``cls`` configured as ``bn`` whose parameters and buffers are ``bn``'s own tensor objects (no copy)."""
+    _refuse_hooks(bn)
     config = {"eps": bn.eps, "momentum": bn.momentum, "affine": bn.affine,
               "track_running_stats": bn.track_running_stats, "device": "meta"}
     if isinstance(bn, (GroupedBatchNorm1d, GroupedBatchNorm2d)):
@@ -157,15 +168,15 @@ def _holding_same_tensors(bn: nn.modules.batchnorm._BatchNorm, cls: type) -> nn.
     return new.train(bn.training)
 
 
-def _replace(model: nn.Module, pick) -> nn.Module:
-    """Replace every module ``m`` of ``model`` for which ``pick(m)`` names a class; a module reached by several
+def _replace(model: nn.Module, make) -> nn.Module:
+    """Replace every module ``m`` of ``model`` for which ``make(m)`` gives a new module; a module reached by several
     paths is replaced by one new module."""
     new: dict[nn.Module, nn.Module] = {}
 
     def replaced(m: nn.Module) -> nn.Module:
         if m not in new:
-            cls = pick(m)
-            new[m] = m if cls is None else _holding_same_tensors(m, cls)
+            made = make(m)
+            new[m] = m if made is None else made
         return new[m]
 
     root = replaced(model)
@@ -174,6 +185,24 @@ def _replace(model: nn.Module, pick) -> nn.Module:
             if child is not None and replaced(child) is not child:
                 setattr(parent, name, new[child])
     return root
+
+
+def _synchronised(m: nn.Module) -> nn.Module | None:
+    grouped = grouped_norm_of(m)
+    if grouped is not None:  # torch's nn.SyncBatchNorm made from a grouped batch norm: synchronised as grouped
+        _refuse_hooks(m)
+        return _holding_same_tensors(grouped, SYNC_CLASS_OF[type(grouped)])
+    cls = _sync_class(m)
+    return None if cls is None else _holding_same_tensors(m, cls)
+
+
+def _unsynchronised(m: nn.Module) -> nn.Module | None:
+    grouped = grouped_norm_of(m)
+    if grouped is not None:  # torch's nn.SyncBatchNorm made from a grouped batch norm
+        _refuse_hooks(m)
+        return grouped
+    cls = _UNSYNCED_CLASS_OF.get(type(m))
+    return None if cls is None else _holding_same_tensors(m, cls)
 
 
 def _sync_class(m: nn.Module) -> type | None:
@@ -195,7 +224,7 @@ def convert_sync_batchnorm(model: nn.Module, process_group: dist.ProcessGroup | 
     ``process_group``: the processes whose batches form the global batch (e.g. the data-parallel ranks of a
     branch-parallel run, which hold the same branches); None: all processes.
     """
-    root = _replace(model, _sync_class)
+    root = _replace(model, _synchronised)
     if process_group is not None:
         group = (process_group.group_name, process_group.size())
         for m in root.modules():
@@ -205,5 +234,9 @@ def convert_sync_batchnorm(model: nn.Module, process_group: dist.ProcessGroup | 
 
 
 def revert_sync_batchnorm(model: nn.Module) -> nn.Module:
-    """Undo :func:`convert_sync_batchnorm` (in place, same tensors), e.g. before export."""
-    return _replace(model, lambda m: _UNSYNCED_CLASS_OF.get(type(m)))
+    """Undo :func:`convert_sync_batchnorm` (in place, same tensors), e.g. before export.
+
+    It also undoes torch's ``nn.SyncBatchNorm.convert_sync_batchnorm`` on grouped batch norms: the ``nn.SyncBatchNorm``
+    made from one becomes the grouped batch norm it was (torch's own, made from plain batch norms, stay).
+    """
+    return _replace(model, _unsynchronised)

@@ -22,11 +22,19 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from groupnet._checks import DIVERGENCES
-from groupnet.branch_major import EXECUTION_ORDERS
-from groupnet.data.augment import RECIPE_MIXUP, RECIPES
-from groupnet.data.registry import DATASETS
-from groupnet.sparse import DROP_SCHEDULES, DST_METHODS, SPARSE_INITS
+# torch-free: the parser is built for --help without importing torch (groupnet.training.choices mirrors the
+# registries, checked by tests/test_cli_help.py)
+from groupnet.training.choices import (
+    DATASETS,
+    DIVERGENCES,
+    DROP_SCHEDULES,
+    DST_METHODS,
+    EXECUTION_ORDERS,
+    MODEL_NAMES,
+    RECIPE_MIXUP,
+    RECIPES,
+    SPARSE_INITS,
+)
 from groupnet.training.errors import ConfigError
 
 ENSEMBLE_MODES = ("logits", "probs", "geometric")
@@ -313,9 +321,7 @@ class _DeprecatedAlias(argparse.Action):
 
 
 def _model_names() -> list[str]:
-    from groupnet.models.registry import model_descriptions
-
-    return list(model_descriptions())
+    return list(MODEL_NAMES)
 
 
 def build_parser() -> argparse.ArgumentParser:

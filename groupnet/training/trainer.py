@@ -534,7 +534,7 @@ class Trainer:
         if board is not None:
             board.close()
         if ctx.is_main:
-            plot_curves(self.history, self.run_dir / PLOT, f"{cfg.model} K={cfg.branches} on {cfg.dataset}")
+            plot_curves(self.history, self.run_dir / PLOT, curves_title(cfg))
         return self._finish(last_eval, trained=True)
 
     def ckpt_recipe(self) -> dict[str, Any]:
@@ -625,6 +625,10 @@ def _divides(spec: Any, k: int) -> bool:
     return True
 
 
+def curves_title(cfg: TrainRecipe) -> str:
+    return f"{cfg.model} K={cfg.branches} on {cfg.dataset}"
+
+
 def _best_epoch(history: list[dict[str, Any]]) -> int:
     """The epoch the trainer kept as best (the first with the highest ensemble accuracy), 0 for none."""
     best, epoch = -1.0, 0
@@ -697,6 +701,7 @@ def _train(trainer: Trainer, cfg: TrainRecipe, opts: RunOptions, ctx: DistContex
         summary["baseline"] = baseline
         if ctx.is_main:
             atomic_write_text(trainer.run_dir / SUMMARY, dumps(summary, indent=2) + "\n")
+            plot_curves(trainer.history, trainer.run_dir / PLOT, curves_title(cfg), baseline=base_trainer.history)
     if opts.evaluate:
         assert trainer.run_dir is not None
         stored = trainer.run_dir / BASELINE_DIR / SUMMARY  # the baseline trained beside this run, if any
