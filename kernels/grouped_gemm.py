@@ -130,17 +130,22 @@ def grouped_gemm_kernel(
     pid_n = (pid % num_pid_in_group) // group_size_m
 
     # Group and tile origins in int64; offsets inside a tile in int32 (the launcher checks that they fit).
-    # Rows/columns past the edge are clamped onto the last valid one, so the loads need only the K mask; the
-    # duplicates are dropped by the store masks.
+    # Rows/columns past the edge wrap onto valid ones (modulo what is left), so the loads need only the K mask; the
+    # duplicates are dropped by the store masks. The hints say each operand index vector is BLOCK-long contiguous
+    # from a multiple of BLOCK (true except in a tail tile, whose wrapped lanes only feed masked-off outputs, as in
+    # triton's matmul tutorial): the compiler then vectorises the loads on whichever axis has unit stride (16-byte
+    # cp.async on sm_80), which a clamp (tl.minimum) hides.
     rows_left = M - pid_m * BLOCK_M
     cols_left = N - pid_n * BLOCK_N
     rows = tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_N)
     ks = tl.arange(0, BLOCK_K)
+    a_rows = tl.max_contiguous(tl.multiple_of(rows % rows_left, BLOCK_M), BLOCK_M)
+    b_cols = tl.max_contiguous(tl.multiple_of(cols % cols_left, BLOCK_N), BLOCK_N)
     a_tile = A + g * stride_ag + pid_m.to(tl.int64) * BLOCK_M * stride_am
     b_tile = B + g * stride_bg + pid_n.to(tl.int64) * BLOCK_N * stride_bn
-    a_ptrs = a_tile + tl.minimum(rows, rows_left - 1)[:, None] * stride_am + ks[None, :] * stride_ak
-    b_ptrs = b_tile + ks[:, None] * stride_bk + tl.minimum(cols, cols_left - 1)[None, :] * stride_bn
+    a_ptrs = a_tile + a_rows[:, None] * stride_am + ks[None, :] * stride_ak
+    b_ptrs = b_tile + ks[:, None] * stride_bk + b_cols[None, :] * stride_bn
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
     for k0 in range(0, KD, BLOCK_K):
