@@ -744,6 +744,41 @@ def compile_specs() -> list[CompileSpec]:
                 num_warps=cfg["num_warps"],
             )
         )
+    return specs + split_compile_specs()
+
+
+def split_compile_specs() -> list[CompileSpec]:
+    """The three kernels of the class-split path for a few (dtype, K, soft, divergence) variants at S = 8 chunks."""
+    specs = []
+    for dtype, k, soft, divergence in ((torch.float32, 2, False, "js"), (torch.bfloat16, 8, True, "kl"),
+                                       (torch.float16, 4, False, "kl"), (torch.float32, MAX_BRANCHES, True, "js")):
+        cfg = launch_config(k, 32000, dtype)
+        block_s = min(8, MAX_CLASS_SPLIT_TILE // cfg["BLOCK_K"])
+        acc = "*fp64" if dtype == torch.float64 else "*fp32"
+        pointers = {"loss_ptr": acc, "ce_ptr": acc, "div_ptr": acc, "grad_ptr": acc, "stats_ptr": acc,
+                    "part_ptr": acc, "logits_ptr": f"*{TORCH_TO_TRITON_DTYPE[dtype]}",
+                    "targets_ptr": acc if soft else "*i64"}
+        scalars = {"weight": "fp32", "temperature": "fp32"}
+        common = {"BLOCK_K": cfg["BLOCK_K"], "BLOCK_C": cfg["BLOCK_C"], "ACC_DTYPE": tl_accumulator_dtype(dtype)}
+        variant = {"SOFT_TARGETS": soft, "DIVERGENCE": DIVERGENCES.index(divergence)}
+        kernels = (
+            (_split_stats_kernel, common),
+            (_split_div_kernel, {**common, **variant, "BLOCK_S": block_s}),
+            (_split_finish_kernel, {**common, **variant, "COMPUTE_GRAD": True, "BLOCK_S": block_s}),
+        )
+        for fn, constexprs in kernels:
+            signature = {}
+            for arg in fn.arg_names:
+                if arg in constexprs:
+                    signature[arg] = "constexpr"
+                elif arg in pointers or arg in scalars:
+                    signature[arg] = pointers.get(arg) or scalars[arg]
+                else:
+                    signature[arg] = "i64" if arg.startswith("stride") else "i32"
+            name = (f"cotrain_loss_split_{fn.__name__.split('_')[2]}_{TORCH_TO_TRITON_DTYPE[dtype]}_k{k}_"
+                    f"{'soft' if soft else 'hard'}_{divergence}")
+            specs.append(CompileSpec(name=name, fn=fn, signature=signature, constexprs=constexprs,
+                                     num_warps=cfg["num_warps"]))
     return specs
 
 

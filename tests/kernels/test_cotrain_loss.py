@@ -247,8 +247,12 @@ def test_launch_config_validates_block_c_and_bounds_the_tile():
 
 def test_compile_specs_cover_every_kernel_variant():
     """Every constexpr value the launcher can pass appears in at least one offline-compiled spec."""
-    specs = compile_specs()
-    assert all(s.fn is kernel_module._cotrain_loss_kernel for s in specs)
+    all_specs = compile_specs()
+    split_kernels = (kernel_module._split_stats_kernel, kernel_module._split_div_kernel,
+                     kernel_module._split_finish_kernel)
+    assert {s.fn for s in all_specs} == {kernel_module._cotrain_loss_kernel, *split_kernels}
+    assert len({s.name for s in all_specs}) == len(all_specs)
+    specs = [s for s in all_specs if s.fn is kernel_module._cotrain_loss_kernel]
     seen = {key: {s.constexprs[key] for s in specs} for key in ("SOFT_TARGETS", "DIVERGENCE", "COMPUTE_GRAD")}
     assert seen == {"SOFT_TARGETS": {False, True}, "DIVERGENCE": {0, 1}, "COMPUTE_GRAD": {False, True}}
     assert {str(s.constexprs["ACC_DTYPE"]) for s in specs} == {"fp32", "fp64"}
