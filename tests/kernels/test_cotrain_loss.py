@@ -111,8 +111,7 @@ def test_class_split_path_float64(n, k, c, layout, soft, ignore, divergence, tem
                             block_c=16, class_splits=class_splits)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("divergence", ["js", "kl"])
+@pytest.mark.parametrize("dtype, divergence", [(torch.float32, "js"), (torch.bfloat16, "kl")])
 def test_class_split_path_input_dtypes_and_extreme_logits(dtype, divergence):
     """16-bit and fp32 logits on the split path; then |z| = 1e4 with the running max in a different chunk per
     branch (the merge of per-chunk maxima), finite and equal to the one-program path."""
