@@ -315,7 +315,7 @@ def launch_grouped_gemm(
         "UPCAST_OPERANDS": is_interpreter(),
         "INPUT_PRECISION": input_precision,
     }
-    layouts = _tma.tma_layouts(a, b)
+    layouts = _tma.tma_layouts(a, b) if kd > 0 else None  # a TMA descriptor cannot describe an empty axis
     if tma is None:
         tma = layouts is not None and a.device.type == "cuda" and torch.cuda.get_device_capability(a.device)[0] >= 9
     elif tma and layouts is None:
