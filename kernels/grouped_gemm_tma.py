@@ -17,6 +17,8 @@ The output and the bias go through ordinary masked pointer stores/loads (C may h
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import triton
 import triton.language as tl
 from torch import Tensor
@@ -189,9 +191,13 @@ PASS_LAYOUTS = {
 }
 
 
+@dataclass(frozen=True)
 class TmaCompileSpec(CompileSpec):
     """A spec that also marks every int argument divisible by 16, as the JIT does for a real launch whose sizes and
-    strides are multiples of 16 (the shapes TMA is picked for); only compiled for sm_90 (``capabilities``)."""
+    strides are multiples of 16 (the shapes TMA is picked for). ``capabilities``: the targets the launcher runs the
+    kernel on (a compile report may skip the others; on sm_80 descriptor loads lower to ordinary loads)."""
+
+    capabilities: tuple[int, ...] = (90,)
 
     def attrs(self) -> dict:
         names = self.fn.arg_names
