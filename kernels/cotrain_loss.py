@@ -669,8 +669,8 @@ def cotrain_loss(
 
     ``loss`` is differentiable w.r.t. ``logits``; ``ce`` and ``divergence`` (the ``T^2 * D`` term that ``weight``
     multiplies) are for logging. Ignored samples give 0 in all three. ``block_c``/``class_splits`` > 0 force the
-    class block / the number of class chunks per sample (tests, benchmarks); 0 chooses. Reduction over samples is the caller's
-    (:class:`groupnet.cotraining.CoTrainingLoss` takes the mean over non-ignored samples).
+    class block / the number of class chunks per sample (tests, benchmarks); 0 chooses. Reduction over samples is
+    the caller's (:class:`groupnet.cotraining.CoTrainingLoss` takes the mean over non-ignored samples).
     """
     if divergence not in DIVERGENCES:
         raise ValueError(f"the fused kernel supports divergence in {DIVERGENCES}, got {divergence!r}")

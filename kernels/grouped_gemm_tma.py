@@ -183,7 +183,8 @@ def _torch_scratch(size: int, alignment: int, stream: int | None):
 
 
 # The JIT makes unit strides constexpr 1. Per pass with contiguous tensors (see grouped_gemm.UNIT_STRIDES):
-# forward A = x_k (K-contiguous), B = W_k^T (K-contiguous); dX A = dY_k (K), B = W_k (N); dW A = dY_k^T (M), B = x_k (N).
+# forward A = x_k (K-contiguous), B = W_k^T (K-contiguous); dX A = dY_k (K), B = W_k (N);
+# dW A = dY_k^T (M), B = x_k (N).
 PASS_LAYOUTS = {
     "forward": (True, False, ("stride_ak", "stride_bk", "stride_cn", "stride_bias_n")),
     "backward_input": (True, True, ("stride_ak", "stride_bn", "stride_cn")),
