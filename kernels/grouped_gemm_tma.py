@@ -209,13 +209,15 @@ class TmaCompileSpec(CompileSpec):
         }
 
 
-def tma_spec(config: triton.Config, dtype: str, pass_name: str, input_precision: str) -> TmaCompileSpec:
-    """One pass of grouped_linear on the TMA kernel with contiguous tensors of 16-multiple sizes."""
-    a_k, b_n, unit = PASS_LAYOUTS[pass_name]
+def aligned_spec(
+    kernel, config: triton.Config, dtype: str, pass_name: str, input_precision: str, extra: dict | None = None
+) -> TmaCompileSpec:
+    """One pass of grouped_linear on ``kernel`` (this module's or ``grouped_gemm.grouped_gemm_kernel``, which take
+    the same arguments) with contiguous tensors of 16-multiple sizes; ``extra``: further constexprs."""
+    _a_k, _b_n, unit = PASS_LAYOUTS[pass_name]
     constexprs = dict(
         config.kwargs,
-        A_K_CONTIGUOUS=a_k,
-        B_N_CONTIGUOUS=b_n,
+        **(extra or {}),
         HAS_BIAS=pass_name == "forward",
         ACC_DTYPE=tl.float32,
         UPCAST_OPERANDS=False,
@@ -225,13 +227,22 @@ def tma_spec(config: triton.Config, dtype: str, pass_name: str, input_precision:
     cfg = "x".join(str(config.kwargs[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
     precision = f"_{input_precision}" if dtype == "fp32" else ""
     return TmaCompileSpec.for_config(
-        f"grouped_gemm_tma_{pass_name}_{dtype}{precision}_{cfg}",
-        grouped_gemm_tma_kernel,
+        f"{kernel.__name__.removesuffix('_kernel')}_{pass_name}_{dtype}{precision}_{cfg}",
+        kernel,
         config,
         dtype,
         pointers={p: f"*{dtype}" for p in ("A", "B", "C", "BIAS")},
         constexprs=constexprs,
     )
+
+
+def tma_spec(config: triton.Config, dtype: str, pass_name: str, input_precision: str) -> TmaCompileSpec:
+    """One pass of grouped_linear on the TMA kernel with contiguous tensors of 16-multiple sizes."""
+    a_k, b_n, _unit = PASS_LAYOUTS[pass_name]
+    return aligned_spec(
+        grouped_gemm_tma_kernel, config, dtype, pass_name, input_precision,
+        {"A_K_CONTIGUOUS": a_k, "B_N_CONTIGUOUS": b_n},
+    )  # fmt: skip
 
 
 def tma_configs(dtype: str) -> list[triton.Config]:

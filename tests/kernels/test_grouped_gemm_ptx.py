@@ -19,7 +19,7 @@ import pytest
 PASSES = ("forward", "backward_input", "backward_weight")
 
 _SCRIPT = r"""
-import dataclasses, json, re
+import json, re
 from groupnet.kernels import grouped_gemm as gg, grouped_gemm_tma as tma
 
 def summary(ptx):
@@ -35,8 +35,7 @@ def summary(ptx):
 out = {}
 cfg = gg.TENSOR_CORE_CONFIGS[1]  # 128 x 64 x 32, 4 warps, 4 stages
 for p in %(passes)r:
-    spec = gg._spec(cfg, "fp16", p, "ieee")
-    spec = tma.TmaCompileSpec(**{f.name: getattr(spec, f.name) for f in dataclasses.fields(spec)})
+    spec = tma.aligned_spec(gg.grouped_gemm_kernel, cfg, "fp16", p, "ieee")
     out["cp_async_sm80_" + p] = summary(spec.compile(80).asm["ptx"])
 tma_cfg = tma.TMA_CONFIGS_16BIT[1]  # 128 x 128 x 64, 8 warps, 4 stages
 for p in %(passes)r:
