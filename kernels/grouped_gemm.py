@@ -67,12 +67,11 @@ TENSOR_CORE_CONFIGS = [
     _config(64, 64, 32, 4, 4),
     _config(64, 32, 64, 4, 4),
 ]
-# 16-bit operands only: deeper K steps (128 x 128 x 64 / 8 warps, 64 x 64 x 128 / 4 warps) and a 128 x 256 tile
-# were tried. With sizes and strides that are multiples of 16 they compile without spills (162-188 registers on
-# sm_80; 128 x 256: 244-250), but a launch whose sizes are not (no vectorised loads) spills on sm_80 and sm_90
-# (python -m groupnet.kernels.report --modules grouped_gemm), so they are not in the list; deeper K and 256-wide
-# tiles are on the sm_90 TMA kernel (grouped_gemm_tma.py), whose loads do not depend on that divisibility.
-WIDE_16BIT_CONFIGS: list[triton.Config] = []
+# Not in the list, for 16-bit operands: deeper K steps (128 x 128 x 64 / 8 warps, 64 x 64 x 128 / 4 warps) and a
+# 128 x 256 tile. With sizes and strides that are multiples of 16 they compile without spills (162-188 registers
+# on sm_80; 128 x 256: 244-250), but a launch whose sizes are not (no vectorised loads) spills on sm_80 and sm_90
+# (python -m groupnet.kernels.report --modules grouped_gemm); deeper K and 256-wide tiles are on the sm_90 TMA
+# kernel (grouped_gemm_tma.py), whose loads do not depend on that divisibility.
 # fp32 with input_precision="ieee" (and fp64) runs on the FMA units and holds more in registers: smaller tiles.
 # 64 x 64 runs on 8 warps: with 4 its weight-gradient build spilled on sm_80 when no size is a multiple of 16.
 FMA_CONFIGS = [
@@ -80,16 +79,14 @@ FMA_CONFIGS = [
     _config(64, 32, 32, 4, 4),
     _config(32, 32, 32, 2, 4),
 ]
-GPU_CONFIGS = TENSOR_CORE_CONFIGS + WIDE_16BIT_CONFIGS + FMA_CONFIGS
+GPU_CONFIGS = TENSOR_CORE_CONFIGS + FMA_CONFIGS
 MAX_BLOCK = 256  # no config has a larger tile side; bounds the int32 offsets inside a tile
 
 
 def gpu_configs(dtype: str, input_precision: str) -> list[triton.Config]:
     """The GPU configs for operands of triton dtype ``dtype`` ("fp16", "bf16", "fp32", "fp64")."""
     fma = dtype == "fp64" or (dtype == "fp32" and input_precision == "ieee")
-    if fma:
-        return FMA_CONFIGS
-    return TENSOR_CORE_CONFIGS + WIDE_16BIT_CONFIGS if dtype in ("fp16", "bf16") else TENSOR_CORE_CONFIGS
+    return FMA_CONFIGS if fma else TENSOR_CORE_CONFIGS
 
 
 def _prune_configs(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:

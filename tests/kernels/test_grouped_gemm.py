@@ -252,11 +252,8 @@ def test_compile_specs_cover_every_gpu_config():
         kw = cfg.kwargs
         assert kw["BLOCK_K"] >= 16, f"BLOCK_K < 16 cannot feed 16-bit tl.dot on a GPU: {cfg}"
         assert max(kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"]) <= gg.MAX_BLOCK
-        element_bytes = 2 if any(cfg is c for c in gg.WIDE_16BIT_CONFIGS) else 4  # the widest dtype it runs
-        operand_bytes = cfg.num_stages * (kw["BLOCK_M"] + kw["BLOCK_N"]) * kw["BLOCK_K"] * element_bytes
-        assert operand_bytes <= SHARED_MEMORY_LIMIT[80], f"{cfg} cannot hold its operand stages on sm_80"
-    for cfg in gg.WIDE_16BIT_CONFIGS:
-        assert all(cfg not in gg.gpu_configs("fp32", p) for p in gg.INPUT_PRECISIONS), "16-bit-only config"
+        fp32_operand_bytes = cfg.num_stages * (kw["BLOCK_M"] + kw["BLOCK_N"]) * kw["BLOCK_K"] * 4
+        assert fp32_operand_bytes <= SHARED_MEMORY_LIMIT[80], f"{cfg} cannot hold its fp32 stages on sm_80"
 
 
 def test_autotune_keys_exclude_the_batch():
