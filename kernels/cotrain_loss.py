@@ -1,5 +1,6 @@
 """Fused co-training loss: every branch's cross-entropy, the divergence among the K branches, and the gradient
-w.r.t. the logits, in one launch (one program per sample).
+w.r.t. the logits, in one launch (one program per sample), or, for few samples with many classes, three launches
+with each sample's classes split into chunks (one program per sample and chunk; see ``_launch_split``).
 
 Per sample n with logits ``z_k`` (k < K, C classes each), targets ``y`` (index) or ``q`` (soft, ``(C,)``),
 weight ``lam`` and temperature ``T``::
@@ -209,6 +210,319 @@ def _cotrain_loss_kernel(
             tl.store(grad_row + cs[None, :], grad, mask=mask)
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Class-split path: with few samples and many classes one program per sample leaves most SMs idle (N = 64 fills 64
+# of 132), so the class axis is cut into S chunks of whole BLOCK_C blocks and each (sample, chunk) gets a program.
+# The row statistics that the single-program kernel carries from one pass to the next become per-chunk partials in
+# a small workspace, combined by every program of the next launch (atomic-free, in chunk order, so the result does
+# not depend on scheduling):
+#   1. _split_stats_kernel:  per chunk, per branch: running max, sum exp(z - max), sum exp((z - max) / T).
+#   2. _split_div_kernel:    combine 1 (log-sum-exp merge over chunks); per chunk: the divergence statistic and,
+#                            for soft targets, the CE and sum q.
+#   3. _split_finish_kernel: combine 1 and 2 (sums over chunks); chunk 0 writes loss, ce and divergence; every
+#                            chunk writes its part of the gradient.
+# Workspace: (N, S, 3, BLOCK_K) elements of ACC_DTYPE per phase.
+
+
+@triton.jit
+def _split_chunk_bounds(n_classes, chunk):
+    c_lo = tl.program_id(1) * chunk
+    return c_lo, tl.minimum(c_lo + chunk, n_classes)
+
+
+@triton.jit
+def _split_combined_stats(stats_ptr, row, n_splits, t, BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Merge the per-chunk (max, sum exp(z - max), sum exp((z - max) / T)) of one row into the row's own."""
+    ss = tl.arange(0, BLOCK_S)
+    ks = tl.arange(0, BLOCK_K)
+    s_mask = (ss < n_splits)[:, None]
+    base = stats_ptr + (row * n_splits + ss.to(tl.int64))[:, None] * (3 * BLOCK_K) + ks[None, :]
+    part_max = tl.load(base, mask=s_mask, other=float("-inf"))
+    part_1 = tl.load(base + BLOCK_K, mask=s_mask, other=0.0)
+    part_t = tl.load(base + 2 * BLOCK_K, mask=s_mask, other=0.0)
+    run_max = tl.max(part_max, axis=0)
+    safe_max = tl.where(run_max == float("-inf"), 0.0, run_max)
+    rescale = part_max - safe_max[None, :]  # -inf for chunks (or padded branches) without a finite logit
+    sum_1 = tl.sum(tl.where(rescale == float("-inf"), 0.0, part_1 * tl.exp(rescale)), axis=0)
+    sum_t = tl.sum(tl.where(rescale == float("-inf"), 0.0, part_t * tl.exp(rescale / t)), axis=0)
+    return run_max, sum_1, sum_t
+
+
+@triton.jit
+def _split_sum(part_ptr, row, n_splits, plane, BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Sum over chunks of one (BLOCK_K,) plane of a row's partials."""
+    ss = tl.arange(0, BLOCK_S)
+    ks = tl.arange(0, BLOCK_K)
+    base = part_ptr + (row * n_splits + ss.to(tl.int64))[:, None] * (3 * BLOCK_K) + plane * BLOCK_K + ks[None, :]
+    return tl.sum(tl.load(base, mask=(ss < n_splits)[:, None], other=0.0), axis=0)
+
+
+@triton.jit
+def _split_stats_kernel(
+    stats_ptr,  # (N, S, 3, BLOCK_K) out
+    logits_ptr,
+    stride_ln,
+    stride_lk,
+    n_classes,
+    n_branches,
+    chunk,
+    n_splits,
+    temperature,
+    BLOCK_K: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    ks = tl.arange(0, BLOCK_K)
+    k_mask = ks < n_branches
+    cols = tl.arange(0, BLOCK_C)
+    logits_row = logits_ptr + row * stride_ln + ks.to(tl.int64)[:, None] * stride_lk
+    t = tl.zeros([], dtype=ACC_DTYPE) + temperature
+    c_lo, c_hi = _split_chunk_bounds(n_classes, chunk)
+    run_max = tl.full([BLOCK_K], float("-inf"), ACC_DTYPE)
+    sum_1 = tl.zeros([BLOCK_K], dtype=ACC_DTYPE)
+    sum_t = tl.zeros([BLOCK_K], dtype=ACC_DTYPE)
+    for c0 in range(c_lo, c_hi, BLOCK_C):
+        cs = c0 + cols
+        mask = k_mask[:, None] & (cs < c_hi)[None, :]
+        z = tl.load(logits_row + cs[None, :], mask=mask, other=float("-inf")).to(ACC_DTYPE)
+        new_max = tl.maximum(run_max, tl.max(z, axis=1))
+        safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)
+        rescale = run_max - safe_max
+        shifted = z - safe_max[:, None]
+        sum_1 = sum_1 * tl.exp(rescale) + tl.sum(tl.exp(shifted), axis=1)
+        sum_t = sum_t * tl.exp(rescale / t) + tl.sum(tl.exp(shifted / t), axis=1)
+        run_max = new_max
+    out = stats_ptr + (row * n_splits + tl.program_id(1)) * (3 * BLOCK_K) + ks
+    tl.store(out, run_max)
+    tl.store(out + BLOCK_K, sum_1)
+    tl.store(out + 2 * BLOCK_K, sum_t)
+
+
+@triton.jit
+def _split_div_kernel(
+    part_ptr,  # (N, S, 3, BLOCK_K) out: divergence statistic, soft CE, sum q (broadcast over branches)
+    stats_ptr,
+    logits_ptr,
+    stride_ln,
+    stride_lk,
+    targets_ptr,
+    stride_tn,
+    n_classes,
+    n_branches,
+    chunk,
+    n_splits,
+    temperature,
+    SOFT_TARGETS: tl.constexpr,
+    DIVERGENCE: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    ks = tl.arange(0, BLOCK_K)
+    k_mask = ks < n_branches
+    cols = tl.arange(0, BLOCK_C)
+    logits_row = logits_ptr + row * stride_ln + ks.to(tl.int64)[:, None] * stride_lk
+    zero_k = tl.zeros([BLOCK_K], dtype=ACC_DTYPE)
+    t = tl.zeros([], dtype=ACC_DTYPE) + temperature
+    k_float = tl.zeros([], dtype=ACC_DTYPE) + n_branches
+    log_k = tl.log(k_float)
+    run_max, sum_1, sum_t = _split_combined_stats(stats_ptr, row, n_splits, t, BLOCK_S, BLOCK_K)
+    row_max = tl.where(k_mask, run_max, 0.0)
+    log_sum_1 = tl.log(tl.where(k_mask, sum_1, 1.0))
+    log_sum_t = tl.log(tl.where(k_mask, sum_t, 1.0))
+    c_lo, c_hi = _split_chunk_bounds(n_classes, chunk)
+    div_stat = zero_k
+    ce = zero_k
+    q_sum = tl.sum(zero_k, axis=0)
+    for c0 in range(c_lo, c_hi, BLOCK_C):
+        cs = c0 + cols
+        c_mask = cs < c_hi
+        mask = k_mask[:, None] & c_mask[None, :]
+        z = tl.load(logits_row + cs[None, :], mask=mask, other=0.0).to(ACC_DTYPE)
+        log_p = tl.where(mask, (z - row_max[:, None]) / t - log_sum_t[:, None], float("-inf"))
+        p = tl.exp(log_p)
+        if DIVERGENCE == 0:
+            log_m = _log_mean_exp_over_branches(log_p, c_mask, log_k)
+            term = p * tl.where(mask, log_p - log_m[None, :], 0.0)
+        else:
+            term = (p - tl.sum(p, axis=0)[None, :] / k_float) * tl.where(mask, log_p, 0.0)
+        div_stat += tl.sum(term, axis=1)
+        if SOFT_TARGETS:
+            q = tl.load(targets_ptr + row * stride_tn + cs, mask=c_mask, other=0.0).to(ACC_DTYPE)
+            q_sum += tl.sum(q, axis=0)
+            ce += tl.sum(tl.where(mask, q[None, :] * ((row_max[:, None] - z) + log_sum_1[:, None]), 0.0), axis=1)
+    out = part_ptr + (row * n_splits + tl.program_id(1)) * (3 * BLOCK_K) + ks
+    tl.store(out, div_stat)
+    tl.store(out + BLOCK_K, ce)
+    tl.store(out + 2 * BLOCK_K, zero_k + q_sum)
+
+
+@triton.jit
+def _split_finish_kernel(
+    loss_ptr,
+    ce_ptr,
+    div_ptr,
+    grad_ptr,
+    stride_gn,
+    stride_gk,
+    stats_ptr,
+    part_ptr,
+    logits_ptr,
+    stride_ln,
+    stride_lk,
+    targets_ptr,
+    stride_tn,
+    n_classes,
+    n_branches,
+    chunk,
+    n_splits,
+    weight,
+    temperature,
+    ignore_index,
+    SOFT_TARGETS: tl.constexpr,
+    DIVERGENCE: tl.constexpr,
+    COMPUTE_GRAD: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    first = tl.program_id(1) == 0
+    ks = tl.arange(0, BLOCK_K)
+    k_mask = ks < n_branches
+    cols = tl.arange(0, BLOCK_C)
+    logits_row = logits_ptr + row * stride_ln + ks.to(tl.int64)[:, None] * stride_lk
+    grad_row = grad_ptr + row * stride_gn + ks.to(tl.int64)[:, None] * stride_gk
+    zero_k = tl.zeros([BLOCK_K], dtype=ACC_DTYPE)
+    c_lo, c_hi = _split_chunk_bounds(n_classes, chunk)
+
+    if not SOFT_TARGETS:
+        y = tl.load(targets_ptr + row * stride_tn).to(tl.int64)
+        if y == ignore_index:
+            if first:
+                tl.store(loss_ptr + row, tl.sum(zero_k, axis=0))
+                tl.store(div_ptr + row, tl.sum(zero_k, axis=0))
+                tl.store(ce_ptr + row * n_branches + ks, zero_k, mask=k_mask)
+            if COMPUTE_GRAD:
+                for c0 in range(c_lo, c_hi, BLOCK_C):
+                    cs = c0 + cols
+                    mask = k_mask[:, None] & (cs < c_hi)[None, :]
+                    tl.store(grad_row + cs[None, :], tl.zeros([BLOCK_K, BLOCK_C], dtype=ACC_DTYPE), mask=mask)
+            return
+        bad_target = (y < 0) | (y >= n_classes)
+        y = tl.where(bad_target, 0, y)
+        nan_if_bad = tl.where(bad_target, float("nan"), 0.0).to(ACC_DTYPE)
+    else:
+        nan_if_bad = tl.sum(zero_k, axis=0)
+
+    t = tl.zeros([], dtype=ACC_DTYPE) + temperature
+    lam = tl.zeros([], dtype=ACC_DTYPE) + weight
+    k_float = tl.zeros([], dtype=ACC_DTYPE) + n_branches
+    if DIVERGENCE == 0:
+        div_scale = 1.0 / k_float
+    else:
+        div_scale = tl.where(k_float > 1.0, k_float / tl.maximum(k_float - 1.0, 1.0), 0.0)
+    log_k = tl.log(k_float)
+    run_max, sum_1, sum_t = _split_combined_stats(stats_ptr, row, n_splits, t, BLOCK_S, BLOCK_K)
+    row_max = tl.where(k_mask, run_max, 0.0)
+    log_sum_1 = tl.log(tl.where(k_mask, sum_1, 1.0))
+    log_sum_t = tl.log(tl.where(k_mask, sum_t, 1.0))
+    div_stat = _split_sum(part_ptr, row, n_splits, 0, BLOCK_S, BLOCK_K)
+
+    if first:
+        if SOFT_TARGETS:
+            ce = _split_sum(part_ptr, row, n_splits, 1, BLOCK_S, BLOCK_K)
+        else:
+            z_y = tl.load(logits_ptr + row * stride_ln + ks.to(tl.int64) * stride_lk + y, mask=k_mask, other=0.0)
+            ce = tl.where(k_mask, (row_max - z_y.to(ACC_DTYPE)) + log_sum_1, 0.0)
+        ce += nan_if_bad
+        div = t * t * div_scale * tl.sum(div_stat, axis=0) + nan_if_bad
+        tl.store(ce_ptr + row * n_branches + ks, ce, mask=k_mask)
+        tl.store(div_ptr + row, div)
+        tl.store(loss_ptr + row, tl.sum(tl.where(k_mask, ce, 0.0), axis=0) + lam * div)
+
+    if COMPUTE_GRAD:
+        if SOFT_TARGETS:
+            q_sum = tl.max(_split_sum(part_ptr, row, n_splits, 2, BLOCK_S, BLOCK_K), axis=0)
+        div_grad_scale = lam * t * div_scale
+        for c0 in range(c_lo, c_hi, BLOCK_C):
+            cs = c0 + cols
+            c_mask = cs < c_hi
+            mask = k_mask[:, None] & c_mask[None, :]
+            z = tl.load(logits_row + cs[None, :], mask=mask, other=0.0).to(ACC_DTYPE)
+            shifted = z - row_max[:, None]
+            prob_1 = tl.exp(shifted - log_sum_1[:, None])
+            log_p = tl.where(mask, shifted / t - log_sum_t[:, None], float("-inf"))
+            p = tl.exp(log_p)
+            if SOFT_TARGETS:
+                q = tl.load(targets_ptr + row * stride_tn + cs, mask=c_mask, other=0.0).to(ACC_DTYPE)
+                grad_ce = prob_1 * q_sum - q[None, :]
+            else:
+                grad_ce = prob_1 - tl.where(cs == y, 1.0, 0.0).to(ACC_DTYPE)[None, :]
+            if DIVERGENCE == 0:
+                log_m = _log_mean_exp_over_branches(log_p, c_mask, log_k)
+                grad_div = p * (tl.where(mask, log_p - log_m[None, :], 0.0) - div_stat[:, None])
+            else:
+                grad_div = p - tl.sum(p, axis=0)[None, :] / k_float
+            grad = grad_ce + div_grad_scale * grad_div + nan_if_bad
+            tl.store(grad_row + cs[None, :], grad, mask=mask)
+
+
+MAX_CLASS_SPLIT_TILE = 2048
+"""Largest [BLOCK_S, BLOCK_K] tile of partials a program of the split path combines (bounds S for large K)."""
+PROGRAMS_PER_SM = 2
+"""The automatic class split aims at this many programs per SM (two waves' worth hides the tail)."""
+
+
+def class_splits_for(samples: int, branches: int, classes: int, block_c: int, multiprocessors: int | None,
+                     requested: int = 0) -> int:
+    """How many class chunks per sample: ``requested`` (> 0, for tests and benchmarks) capped by the number of
+    BLOCK_C blocks and the partial-tile bound; else, with a known SM count and fewer samples than
+    ``PROGRAMS_PER_SM`` * SMs, enough chunks to reach that many programs; else 1 (one program per sample)."""
+    blocks = triton.cdiv(max(classes, 1), block_c)
+    limit = max(1, min(blocks, MAX_CLASS_SPLIT_TILE // triton.next_power_of_2(branches)))
+    if requested > 0:
+        return min(requested, limit)
+    if not multiprocessors or samples >= PROGRAMS_PER_SM * multiprocessors:
+        return 1
+    return min(limit, triton.cdiv(PROGRAMS_PER_SM * multiprocessors, max(samples, 1)))
+
+
+def _launch_split(loss, ce, div, grad, stride_gn, stride_gk, logits, stride_ln, stride_lk, targets, c, branches,
+                  weight, temperature, ignore_index, constexprs, cfg, splits) -> None:
+    """The class-split path (see above): three launches over an (N, S) grid."""
+    n = loss.shape[0]
+    block_c = cfg["BLOCK_C"]
+    chunk = triton.cdiv(triton.cdiv(c, splits), block_c) * block_c  # whole blocks per chunk
+    splits = triton.cdiv(c, chunk)  # no empty chunk
+    block_s = triton.next_power_of_2(splits)
+    stats = torch.empty(n, splits, 3, cfg["BLOCK_K"], dtype=loss.dtype, device=loss.device)
+    part = torch.empty_like(stats)
+    acc = constexprs["ACC_DTYPE"]
+    tiles = {"BLOCK_K": cfg["BLOCK_K"], "BLOCK_C": block_c}
+    grid = (n, splits)
+
+    def config(**extra):
+        return triton.Config({**tiles, **extra}, num_warps=cfg["num_warps"])
+
+    launch(_split_stats_kernel, grid,
+           (stats, logits, stride_ln, stride_lk, c, branches, chunk, splits, float(temperature)),
+           {"ACC_DTYPE": acc}, config())
+    launch(_split_div_kernel, grid,
+           (part, stats, logits, stride_ln, stride_lk, targets, targets.stride(0), c, branches, chunk, splits,
+            float(temperature)),
+           {"SOFT_TARGETS": constexprs["SOFT_TARGETS"], "DIVERGENCE": constexprs["DIVERGENCE"], "ACC_DTYPE": acc},
+           config(BLOCK_S=block_s))
+    launch(_split_finish_kernel, grid,
+           (loss, ce, div, grad, stride_gn, stride_gk, stats, part, logits, stride_ln, stride_lk, targets,
+            targets.stride(0), c, branches, chunk, splits, float(weight), float(temperature), ignore_index),
+           constexprs, config(BLOCK_S=block_s))
+
+
 def launch_config(branches: int, classes: int, dtype: torch.dtype, block_c: int = 0) -> dict[str, int]:
     """BLOCK_K, BLOCK_C and num_warps for K branches and C classes (``block_c`` > 0 forces BLOCK_C, for tests)."""
     block_k = triton.next_power_of_2(branches)
@@ -246,12 +560,15 @@ def cotrain_loss_forward(
     divergence: str,
     compute_grad: bool,
     block_c: int,
+    class_splits: int = 0,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Launch the kernel. Returns per-sample (loss (N,), ce (N, K), divergence (N,)) and the gradient of each
     sample's loss w.r.t. the logits (logits' shape, fp32 or fp64; an empty tensor when ``compute_grad`` is False).
 
     ``logits``: ``(N, K*C)`` or ``(K, N, C)``; ``targets``: ``(N,)`` int64 or ``(N, C)`` floating. Inputs are
     assumed validated (``groupnet.ops.cotrain_loss``); only the logits' dtype and device are checked here.
+    ``class_splits``: 0 picks the class split by :func:`class_splits_for` (CUDA: from the SM count), > 0 forces
+    up to that many class chunks per sample (1: one program per sample).
     """
     check_launch_tensors("cotrain_loss", logits.dtype, logits=logits)
     if logits.stride(-1) != 1:
@@ -282,13 +599,20 @@ def cotrain_loss_forward(
         "COMPUTE_GRAD": compute_grad,
         "ACC_DTYPE": tl_accumulator_dtype(logits.dtype),
     }
+    sms = torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else None
+    splits = class_splits_for(n, branches, c, cfg["BLOCK_C"], sms, class_splits)
+    if splits > 1:
+        _launch_split(loss, ce, div, grad, stride_gn, stride_gk, logits, stride_ln, stride_lk, targets, c, branches,
+                      weight, temperature, ignore_index, constexprs, cfg, splits)
+        return loss, ce, div, grad
     config = triton.Config({"BLOCK_K": cfg["BLOCK_K"], "BLOCK_C": cfg["BLOCK_C"]}, num_warps=cfg["num_warps"])
     launch(_cotrain_loss_kernel, (n,), args, constexprs, config)
     return loss, ce, div, grad
 
 
 @cotrain_loss_forward.register_fake
-def _(logits, targets, branches, weight, temperature, ignore_index, divergence, compute_grad, block_c):
+def _(logits, targets, branches, weight, temperature, ignore_index, divergence, compute_grad, block_c,
+      class_splits=0):
     n, _c = _layout_sizes(logits, branches)
     acc = accumulator_dtype(logits.dtype)
     new = logits.new_empty
@@ -301,9 +625,11 @@ class CoTrainLossFunction(torch.autograd.Function):
     gradient on the device. The per-branch CE and divergence outputs are not differentiable (logging only)."""
 
     @staticmethod
-    def forward(logits, targets, branches, weight, temperature, ignore_index, divergence, compute_grad, block_c):
+    def forward(logits, targets, branches, weight, temperature, ignore_index, divergence, compute_grad, block_c,
+                class_splits):
         return torch.ops.groupnet.cotrain_loss_forward(
-            logits, targets, branches, weight, temperature, ignore_index, divergence, compute_grad, block_c
+            logits, targets, branches, weight, temperature, ignore_index, divergence, compute_grad, block_c,
+            class_splits,
         )
 
     @staticmethod
@@ -324,7 +650,7 @@ class CoTrainLossFunction(torch.autograd.Function):
                 raise RuntimeError("cotrain_loss: backward called but the forward did not compute the gradient")
             scale = grad_loss.view(1, -1, 1) if ctx.branch_major else grad_loss.view(-1, 1)
             grad_logits = (grad * scale.to(grad.dtype)).to(ctx.logits_dtype)
-        return grad_logits, None, None, None, None, None, None, None, None
+        return grad_logits, None, None, None, None, None, None, None, None, None
 
 
 def cotrain_loss(
@@ -337,12 +663,14 @@ def cotrain_loss(
     ignore_index: int = -100,
     divergence: str = "js",
     block_c: int = 0,
+    class_splits: int = 0,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Per-sample co-training loss by the fused kernel: ``(loss (N,), ce (N, K), divergence (N,))``.
 
     ``loss`` is differentiable w.r.t. ``logits``; ``ce`` and ``divergence`` (the ``T^2 * D`` term that ``weight``
-    multiplies) are for logging. Ignored samples give 0 in all three. Reduction over samples is the caller's
-    (:class:`groupnet.cotraining.CoTrainingLoss` takes the mean over non-ignored samples).
+    multiplies) are for logging. Ignored samples give 0 in all three. ``block_c``/``class_splits`` > 0 force the
+    class block / the number of class chunks per sample (tests, benchmarks); 0 chooses. Reduction over samples is
+    the caller's (:class:`groupnet.cotraining.CoTrainingLoss` takes the mean over non-ignored samples).
     """
     if divergence not in DIVERGENCES:
         raise ValueError(f"the fused kernel supports divergence in {DIVERGENCES}, got {divergence!r}")
@@ -350,7 +678,7 @@ def cotrain_loss(
         raise ValueError(f"the fused kernel supports up to {MAX_BRANCHES} branches, got {branches}")
     compute_grad = torch.is_grad_enabled() and logits.requires_grad
     loss, ce, div, _grad = CoTrainLossFunction.apply(
-        logits, targets, branches, weight, temperature, ignore_index, divergence, compute_grad, block_c
+        logits, targets, branches, weight, temperature, ignore_index, divergence, compute_grad, block_c, class_splits
     )
     return loss, ce, div
 
@@ -416,6 +744,41 @@ def compile_specs() -> list[CompileSpec]:
                 num_warps=cfg["num_warps"],
             )
         )
+    return specs + split_compile_specs()
+
+
+def split_compile_specs() -> list[CompileSpec]:
+    """The three kernels of the class-split path for a few (dtype, K, soft, divergence) variants at S = 8 chunks."""
+    specs = []
+    for dtype, k, soft, divergence in ((torch.float32, 2, False, "js"), (torch.bfloat16, 8, True, "kl"),
+                                       (torch.float16, 4, False, "kl"), (torch.float32, MAX_BRANCHES, True, "js")):
+        cfg = launch_config(k, 32000, dtype)
+        block_s = min(8, MAX_CLASS_SPLIT_TILE // cfg["BLOCK_K"])
+        acc = "*fp64" if dtype == torch.float64 else "*fp32"
+        pointers = {"loss_ptr": acc, "ce_ptr": acc, "div_ptr": acc, "grad_ptr": acc, "stats_ptr": acc,
+                    "part_ptr": acc, "logits_ptr": f"*{TORCH_TO_TRITON_DTYPE[dtype]}",
+                    "targets_ptr": acc if soft else "*i64"}
+        scalars = {"weight": "fp32", "temperature": "fp32"}
+        common = {"BLOCK_K": cfg["BLOCK_K"], "BLOCK_C": cfg["BLOCK_C"], "ACC_DTYPE": tl_accumulator_dtype(dtype)}
+        variant = {"SOFT_TARGETS": soft, "DIVERGENCE": DIVERGENCES.index(divergence)}
+        kernels = (
+            (_split_stats_kernel, common),
+            (_split_div_kernel, {**common, **variant, "BLOCK_S": block_s}),
+            (_split_finish_kernel, {**common, **variant, "COMPUTE_GRAD": True, "BLOCK_S": block_s}),
+        )
+        for fn, constexprs in kernels:
+            signature = {}
+            for arg in fn.arg_names:
+                if arg in constexprs:
+                    signature[arg] = "constexpr"
+                elif arg in pointers or arg in scalars:
+                    signature[arg] = pointers.get(arg) or scalars[arg]
+                else:
+                    signature[arg] = "i64" if arg.startswith("stride") else "i32"
+            name = (f"cotrain_loss_split_{fn.__name__.split('_')[2]}_{TORCH_TO_TRITON_DTYPE[dtype]}_k{k}_"
+                    f"{'soft' if soft else 'hard'}_{divergence}")
+            specs.append(CompileSpec(name=name, fn=fn, signature=signature, constexprs=constexprs,
+                                     num_warps=cfg["num_warps"]))
     return specs
 
 

@@ -33,6 +33,7 @@ from torch import Tensor
 
 from groupnet import _checks
 
+from . import grouped_gemm_tma as _tma
 from ._common import (
     INPUT_PRECISIONS,
     TORCH_TO_TRITON_DTYPE,
@@ -66,9 +67,15 @@ TENSOR_CORE_CONFIGS = [
     _config(64, 64, 32, 4, 4),
     _config(64, 32, 64, 4, 4),
 ]
+# Not in the list, for 16-bit operands: deeper K steps (128 x 128 x 64 / 8 warps, 64 x 64 x 128 / 4 warps) and a
+# 128 x 256 tile. With sizes and strides that are multiples of 16 they compile without spills (162-188 registers
+# on sm_80; 128 x 256: 244-250), but a launch whose sizes are not (no vectorised loads) spills on sm_80 and sm_90
+# (python -m groupnet.kernels.report --modules grouped_gemm); deeper K and 256-wide tiles are on the sm_90 TMA
+# kernel (grouped_gemm_tma.py), whose loads do not depend on that divisibility.
 # fp32 with input_precision="ieee" (and fp64) runs on the FMA units and holds more in registers: smaller tiles.
+# 64 x 64 runs on 8 warps: with 4 its weight-gradient build spilled on sm_80 when no size is a multiple of 16.
 FMA_CONFIGS = [
-    _config(64, 64, 32, 4, 4),
+    _config(64, 64, 32, 8, 4),
     _config(64, 32, 32, 4, 4),
     _config(32, 32, 32, 2, 4),
 ]
@@ -94,7 +101,7 @@ INTERPRETER_CONFIG = triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 16,
 @triton.jit
 def grouped_gemm_kernel(
     A, B, C, BIAS,
-    M, N, KD,
+    M, N, KD, G,
     stride_ag, stride_am, stride_ak,
     stride_bg, stride_bk, stride_bn,
     stride_cg, stride_cm, stride_cn,
@@ -113,7 +120,7 @@ def grouped_gemm_kernel(
     Args:
         A, B, C: operand pointers; element (g, i, j) of A is at ``A + g*stride_ag + i*stride_am + j*stride_ak``.
         BIAS: ``(G, N)`` added to every row of C[g] when HAS_BIAS.
-        M, N, KD: sizes; KD is the reduction length.
+        M, N, KD: sizes; KD is the reduction length. G: the group count (grid axis 1), an autotune key only.
         ACC_DTYPE: tl.float32, or tl.float64 for fp64 operands.
         UPCAST_OPERANDS: cast loaded operands to ACC_DTYPE before tl.dot (needed by the interpreter for bf16).
         INPUT_PRECISION: "ieee" or "tf32", used by fp32 dots.
@@ -130,17 +137,22 @@ def grouped_gemm_kernel(
     pid_n = (pid % num_pid_in_group) // group_size_m
 
     # Group and tile origins in int64; offsets inside a tile in int32 (the launcher checks that they fit).
-    # Rows/columns past the edge are clamped onto the last valid one, so the loads need only the K mask; the
-    # duplicates are dropped by the store masks.
+    # Rows/columns past the edge wrap onto valid ones (modulo what is left), so the loads need only the K mask; the
+    # duplicates are dropped by the store masks. The hints say each operand index vector is BLOCK-long contiguous
+    # from a multiple of BLOCK (true except in a tail tile, whose wrapped lanes only feed masked-off outputs, as in
+    # triton's matmul tutorial): the compiler then vectorises the loads on whichever axis has unit stride (16-byte
+    # cp.async on sm_80), which a clamp (tl.minimum) hides.
     rows_left = M - pid_m * BLOCK_M
     cols_left = N - pid_n * BLOCK_N
     rows = tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_N)
     ks = tl.arange(0, BLOCK_K)
+    a_rows = tl.max_contiguous(tl.multiple_of(rows % rows_left, BLOCK_M), BLOCK_M)
+    b_cols = tl.max_contiguous(tl.multiple_of(cols % cols_left, BLOCK_N), BLOCK_N)
     a_tile = A + g * stride_ag + pid_m.to(tl.int64) * BLOCK_M * stride_am
     b_tile = B + g * stride_bg + pid_n.to(tl.int64) * BLOCK_N * stride_bn
-    a_ptrs = a_tile + tl.minimum(rows, rows_left - 1)[:, None] * stride_am + ks[None, :] * stride_ak
-    b_ptrs = b_tile + ks[:, None] * stride_bk + tl.minimum(cols, cols_left - 1)[None, :] * stride_bn
+    a_ptrs = a_tile + a_rows[:, None] * stride_am + ks[None, :] * stride_ak
+    b_ptrs = b_tile + ks[:, None] * stride_bk + b_cols[None, :] * stride_bn
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
     for k0 in range(0, KD, BLOCK_K):
@@ -165,17 +177,70 @@ def grouped_gemm_kernel(
     tl.store(c_ptrs, acc.to(C.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
+# Autotune keys: everything that changes the best config. The sizes other than the batch, the group count G (the
+# grid's second axis: with few groups, smaller tiles fill the SMs), the dot precision, and (added by triton's
+# autotuner itself for every tensor argument) the operand dtypes. cache_results: the timings are written to triton's
+# cache (TRITON_CACHE_DIR), so later processes on the same machine, triton and shapes reuse the chosen config.
+# Reproducible configs regardless of timing: see pinned_config.
 _features_reduced_gemm = triton.autotune(
     configs=autotune_configs(GPU_CONFIGS, INTERPRETER_CONFIG),
-    key=["N", "KD", "INPUT_PRECISION"],
+    key=["N", "KD", "G", "INPUT_PRECISION"],
     prune_configs_by={"early_config_prune": _prune_configs},
+    cache_results=True,
 )(grouped_gemm_kernel)
 # dW reduces over the batch: keyed on the feature sizes (M, N) only, so a new batch size does not retune.
 _batch_reduced_gemm = triton.autotune(
     configs=autotune_configs(GPU_CONFIGS, INTERPRETER_CONFIG),
-    key=["M", "N", "INPUT_PRECISION"],
+    key=["M", "N", "G", "INPUT_PRECISION"],
     prune_configs_by={"early_config_prune": _prune_configs},
+    cache_results=True,
 )(grouped_gemm_kernel)
+
+
+def _prune_tma_configs(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+    allowed = _tma.tma_configs(TORCH_TO_TRITON_DTYPE[named_args["A"].dtype])
+    return [c for c in configs if any(c is a for a in allowed)] or configs
+
+
+_TMA_GPU_CONFIGS = _tma.TMA_CONFIGS_16BIT + _tma.TMA_CONFIGS_32BIT
+_TMA_LAYOUT_KEYS = ["A_K_CONTIGUOUS", "B_N_CONTIGUOUS"]
+_features_reduced_tma = triton.autotune(
+    configs=autotune_configs(_TMA_GPU_CONFIGS, INTERPRETER_CONFIG),
+    key=["N", "KD", "G", "INPUT_PRECISION", *_TMA_LAYOUT_KEYS],
+    prune_configs_by={"early_config_prune": _prune_tma_configs},
+    cache_results=True,
+)(_tma.grouped_gemm_tma_kernel)
+_batch_reduced_tma = triton.autotune(
+    configs=autotune_configs(_TMA_GPU_CONFIGS, INTERPRETER_CONFIG),
+    key=["M", "N", "G", "INPUT_PRECISION", *_TMA_LAYOUT_KEYS],
+    prune_configs_by={"early_config_prune": _prune_tma_configs},
+    cache_results=True,
+)(_tma.grouped_gemm_tma_kernel)
+
+
+def reproducible_configs() -> bool:
+    """True when launches use :func:`pinned_config` instead of autotuning: under
+    ``torch.use_deterministic_algorithms(True)``."""
+    return torch.are_deterministic_algorithms_enabled()
+
+
+def pinned_config(dtype: torch.dtype, input_precision: str, m: int, n: int, *, tma: bool = False) -> triton.Config:
+    """The config a launch of output size ``(M, N)`` uses when configs are pinned: a function of the dtype, the
+    precision, the output size and the kernel (cp.async or TMA) only, never of timings.
+
+    Under the interpreter: its one config. On a GPU: the largest square-ish tile of the pass's config list that the
+    output fills (128 rows/columns when M/N reach 128, else 64), BLOCK_K from that list.
+    """
+    if is_interpreter():
+        return INTERPRETER_CONFIG
+    tl_dtype = TORCH_TO_TRITON_DTYPE[dtype]
+    configs = _tma.tma_configs(tl_dtype) if tma else gpu_configs(tl_dtype, input_precision)
+    want_m = 128 if m >= 128 else 64
+    want_n = 128 if n >= 128 else 64
+    for cfg in configs:
+        if cfg.kwargs["BLOCK_M"] == want_m and cfg.kwargs["BLOCK_N"] == want_n:
+            return cfg
+    return min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])
 
 
 def launch_grouped_gemm(
@@ -187,6 +252,7 @@ def launch_grouped_gemm(
     input_precision: str = "ieee",
     batch_reduction: bool = False,
     config: triton.Config | None = None,
+    tma: bool | None = None,
 ) -> Tensor:
     """Write ``out[g] = a[g] @ b[g] (+ bias[g])`` into ``out``.
 
@@ -196,7 +262,11 @@ def launch_grouped_gemm(
         bias: ``(G, N)`` or None.
         input_precision: "ieee" or "tf32" (fp32 dots on a GPU).
         batch_reduction: True when KD is the batch (the dW pass): picks the autotuner keyed on M and N.
-        config: launch with this config instead of autotuning (used by benchmarks and tests).
+        config: launch with this config instead of autotuning (used by benchmarks and tests). None: autotune, or
+            :func:`pinned_config` when :func:`reproducible_configs`.
+        tma: True runs the TMA kernel (``grouped_gemm_tma.py``; an error when the operands do not meet TMA's
+            alignment rules), False the cp.async kernel; None picks TMA on a CUDA device of capability >= 9 whose
+            operands qualify (:func:`groupnet.kernels.grouped_gemm_tma.tma_layouts`), else cp.async.
 
     Returns:
         ``out``.
@@ -232,7 +302,7 @@ def launch_grouped_gemm(
 
     args = (
         a, b, out, bias_t,
-        m, n, kd,
+        m, n, kd, g,
         *a.stride(), *b.stride(), *out.stride(), *bias_strides,
     )  # fmt: skip
     constexprs = {
@@ -241,8 +311,26 @@ def launch_grouped_gemm(
         "UPCAST_OPERANDS": is_interpreter(),
         "INPUT_PRECISION": input_precision,
     }
-    # With a fixed config, launch() runs the raw kernel (the autotuner's .fn, grouped_gemm_kernel) with it.
-    launch(_batch_reduced_gemm if batch_reduction else _features_reduced_gemm, grid, args, constexprs, config)
+    layouts = _tma.tma_layouts(a, b) if kd > 0 else None  # a TMA descriptor cannot describe an empty axis
+    if tma is None:
+        tma = layouts is not None and a.device.type == "cuda" and torch.cuda.get_device_capability(a.device)[0] >= 9
+    elif tma and layouts is None:
+        raise ValueError(
+            f"{what}: tma=True needs fp16/bf16/fp32 operands with a unit stride each, the other strides and the group "
+            f"stride multiples of 16 bytes and 16-byte-aligned addresses; got a strides {a.stride()}, b strides "
+            f"{b.stride()}, dtype {a.dtype}"
+        )
+    if config is None and reproducible_configs():
+        config = pinned_config(a.dtype, input_precision, m, n, tma=tma)
+    if tma:
+        constexprs["A_K_CONTIGUOUS"], constexprs["B_N_CONTIGUOUS"] = layouts
+        if a.device.type == "cuda":
+            _tma.set_scratch_allocator()  # device-side descriptors live in global scratch memory
+        kernel = _batch_reduced_tma if batch_reduction else _features_reduced_tma
+    else:
+        kernel = _batch_reduced_gemm if batch_reduction else _features_reduced_gemm
+    # With a fixed config, launch() runs the raw kernel (the autotuner's .fn) with it.
+    launch(kernel, grid, args, constexprs, config)
     return out
 
 

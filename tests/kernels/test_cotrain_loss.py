@@ -48,11 +48,11 @@ def reference_grad(logits, targets, k, row_weights, **hyper):
 
 
 def check_against_reference(n, k, c, *, layout, soft, ignore, divergence, temperature, weight, scale, dtype, seed,
-                            block_c=0):
+                            block_c=0, class_splits=0):
     logits = random_logits(n, k, c, layout, scale=scale, dtype=dtype, seed=seed, row_pad=5).requires_grad_()
     targets = draw_targets(n, c, soft=soft, ignore=ignore, seed=seed)
     hyper = dict(weight=weight, divergence=divergence, temperature=temperature)
-    loss, ce, div = cotrain_loss(logits, targets, branches=k, block_c=block_c, **hyper)
+    loss, ce, div = cotrain_loss(logits, targets, branches=k, block_c=block_c, class_splits=class_splits, **hyper)
     row_weights = torch.randn(n, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
     (grad,) = torch.autograd.grad((loss * row_weights.to(loss.dtype)).sum(), logits)
     ref_loss, ref_ce, ref_div = reference_rows(logits, targets, k, **hyper)
@@ -84,6 +84,61 @@ def test_per_sample_outputs_and_gradients_float64(n, k, c, layout, soft, ignore,
     check_against_reference(n, k, c, layout=layout, soft=soft, ignore=ignore, divergence=divergence,
                             temperature=temperature, weight=weight, scale=scale, dtype=torch.float64, seed=seed,
                             block_c=block_c)
+
+
+@settings(max_examples=8)
+@given(
+    n=st.integers(1, 3),
+    k=st.integers(1, 4),
+    c=st.integers(17, 64),
+    layout=st.sampled_from(["nkc_strided", "knc_permuted"]),
+    soft=st.booleans(),
+    ignore=st.booleans(),
+    divergence=st.sampled_from(["js", "kl"]),
+    temperature=st.sampled_from([1.0, 0.5, 4.0]),
+    weight=st.floats(0.0, 3.0, width=32),
+    scale=st.sampled_from([0.01, 1.0, 50.0]),
+    class_splits=st.integers(2, 6),
+    seed=st.integers(0, 2**20),
+)
+def test_class_split_path_float64(n, k, c, layout, soft, ignore, divergence, temperature, weight, scale,
+                                  class_splits, seed):
+    """The class-split path (per-chunk partial statistics combined across programs) with BLOCK_C = 16, so each
+    sample's classes spread over 2-6 chunks, the last one ragged, against the float64 reference."""
+    assert kernel_module.class_splits_for(n, k, c, 16, None, class_splits) > 1
+    check_against_reference(n, k, c, layout=layout, soft=soft, ignore=ignore, divergence=divergence,
+                            temperature=temperature, weight=weight, scale=scale, dtype=torch.float64, seed=seed,
+                            block_c=16, class_splits=class_splits)
+
+
+@pytest.mark.parametrize("dtype, divergence", [(torch.float32, "js"), (torch.bfloat16, "kl")])
+def test_class_split_path_input_dtypes_and_extreme_logits(dtype, divergence):
+    """16-bit and fp32 logits on the split path; then |z| = 1e4 with the running max in a different chunk per
+    branch (the merge of per-chunk maxima), finite and equal to the one-program path."""
+    check_against_reference(3, 3, 50, layout="nkc_strided", soft=False, ignore=True, divergence=divergence,
+                            temperature=2.0, weight=0.5, scale=3.0, dtype=dtype, seed=5, block_c=16, class_splits=3)
+    n, k, c = 2, 3, 50
+    logits = random_logits(n, k, c, "nkc_strided", row_pad=5, scale=1.0, dtype=torch.float64, seed=6)
+    logits = (torch.round(logits) * 5e3).clamp(-1e4, 1e4).to(torch.float32)
+    targets = draw_targets(n, c, soft=False, ignore=False, seed=6)
+    hyper = dict(branches=k, weight=1.0, temperature=0.5, divergence=divergence, block_c=16)
+    split = cotrain_loss(logits, targets, class_splits=4, **hyper)
+    single = cotrain_loss(logits, targets, class_splits=1, **hyper)
+    for a, b in zip(split, single):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+def test_class_split_choice():
+    """Automatic: no split without an SM count or with enough samples; else enough chunks for two programs per
+    SM, at most one chunk per class block and within the partial-tile bound."""
+    splits = kernel_module.class_splits_for
+    assert splits(64, 2, 1000, 512, None) == 1
+    assert splits(264, 2, 100000, 512, 132) == 1
+    assert splits(64, 2, 100000, 512, 132) == 5  # 64 x 5 = 320 programs >= 2 x 132
+    assert splits(1, 2, 1000, 512, 132) == 2  # two class blocks
+    assert splits(1, 128, 10**6, 16, 132) == kernel_module.MAX_CLASS_SPLIT_TILE // 128
+    assert splits(4, 2, 100, 16, None, requested=3) == 3
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
@@ -191,8 +246,12 @@ def test_launch_config_validates_block_c_and_bounds_the_tile():
 
 def test_compile_specs_cover_every_kernel_variant():
     """Every constexpr value the launcher can pass appears in at least one offline-compiled spec."""
-    specs = compile_specs()
-    assert all(s.fn is kernel_module._cotrain_loss_kernel for s in specs)
+    all_specs = compile_specs()
+    split_kernels = (kernel_module._split_stats_kernel, kernel_module._split_div_kernel,
+                     kernel_module._split_finish_kernel)
+    assert {s.fn for s in all_specs} == {kernel_module._cotrain_loss_kernel, *split_kernels}
+    assert len({s.name for s in all_specs}) == len(all_specs)
+    specs = [s for s in all_specs if s.fn is kernel_module._cotrain_loss_kernel]
     seen = {key: {s.constexprs[key] for s in specs} for key in ("SOFT_TARGETS", "DIVERGENCE", "COMPUTE_GRAD")}
     assert seen == {"SOFT_TARGETS": {False, True}, "DIVERGENCE": {0, 1}, "COMPUTE_GRAD": {False, True}}
     assert {str(s.constexprs["ACC_DTYPE"]) for s in specs} == {"fp32", "fp64"}

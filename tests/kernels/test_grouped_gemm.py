@@ -285,3 +285,113 @@ def test_default_precision_follows_the_new_and_the_legacy_tf32_settings():
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
+
+
+def test_autotune_keys_cover_what_changes_the_best_config():
+    """Keys: the non-batch sizes, the group count, the dot precision (and, added by triton's autotuner, the operand
+    dtypes); the TMA tuners also the operand layouts. Timings are cached across processes (cache_results)."""
+    tuners = (gg._features_reduced_gemm, gg._batch_reduced_gemm, gg._features_reduced_tma, gg._batch_reduced_tma)
+    for tuner in tuners:
+        assert {"N", "G", "INPUT_PRECISION"} <= set(tuner.keys)
+        assert tuner.fn.arg_names.index("G") >= 0
+    for tuner in tuners[2:]:
+        assert {"A_K_CONTIGUOUS", "B_N_CONTIGUOUS"} <= set(tuner.keys)
+    assert "M" not in gg._features_reduced_tma.keys and "KD" not in gg._batch_reduced_tma.keys
+
+
+def test_pinned_configs_depend_on_the_shape_only(monkeypatch):
+    """With configs pinned, the choice is a function of dtype, precision, output size and kernel: every call gives
+    the same config object, one from the list that pass may use (so it is a legal, compiled config)."""
+    from groupnet.kernels import grouped_gemm_tma as tma
+
+    monkeypatch.setattr(gg, "is_interpreter", lambda: False)
+    for dtype, name, precision in (
+        (torch.bfloat16, "bf16", "ieee"), (torch.float32, "fp32", "tf32"), (torch.float32, "fp32", "ieee")
+    ):
+        for m, n in ((8, 8), (64, 300), (300, 64), (4096, 4096)):
+            cfg = gg.pinned_config(dtype, precision, m, n)
+            assert cfg is gg.pinned_config(dtype, precision, m, n)
+            assert any(cfg is c for c in gg.gpu_configs(name, precision))
+            if name != "fp32" or precision == "tf32":
+                tma_cfg = gg.pinned_config(dtype, precision, m, n, tma=True)
+                assert any(tma_cfg is c for c in tma.tma_configs(name))
+    assert gg.pinned_config(torch.bfloat16, "ieee", 4096, 4096).kwargs["BLOCK_M"] == 128
+
+
+def test_deterministic_algorithms_pin_the_config(monkeypatch):
+    """Under torch.use_deterministic_algorithms(True) the launcher passes a pinned config instead of autotuning."""
+    seen = []
+    monkeypatch.setattr(gg, "launch", lambda kernel, grid, args, constexprs, config: seen.append(config))
+    a, b, out = torch.zeros(2, 3, 4), torch.zeros(2, 4, 5), torch.zeros(2, 3, 5)
+    gg.launch_grouped_gemm(a, b, out)
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        gg.launch_grouped_gemm(a, b, out)
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    assert seen == [None, gg.pinned_config(torch.float32, "ieee", 3, 5)]
+
+
+@st.composite
+def tma_problems(draw):
+    """Feature counts that are multiples of 8: every group stride and row stride is a multiple of 16 bytes."""
+    k = draw(st.integers(1, 3))
+    m = draw(st.integers(1, 40))
+    return k, m, 8 * draw(st.integers(1, 5)), 8 * draw(st.integers(1, 5))
+
+
+@settings(max_examples=6)
+@given(problem=tma_problems(), has_bias=st.booleans(), dtype=st.sampled_from(DTYPES), seed=st.integers(0, 2**31 - 1))
+def test_tma_kernel_matches_per_branch_reference(problem, has_bias, dtype, seed):
+    """The TMA kernel (descriptor loads, zero fill past the edges) on all three passes of the linear layer, against
+    float64 references; the interpreter checks TMA's alignment rules on every descriptor and load."""
+    from groupnet.kernels import grouped_gemm_tma as tma
+
+    k, m, in_f, out_f = problem
+    gen = torch.Generator().manual_seed(seed)
+    x = _random((m, k * in_f), dtype, gen)
+    weight = _random((k, out_f, in_f), dtype, gen)
+    bias = _random((k, out_f), dtype, gen) if has_bias else None
+    grad_y = _random((m, k * out_f), dtype, gen)
+
+    y = torch.full((m, k * out_f), float("nan"), dtype=dtype)
+    a, b = gg._groups(x, k), weight.transpose(1, 2)
+    assert tma.tma_layouts(a, b) == (True, False)
+    gg.launch_grouped_gemm(a, b, gg._groups(y, k), bias=bias, tma=True)
+    assert_close(y, reference_linear(x, weight, bias), dtype, reduction=in_f, what="forward")
+
+    grad_x = torch.full((m, k * in_f), float("nan"), dtype=dtype)
+    assert tma.tma_layouts(gg._groups(grad_y, k), weight) == (True, True)
+    gg.launch_grouped_gemm(gg._groups(grad_y, k), weight, gg._groups(grad_x, k), tma=True)
+    ref_grad_x = torch.cat(
+        [grad_y[:, i * out_f : (i + 1) * out_f].double() @ weight[i].double() for i in range(k)], dim=1
+    )
+    assert_close(grad_x, ref_grad_x, dtype, reduction=out_f, what="backward input")
+
+    grad_w = torch.full((k, out_f, in_f), float("nan"), dtype=dtype)
+    grad_y_t = grad_y.unflatten(1, (k, out_f)).permute(1, 2, 0)
+    assert tma.tma_layouts(grad_y_t, gg._groups(x, k)) == (False, True)
+    gg.launch_grouped_gemm(grad_y_t, gg._groups(x, k), grad_w, tma=True, batch_reduction=True)
+    ref_grad_w = torch.stack(
+        [grad_y[:, i * out_f : (i + 1) * out_f].double().T @ x[:, i * in_f : (i + 1) * in_f].double() for i in range(k)]
+    )
+    assert_close(grad_w, ref_grad_w, dtype, reduction=m, what="backward weight")
+
+
+def test_tma_path_refuses_operands_that_break_the_alignment_rules():
+    """Group or row strides that are not multiples of 16 bytes, no unit stride, fp64, or a misaligned base: the
+    automatic choice falls back to cp.async and tma=True is a clear error."""
+    from groupnet.kernels import grouped_gemm_tma as tma
+
+    x = torch.zeros(4, 2 * 6, dtype=torch.float16)  # in = 6: a 12-byte group stride
+    w = torch.zeros(2, 8, 6, dtype=torch.float16)
+    assert tma.tma_layouts(gg._groups(x, 2), w.transpose(1, 2)) is None
+    assert tma.tma_layouts(torch.zeros(1, 8, 8, dtype=torch.float64), torch.zeros(1, 8, 8, dtype=torch.float64)) is None
+    gapped = torch.zeros(1, 8, 16)[:, :, ::2]  # no unit stride
+    assert tma.tma_layouts(gapped, torch.zeros(1, 8, 8)) is None
+    shifted = torch.zeros(1 + 8 * 8)[1:].view(1, 8, 8)  # 4-byte-aligned base
+    assert tma.tma_layouts(shifted, torch.zeros(1, 8, 8)) is None
+    assert tma.tma_layouts(torch.zeros(2, 8, 8), torch.zeros(2, 8, 8)) == (True, True)
+    with pytest.raises(ValueError, match="tma=True needs .* multiples of 16 bytes"):
+        gg.launch_grouped_gemm(gg._groups(x, 2), w.transpose(1, 2), torch.zeros(2, 4, 8, dtype=torch.float16), tma=True)
