@@ -1,9 +1,10 @@
 """Shared helpers for groupnet's Triton kernels: supported dtypes and dot precisions, the accumulator rule, the
 launch-time tensor checks, interpreter detection, autotune config lists, the launch helper, offline compilation.
 
-Every kernel file exposes ``compile_specs() -> list[CompileSpec]`` naming each ``@triton.jit`` kernel with a
-concrete signature and every config it can be launched with, so that ``tests/kernels/test_compile.py`` and
-``python -m groupnet.kernels.report`` can compile all of them for sm_80/sm_90 without a GPU.
+Every kernel file exposes ``compile_specs() -> list[CompileSpec]``: the ``@triton.jit`` kernels with the signatures
+the JIT specializes for the module's real launches (``launch_cases()``, see ``specs_from_launches``) and every config
+the autotuner can pick for them, so that ``tests/kernels/test_compile.py`` and ``python -m groupnet.kernels.report``
+compile what a GPU would run, for sm_80/sm_90, without a GPU.
 """
 
 from __future__ import annotations

@@ -2,26 +2,35 @@
 
 ``python -m groupnet.kernels.report`` prints, for every kernel module of ``groupnet.kernels``:
 
-1. Resources: each ``CompileSpec`` from the module's ``compile_specs()`` (every ``@triton.jit`` kernel x autotune
-   config x dtype signature) is compiled with ``triton.compile`` for ``GPUTarget("cuda", cc, 32)``; the report gives
-   static shared memory (triton's metadata), registers and spill bytes (``ptxas -v`` on the PTX, with the ptxas
-   bundled in the triton wheel) and whether the PTX uses ``wgmma``.
+1. Resources: each ``CompileSpec`` from the module's ``compile_specs()`` (the JIT's specialization of every real
+   launch of ``launch_cases()`` x autotune config) is compiled with ``triton.compile`` for ``GPUTarget("cuda", cc,
+   32)``; the report gives static shared memory (triton's metadata), registers and spill bytes (``ptxas -v`` on the
+   PTX, with the ptxas bundled in the triton wheel), whether the PTX uses ``wgmma``, the global loads (PTX
+   ``cp.async`` sizes, TMA, ``ld.global`` widths; TTGIR tile loads left synchronous) and SASS instruction counts
+   (the bundled ``cuobjdump -sass``: LDG/LDGSTS by width, UTMALDG, HMMA, HGMMA, FFMA).
+2. ``--sass-summary [--markdown]``: per kernel pass x dtype x layout, the operand-load and mma classes, registers
+   and an ESTIMATED fraction of the H100 roofline (``estimated_roofline_fraction``; benchmarks/NOTES.md).
 Roofline estimates for the shapes of real models are ``python -m groupnet.roofline`` (the kernels know no model).
 
 Must run WITHOUT ``TRITON_INTERPRET`` (the interpreter makes ``@triton.jit`` functions uncompilable).
 
 Protocol for kernel modules (a module in ``kernels/`` takes part by defining these functions):
 
-- ``compile_specs() -> list[CompileSpec]`` (see ``kernels/_common.py``): required for the compile checks.
+- ``compile_specs() -> list[CompileSpec]`` (see ``kernels/_common.py``): required for the compile checks; built by
+  ``specs_from_launches`` from the module's ``launch_cases() -> list[LaunchCase]`` (its real launches).
 - ``roofline_cases(workloads) -> list[dict]`` (optional): one dict per launch of the given shapes, with keys
   ``name`` (str), ``flops`` (float, useful floating-point ops: 2 per multiply-add), ``bytes`` (float, the minimum
   bytes the launch must move to/from HBM: every input read once, every output written once), ``dtype``
   (``"bf16"``, ``"fp16"``, ``"tf32"`` or ``"fp32"``: picks the peak used for the compute floor), and optionally
   ``notes`` (str). Read by ``python -m groupnet.roofline``.
 
-``--check`` exits non-zero when a spec fails to compile, exceeds ``SHARED_MEMORY_LIMIT[cc]``, spills registers, or
-(sm_90 only) feeds 16-bit operands to ``tl.dot`` (``CompileSpec.dot_dtype``) without producing ``wgmma``.
-``--json`` prints one JSON object (``{"results": [...], "failures": [...], "modules": [...]}``) instead of tables.
+``--check`` exits non-zero when a spec fails to compile, exceeds ``SHARED_MEMORY_LIMIT[cc]``, spills registers,
+uses more than ``MAX_REGISTERS_8_WARPS`` registers with 8 warps, loads the operands of a ``tl.dot`` other than by
+16-byte asynchronous copies (``cp.async`` of 16 B or TMA, no synchronous 2-d tile load), or (sm_90 only) feeds
+16-bit operands to ``tl.dot`` without producing ``wgmma`` -- except the failures ``EXPECTED_FAILURES`` lists
+(kernel, pass, layout, check, reason), which are printed apart. ``--subset ci`` is CI's fast subset.
+``--json`` prints one JSON object (``{"results": [...], "failures": [...], "expected_failures": [...],
+"stale_expected_failures": [...], "modules": [...]}``) instead of tables; ``--list`` lists the specs uncompiled.
 """
 
 from __future__ import annotations
@@ -478,7 +487,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m groupnet.kernels.report", description=__doc__.split("\n")[0])
     parser.add_argument("--check", action="store_true", help="exit 1 on compile errors, shared memory, spills, wgmma")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
-    parser.add_argument("--capabilities", type=int, nargs="+", default=[90, 80], choices=[80, 90])
+    parser.add_argument("--capabilities", type=int, nargs="+", choices=[80, 90],
+                        help="default: 90 80 (90 alone with --sass-summary)")
     parser.add_argument(
         "--sm80", choices=["all", "subset"], default="all",
         help="sm_80: compile every spec, or one per kernel variant with the largest tiles (see compile_jobs)",
@@ -496,7 +506,15 @@ def main(argv: list[str] | None = None) -> int:
                         help="print per kernel pass x dtype x layout the SASS load/mma classes, registers and the "
                              "estimated fraction of the H100 roofline (sm_90 builds)")
     parser.add_argument("--markdown", action="store_true", help="with --sass-summary: a markdown table")
+    parser.add_argument("--from-json", metavar="FILE",
+                        help="with --sass-summary: summarise the results of an earlier --json run instead of compiling")
     args = parser.parse_args(argv)
+    if args.from_json:
+        if not args.sass_summary:
+            parser.error("--from-json goes with --sass-summary")
+        with open(args.from_json) as f:
+            print_sass_summary(sass_summary(json.load(f)["results"]), args.markdown)
+        return 0
     if importlib.util.find_spec("triton") is None:
         print("groupnet.kernels.report needs triton, which is not installed (pip install triton; Linux only)",
               file=sys.stderr)
@@ -505,6 +523,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("run without TRITON_INTERPRET=1: the interpreter cannot compile kernels for a GPU")
 
     start = time.perf_counter()
+    if args.capabilities is None:
+        args.capabilities = [90] if args.sass_summary else [90, 80]
     if args.sass_summary and 90 not in args.capabilities:
         parser.error("--sass-summary summarises the sm_90 builds: keep 90 in --capabilities")
     jobs = compile_jobs(args.capabilities, args.sm80 == "subset", args.modules, ci_subset=args.subset == "ci",

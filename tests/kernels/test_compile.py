@@ -156,3 +156,40 @@ def test_report_refuses_to_run_under_the_interpreter():
     assert os.environ.get("TRITON_INTERPRET") == "1"
     with pytest.raises(SystemExit):
         report.main(["--check"])
+
+
+def test_ptx_loads_reads_async_copy_sizes_tma_and_synchronous_tiles():
+    ptx = (
+        "\tcp.async.cg.shared.global [ %r94 + 0 ], [ %rd70 + 0 ], 0x10, %r92;\n"
+        "\t@%p1 cp.async.ca.shared.global [ %r9 + 0 ], [ %rd7 + 0 ], 0x4, %r2;\n"
+        "\tcp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%r1], [%rd1, {%r2}], [%r4];\n"
+        "\t@%p3 ld.global.b16 { %rs9 }, [ %rd9 + 0 ];\n"
+        "\tld.global.v4.b32 { %r1, %r2, %r3, %r4 }, [ %rd1 + 0 ];\n"
+    )
+    ttgir = (
+        "%a = ttg.async_copy_global_to_local %p, %s mask %m : tensor<128x32x!tt.ptr<bf16>, #b> -> <...>\n"
+        "%b = tt.load %q, %m2 : tensor<32x128x!tt.ptr<bf16>, #b>\n"
+        "%c = tt.load %bias : tensor<128x!tt.ptr<bf16>, #s>\n"
+    )
+    loads = report.ptx_loads(ptx, ttgir)
+    assert loads == {"cp_async": {"16": 1, "4": 1}, "tma": 1, "ld_global": {"2": 1, "16": 1},
+                     "sync_tile_loads": 1, "async_tile_copies": 1}
+
+
+def test_sass_summary_groups_builds_and_labels_the_estimate(capsys):
+    hgmma = dict(sass={"LDGSTS": 8, "LDGSTS.128": 8, "HGMMA": 4}, registers=120)
+    gather = dict(sass={"LDG": 32, "LDG.U16": 32, "HMMA": 16}, registers=200, sync_tile_loads=2)
+    results = [_record(**hgmma), _record(**hgmma, layout="channels_last"), _record(**gather),
+               _record(**gather, capability=80)]
+    rows = report.sass_summary(results)
+    assert [(r["layout"], r["builds"]) for r in rows] == [("channels_last", 1), ("nchw", 2)]
+    nchw = rows[1]
+    assert nchw["registers"] == "120-200"
+    assert nchw["loads"] == "LDGSTS.128 1/2; LDG <= 8 B (gathers) 1/2"
+    assert nchw["mma"] == "HGMMA 1/2; HMMA 1/2"
+    best = report.MMA_CEILING["HGMMA"] * report.LOAD_CEILING["LDGSTS.128"]
+    worst = report.MMA_CEILING["HMMA"] * report.GATHER_CEILING
+    assert nchw["est_fraction"] == pytest.approx((best + worst) / 2)
+    report.print_sass_summary(rows, markdown=True)
+    out = capsys.readouterr().out
+    assert "ESTIMATES" in out and "| kernel | pass | dtype | layout |" in out
