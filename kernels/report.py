@@ -192,6 +192,7 @@ def _compile_one(job: tuple[str, int, int]) -> dict:
         "variant": spec.variant,
         "layout": spec.layout,
         "cases": len(spec.cases),
+        "labels": list(spec.cases),
         "shared_limit": SHARED_MEMORY_LIMIT[capability],
         "error": None,
     }
@@ -216,7 +217,8 @@ def compile_jobs(
     num_stages x product of BLOCK* sizes, the likeliest to exceed sm_80's smaller shared memory. With ``ci_subset``
     (the fast check of CI) sm_90 gets that one spec per variant (the largest tile also uses the most registers) and
     sm_80 one per kernel pass x dtype variant x layout; with ``groups_subset`` (quick iteration) every capability gets
-    one per kernel pass x dtype variant x layout."""
+    one per kernel pass x dtype variant x layout. Per pass x dtype x layout the build is the specialization that most
+    launches share, with its largest tiles."""
     jobs = []
     for module in modules_with("compile_specs", only):
         specs = importlib.import_module(module).compile_specs()
@@ -229,7 +231,9 @@ def compile_jobs(
                     key = (_variant_key(spec) if not per_group
                            else (getattr(spec.fn, "__name__", ""), spec.pass_name, spec.variant, spec.layout))
                     best = chosen.get(key)
-                    if best is None or _smem_rank(spec) > _smem_rank(specs[best]):
+                    # per group: the specialization most launches share (not an outlier such as the stem)
+                    rank = (len(spec.cases), _smem_rank(spec)) if per_group else (0, _smem_rank(spec))
+                    if best is None or rank > ((len(specs[best].cases) if per_group else 0), _smem_rank(specs[best])):
                         chosen[key] = i
                 indices = sorted(chosen.values())
             jobs.extend((module, i, capability) for i in indices)
@@ -262,8 +266,9 @@ class ExpectedFailure(NamedTuple):
     """A check that real-launch builds of a kernel fail because of the kernel itself, known and tracked.
 
     Matches a failure by module, pass, layout (``"*"``: any), check (``"async_copy"``, ``"registers"``, ``"spills"``,
-    ``"wgmma"``, ``"shared"``) and optionally dtype variant and capability. Fixing the kernel should remove the row:
-    rows that match no failure are listed as stale by the report."""
+    ``"wgmma"``, ``"shared"``) and optionally dtype variant, capability and ``where``, a text every launch the build
+    compiles has in its label (``" 3->"``: the stem). Fixing the kernel should remove the row: rows that match no
+    failure are listed as stale by the report."""
 
     module: str
     pass_name: str
@@ -272,6 +277,7 @@ class ExpectedFailure(NamedTuple):
     reason: str
     variant: str = "*"
     capability: int = 0  # 0: any
+    where: str = "*"
 
 
 EXPECTED_FAILURES: list[ExpectedFailure] = [
@@ -316,6 +322,7 @@ def _matches(row: ExpectedFailure, record: dict, check: str) -> bool:
         and row.layout in ("*", record.get("layout"))
         and row.variant in ("*", record.get("variant"))
         and row.capability in (0, record["capability"])
+        and (row.where == "*" or all(row.where in label for label in record.get("labels", ())))
         and row.check == check
     )
 
@@ -353,7 +360,8 @@ def stale_expected_failures(results: list[dict], table: list[ExpectedFailure] | 
     return [row for row in rows if row not in used and any(
         row.module == r["module"] and row.pass_name in ("*", r.get("pass_name"))
         and row.layout in ("*", r.get("layout")) and row.variant in ("*", r.get("variant"))
-        and row.capability in (0, r["capability"]) for r in compiled)]
+        and row.capability in (0, r["capability"])
+        and (row.where == "*" or all(row.where in label for label in r.get("labels", ()))) for r in compiled)]
 
 
 def run_compile_jobs(jobs: list[tuple[str, int, int]], workers: int) -> list[dict]:

@@ -193,3 +193,10 @@ def test_sass_summary_groups_builds_and_labels_the_estimate(capsys):
     report.print_sass_summary(rows, markdown=True)
     out = capsys.readouterr().out
     assert "ESTIMATES" in out and "| kernel | pass | dtype | layout |" in out
+
+
+def test_expected_failures_can_name_the_launches():
+    stem = report.ExpectedFailure("m", "fwd", "nchw", "async_copy", "3 channels", where=" 3->")
+    assert report.failures_of(_record(sync_tile_loads=1, labels=["fwd bf16 nchw wrn/K2 3->16 k3s1"]), [stem]) == []
+    assert len(report.failures_of(_record(sync_tile_loads=1, labels=["fwd bf16 nchw wrn/K2 16->112 k3s1"]),
+                                  [stem])) == 1
