@@ -209,31 +209,28 @@ def _compile_one(job: tuple[str, int, int]) -> dict:
 
 
 def compile_jobs(
-    capabilities: list[int], sm80_subset: bool, only: list[str] | None = None, ci_subset: bool = False,
-    groups_subset: bool = False,
+    capabilities: list[int], sm80_subset: bool, only: list[str] | None = None, ci_subset: bool = False
 ) -> list[tuple[str, int, int]]:
     """(module, spec index, capability) for every spec; with ``sm80_subset``, sm_80 gets one spec per variant
     (kernel, signature, constexprs other than BLOCK*/GROUP*/SPLIT*/NUM_*): the one with the largest
     num_stages x product of BLOCK* sizes, the likeliest to exceed sm_80's smaller shared memory. With ``ci_subset``
-    (the fast check of CI) sm_90 gets that one spec per variant (the largest tile also uses the most registers) and
-    sm_80 one per kernel pass x dtype variant x layout; with ``groups_subset`` (quick iteration) every capability gets
-    one per kernel pass x dtype variant x layout. Per pass x dtype x layout the build is the specialization that most
-    launches share, with its largest tiles."""
+    (CI's fast check) every capability gets one build per kernel pass x dtype variant x layout: the specialization
+    that most launches share (not an outlier such as the stem) with its largest tiles."""
     jobs = []
     for module in modules_with("compile_specs", only):
         specs = importlib.import_module(module).compile_specs()
         for capability in capabilities:
             indices = range(len(specs))
-            if ci_subset or groups_subset or (capability == 80 and sm80_subset):
+            if ci_subset or (capability == 80 and sm80_subset):
                 chosen: dict[tuple, int] = {}
                 for i, spec in enumerate(specs):
-                    per_group = groups_subset or (ci_subset and capability == 80)
-                    key = (_variant_key(spec) if not per_group
-                           else (getattr(spec.fn, "__name__", ""), spec.pass_name, spec.variant, spec.layout))
+                    if ci_subset:
+                        key = (getattr(spec.fn, "__name__", ""), spec.pass_name, spec.variant, spec.layout)
+                        rank = (len(spec.cases), _smem_rank(spec))
+                    else:
+                        key, rank = _variant_key(spec), (0, _smem_rank(spec))
                     best = chosen.get(key)
-                    # per group: the specialization most launches share (not an outlier such as the stem)
-                    rank = (len(spec.cases), _smem_rank(spec)) if per_group else (0, _smem_rank(spec))
-                    if best is None or rank > ((len(specs[best].cases) if per_group else 0), _smem_rank(specs[best])):
+                    if best is None or rank > ((len(specs[best].cases) if ci_subset else 0), _smem_rank(specs[best])):
                         chosen[key] = i
                 indices = sorted(chosen.values())
             jobs.extend((module, i, capability) for i in indices)
@@ -504,10 +501,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=max(1, min(2, os.cpu_count() or 1)))
     parser.add_argument("--modules", nargs="+", help="short module names to report (default: all)")
     parser.add_argument(
-        "--subset", choices=["all", "ci", "groups"], default="all",
-        help="all: every spec; ci (CI's fast check): sm_90 every distinct launch specialization with its largest "
-             "tile config, sm_80 one build per kernel pass x dtype x layout; groups: one build per kernel pass x "
-             "dtype x layout on every arch (see compile_jobs)",
+        "--subset", choices=["all", "ci"], default="all",
+        help="all: every spec; ci (CI's fast check, and quick iteration): one build per kernel pass x dtype x layout "
+             "and arch, the specialization most launches share with its largest tiles (see compile_jobs)",
     )  # fmt: skip
     parser.add_argument("--list", action="store_true", help="list the specs (and the launches each covers); no compile")
     parser.add_argument("--sass-summary", action="store_true",
@@ -535,8 +531,7 @@ def main(argv: list[str] | None = None) -> int:
         args.capabilities = [90] if args.sass_summary else [90, 80]
     if args.sass_summary and 90 not in args.capabilities:
         parser.error("--sass-summary summarises the sm_90 builds: keep 90 in --capabilities")
-    jobs = compile_jobs(args.capabilities, args.sm80 == "subset", args.modules, ci_subset=args.subset == "ci",
-                        groups_subset=args.subset == "groups")
+    jobs = compile_jobs(args.capabilities, args.sm80 == "subset", args.modules, ci_subset=args.subset == "ci")
     if args.list:
         return _list_jobs(jobs, args.json)
     results = run_compile_jobs(jobs, args.jobs)

@@ -2,9 +2,9 @@
 
 The session runs with TRITON_INTERPRET=1 (tests/conftest.py), under which kernels cannot be compiled, so the work
 runs in a subprocess, ``python -m groupnet.kernels.report --check --json --subset ci``, without the variable and with
-a fresh TRITON_CACHE_DIR. The CI subset compiles, per kernel, every distinct JIT specialization of the real launches
-with its largest tile config for sm_90 and one build per pass x dtype x layout for sm_80; the full check (every
-config, both archs) is ``python -m groupnet.kernels.report --check`` (CONTRIBUTING.md).
+a fresh TRITON_CACHE_DIR. The CI subset compiles, per kernel pass x dtype x layout and arch, the JIT specialization that most real launches
+share, with its largest tile config; the full check (every specialization and config, both archs) is
+``python -m groupnet.kernels.report --check`` (CONTRIBUTING.md).
 """
 
 from __future__ import annotations
