@@ -277,8 +277,31 @@ class ExpectedFailure(NamedTuple):
     where: str = "*"
 
 
+_GEMM_CLAMPS = ("the tl.minimum(offs, size - 1) row/column clamps hide contiguity on the contiguous axis of the dX "
+                "and dW operands: synchronous 2-byte loads (16-bit), 4-byte cp.async (fp32)")
+_NCHW = ("NCHW: the reduction runs over channels, whose stride is H*W; only the width axis is contiguous, so operand "
+         "tiles are gathered (2-byte synchronous loads for 16-bit, 4-byte cp.async for fp32)")
+_TF32_K_MAJOR = ("tf32 dots need K-major shared tiles; this pass's operand is contiguous along M/N (channels), so the "
+                 "copies are 4 bytes (16-bit operands may be transposed: they pass)")
+_STEM = "the 3-channel stem: channel rows of 6/12 bytes cannot be 16-byte copies"
+
 EXPECTED_FAILURES: list[ExpectedFailure] = [
-    # filled from a full run of `python -m groupnet.kernels.report --check` (see CONTRIBUTING.md)
+    # Real-launch builds that fail a check because of the kernel (`--check` of the CI subset, sm_90 and sm_80, and
+    # of the stem's builds). Fixing a kernel means deleting its rows here; the report names rows that went stale.
+    ExpectedFailure("grouped_gemm", "backward_input", "-", "async_copy", _GEMM_CLAMPS),
+    ExpectedFailure("grouped_gemm", "backward_weight", "-", "async_copy", _GEMM_CLAMPS),
+    ExpectedFailure("grouped_conv2d", "*", "nchw", "async_copy", _NCHW),
+    ExpectedFailure("grouped_conv2d", "bwd_weight", "nchw", "registers",
+                    "NCHW weight gradient with 128x128 tiles and 8 warps: 233 (16-bit) / 255 (fp32 ieee) registers"),
+    ExpectedFailure("grouped_conv2d", "bwd_weight", "nchw", "spills",
+                    "NCHW weight gradient, fp32 ieee (FMA) with 128x128 tiles and 8 warps: 20 B spilled at 255 registers",
+                    variant="fp32_ieee"),
+    ExpectedFailure("grouped_conv2d", "bwd_input", "channels_last", "async_copy", _TF32_K_MAJOR, variant="fp32_tf32"),
+    ExpectedFailure("grouped_conv2d", "bwd_weight", "channels_last", "async_copy", _TF32_K_MAJOR, variant="fp32_tf32"),
+    ExpectedFailure("grouped_conv2d", "*", "*", "async_copy", _STEM, where=" 3->"),
+    ExpectedFailure("grouped_conv2d", "*", "*", "registers",
+                    "the stem's forward with 128x128 tiles and 8 warps: 234 (16-bit) / 255 (fp32 ieee) registers",
+                    where=" 3->"),
 ]
 
 
