@@ -294,7 +294,7 @@ EXPECTED_FAILURES: list[ExpectedFailure] = [
     ExpectedFailure("grouped_conv2d", "bwd_weight", "nchw", "registers",
                     "NCHW weight gradient with 128x128 tiles and 8 warps: 233 (16-bit) / 255 (fp32 ieee) registers"),
     ExpectedFailure("grouped_conv2d", "bwd_weight", "nchw", "spills",
-                    "NCHW weight gradient, fp32 ieee (FMA) with 128x128 tiles and 8 warps: 20 B spilled at 255 registers",
+                    "NCHW weight gradient, fp32 ieee (FMA), 128x128 tiles, 8 warps: 20 B spilled at 255 registers",
                     variant="fp32_ieee"),
     ExpectedFailure("grouped_conv2d", "bwd_input", "channels_last", "async_copy", _TF32_K_MAJOR, variant="fp32_tf32"),
     ExpectedFailure("grouped_conv2d", "bwd_weight", "channels_last", "async_copy", _TF32_K_MAJOR, variant="fp32_tf32"),
