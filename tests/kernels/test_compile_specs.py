@@ -67,10 +67,9 @@ def test_every_real_launch_has_specs(listing):
                 passes = ("fwd", "bwd_weight") if s.cin == 3 else ("fwd", "bwd_input", "bwd_weight")
                 for p in passes:
                     assert f"{p} {variant} {layout} {where}" in covered
-            if True:  # the stem's input needs no gradient: its bwd_input never runs
-                stem = _launch_shapes.CONV_SHAPES[0]
-                assert not any(c.startswith(f"bwd_input {variant} {layout} {stem.model}/K{stem.branches} 3->")
-                               for c in covered)
+            stem = _launch_shapes.CONV_SHAPES[0]  # the stem's input needs no gradient: its bwd_input never runs
+            assert not any(c.startswith(f"bwd_input {variant} {layout} {stem.model}/K{stem.branches} 3->")
+                           for c in covered)
         for s in _launch_shapes.LINEAR_SHAPES:
             for p in ("forward", "backward_input", "backward_weight"):
                 assert f"{p} {variant} {s.model}/K{s.branches} {s.in_features}->{s.out_features} M128" in covered
