@@ -1,16 +1,17 @@
 """Shared helpers for groupnet's Triton kernels: supported dtypes and dot precisions, the accumulator rule, the
 launch-time tensor checks, interpreter detection, autotune config lists, the launch helper, offline compilation.
 
-Every kernel file exposes ``compile_specs() -> list[CompileSpec]`` naming each ``@triton.jit`` kernel with a
-concrete signature and every config it can be launched with, so that ``tests/kernels/test_compile.py`` and
-``python -m groupnet.kernels.report`` can compile all of them for sm_80/sm_90 without a GPU.
+Every kernel file exposes ``compile_specs() -> list[CompileSpec]``: the ``@triton.jit`` kernels with the signatures
+the JIT specializes for the module's real launches (``launch_cases()``, see ``specs_from_launches``) and every config
+the autotuner can pick for them, so that ``tests/kernels/test_compile.py`` and ``python -m groupnet.kernels.report``
+compile what a GPU would run, for sm_80/sm_90, without a GPU.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -109,7 +110,8 @@ def check_launch_tensors(what: str, dtype: torch.dtype, **tensors: Tensor | None
     first = next(iter(devices.values()))
     if any(d != first for d in devices.values()):
         raise RuntimeError(f"{what}: all tensors must be on one device, got {devices}")
-    if not (first.type == "cuda" or (first.type == "cpu" and is_interpreter())):
+    capturing = first.type == "meta" and _CAPTURED is not None  # launch arguments recorded, nothing runs
+    if not (first.type == "cuda" or (first.type == "cpu" and is_interpreter()) or capturing):
         raise RuntimeError(
             f"{what}: the Triton kernels need CUDA tensors (or CPU tensors with TRITON_INTERPRET=1, set before triton "
             f"is imported), got a tensor on {first}"
@@ -138,7 +140,12 @@ def launch(kernel, grid, args: tuple, constexprs: dict[str, Any], config: triton
 
     ``kernel`` is an autotuned kernel or a raw ``@triton.jit`` function. With ``config`` the raw function runs with
     that one config (an autotuned kernel's own function, its ``.fn``); without, an autotuned kernel tunes.
+    Inside :func:`capture_launches` (meta tensors) the launch is recorded instead of run.
     """
+    if _CAPTURED is not None and any(isinstance(a, Tensor) and a.device.type == "meta" for a in args):
+        _CAPTURED.append((kernel, tuple(_PointerArg.of(a) if isinstance(a, Tensor) else a for a in args),
+                          dict(constexprs), config))
+        return
     device = args[0].device
     with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
         if config is None:
@@ -160,6 +167,12 @@ class CompileSpec:
     num_stages: int = 3
     dot_dtype: str | None = None  # "fp16"/"bf16" when the kernel feeds 16-bit operands to tl.dot
     aligned_pointers: bool = True  # mark pointer args 16-byte aligned, as the JIT does for torch allocations
+    jit_attrs: Any = None  # the JIT's own attrs (divisibility) of a real launch; replaces aligned_pointers
+    has_dot: bool | None = None  # the kernel feeds tl.dot (its operand loads must be 16-byte async copies)
+    cases: tuple[str, ...] = ()  # the launches (shape, layout, dtype) this spec compiles, for launch-derived specs
+    pass_name: str = ""  # launch-derived specs: the pass ("fwd", "backward_input", ...), dtype variant, layout
+    variant: str = ""
+    layout: str = ""
 
     @classmethod
     def for_config(
@@ -190,7 +203,10 @@ class CompileSpec:
         )
 
     def attrs(self) -> dict:
-        """ASTSource attrs: ``tt.divisibility`` 16 on every pointer argument when ``aligned_pointers``."""
+        """ASTSource attrs: the JIT's own (``jit_attrs``) for a launch-derived spec; else ``tt.divisibility`` 16 on
+        every pointer argument when ``aligned_pointers``."""
+        if self.jit_attrs is not None:
+            return {tuple(path): [list(a) for a in attr] for path, attr in self.jit_attrs}
         if not self.aligned_pointers:
             return {}
         arg_names = self.fn.arg_names
@@ -211,3 +227,161 @@ class CompileSpec:
             target=GPUTarget("cuda", capability, 32),
             options={"num_warps": self.num_warps, "num_stages": self.num_stages},
         )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Compile specs from real launch arguments.
+#
+# A kernel module's ``launch_cases()`` runs its own launchers (the custom ops' bodies) on meta tensors inside
+# ``capture_launches()``: ``launch`` records the kernel, the argument tuple and the constexprs instead of running.
+# ``specs_from_launches`` then asks triton's JIT for the specialization of each recorded argument list (the same
+# code path ``kernel[grid](...)`` takes: 16-byte alignment of pointers, ints equal to 1 made constexpr, ints divisible
+# by 16 marked so, i32/i64 by value) and the autotuner for its configs after its own pruning, so the offline
+# compile sees exactly the signature a GPU launch of those shapes would compile.
+
+ALLOCATION_ALIGNMENT = 512
+"""Bytes to which PyTorch's CUDA caching allocator aligns every allocation (a view adds its storage offset)."""
+
+CAPTURE_MULTIPROCESSORS = 132
+"""SM count assumed for launch-time decisions while capturing launches (an H100 SXM; the H200 has 132 too)."""
+
+_CAPTURED: list | None = None
+
+
+class _PointerArg:
+    """What the JIT sees of a tensor argument: its dtype and the address (allocation-aligned base + view offset)."""
+
+    def __init__(self, dtype: torch.dtype, ptr: int):
+        self.dtype = dtype
+        self._ptr = ptr
+
+    @classmethod
+    def of(cls, t: Tensor) -> "_PointerArg":
+        return cls(t.dtype, ALLOCATION_ALIGNMENT * 1024 + t.storage_offset() * t.element_size())
+
+    def data_ptr(self) -> int:
+        return self._ptr
+
+
+def multiprocessor_count(device: torch.device) -> int | None:
+    """SMs of a CUDA ``device``; :data:`CAPTURE_MULTIPROCESSORS` for meta tensors while capturing; else None."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    if device.type == "meta" and _CAPTURED is not None:
+        return CAPTURE_MULTIPROCESSORS
+    return None
+
+
+@contextlib.contextmanager
+def capture_launches():
+    """Record every kernel launch made on meta tensors instead of running it; yields the list of records
+    ``(kernel, args, constexprs, config)`` (tensor arguments replaced by their dtype and address)."""
+    global _CAPTURED
+    outer, _CAPTURED = _CAPTURED, []
+    try:
+        yield _CAPTURED
+    finally:
+        _CAPTURED = outer
+
+
+@dataclass(frozen=True)
+class LaunchCase:
+    """One real launch of a kernel module's op: ``label`` names pass, shape, layout and dtype (e.g.
+    ``"fwd bf16 channels_last wrn-28-10/K2 112->112 k3s1 32px"``); ``run`` calls the op's body on meta tensors."""
+
+    label: str
+    pass_name: str
+    run: Any  # () -> None, launches through ``launch`` inside capture_launches()
+    variant: str = ""  # "bf16", "fp16", "fp32_tf32", "fp32_ieee"
+    layout: str = "-"  # "channels_last", "nchw", or "-" where the kernel has no image layout
+    has_dot: bool = True
+
+    @property
+    def dot_dtype(self) -> str | None:
+        """"fp16"/"bf16" when the kernel feeds 16-bit operands to tl.dot."""
+        return self.variant if self.has_dot and self.variant in ("fp16", "bf16") else None
+
+
+_BINDERS: dict = {}  # JITFunction -> (CUDA backend, the JIT's argument binder)
+_SPECIALIZATIONS: dict = {}  # (JITFunction, specialization, options) -> (signature, constexprs, attrs)
+
+
+def _jit_specialization(fn, args: tuple, kwargs: dict) -> tuple[dict, dict, tuple]:
+    """(signature, constexprs by name, attrs) that ``fn[grid](*args, **kwargs)`` compiles with on a CUDA target."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    if fn not in _BINDERS:
+        backend = make_backend(GPUTarget("cuda", 90, 32))
+        _BINDERS[fn] = (backend, create_function_from_signature(fn.signature, fn.params, backend))
+    backend, binder = _BINDERS[fn]
+    bound, specialization, options = binder(*args, **kwargs)
+    key = (fn, str(specialization), str(sorted(options.items())))  # what the JIT's own kernel cache keys on
+    if key not in _SPECIALIZATIONS:
+        names = fn.arg_names
+        if any(isinstance(v, tuple) for v in bound.values()):  # nested arguments: the JIT's general path
+            _options, signature, paths, attrs = fn._pack_args(backend, kwargs, bound, specialization, options)
+            constexprs = {names[path[0]]: value for path, value in paths.items()}
+        else:  # flat arguments: what _pack_args computes, without its generic tree walk (2060 specs: 10x faster)
+            signature = dict(zip(names, (spec[0] for spec in specialization)))
+            constexprs = {name: bound[name] for name, ty in signature.items() if ty == "constexpr"}
+            attrs = {(i,): backend.parse_attr(spec[1]) for i, spec in enumerate(specialization)
+                     if spec[0] != "constexpr" and isinstance(spec[1], str)}
+        attr_items = tuple(sorted((path, tuple(tuple(a) for a in attr)) for path, attr in attrs.items() if attr))
+        _SPECIALIZATIONS[key] = (signature, constexprs, attr_items)
+    return _SPECIALIZATIONS[key]
+
+
+def _launch_configs(kernel, args: tuple, constexprs: dict, config) -> tuple[Any, list]:
+    """(the ``@triton.jit`` function, the configs a launch can run): the fixed ``config``, or the autotuner's configs
+    after its own pruning (``early_config_prune``) for these arguments."""
+    if not isinstance(kernel, Autotuner):
+        return kernel, [config]
+    if config is not None:
+        return kernel.fn, [config]
+    kernel.nargs = dict(zip(kernel.arg_names, args))
+    try:
+        configs = kernel.prune_configs(dict(constexprs))
+    finally:
+        kernel.nargs = None
+    return kernel.fn, list(configs)
+
+
+def specs_from_launches(prefix: str, cases: list[LaunchCase]) -> list[CompileSpec]:
+    """The distinct compile specs of ``cases``: each recorded launch x each config it can run with, specialized by
+    the JIT; launches that specialize identically share one spec (its ``cases`` lists them all)."""
+    specs: dict[tuple, CompileSpec] = {}
+    labels: dict[tuple, list[str]] = {}
+    for case in cases:
+        with capture_launches() as records:
+            case.run()
+        if not records:
+            raise RuntimeError(f"{prefix}: launch case {case.label!r} launched no kernel")
+        for kernel, args, constexprs, config in records:
+            fn, configs = _launch_configs(kernel, args, constexprs, config)
+            for cfg in configs:
+                kwargs = {**constexprs, **cfg.kwargs, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+                signature, spec_constexprs, attrs = _jit_specialization(fn, args, kwargs)
+                key = (fn.__name__, str(sorted(signature.items())), str(sorted(
+                    (k, str(v)) for k, v in spec_constexprs.items())), attrs, cfg.num_warps, cfg.num_stages)
+                labels.setdefault(key, []).append(case.label)
+                if key in specs:
+                    continue
+                tiles = "x".join(str(v) for k, v in cfg.kwargs.items() if k.startswith("BLOCK"))
+                name = f"{prefix}_{case.label}_{tiles}_w{cfg.num_warps}_s{cfg.num_stages}".replace(" ", "_")
+                specs[key] = CompileSpec(
+                    name=name,
+                    fn=fn,
+                    signature=signature,
+                    constexprs=spec_constexprs,
+                    num_warps=cfg.num_warps,
+                    num_stages=cfg.num_stages,
+                    dot_dtype=case.dot_dtype,
+                    jit_attrs=attrs,
+                    has_dot=case.has_dot,
+                    pass_name=case.pass_name,
+                    variant=case.variant,
+                    layout=case.layout,
+                )
+    return [replace(spec, cases=tuple(labels[key])) for key, spec in specs.items()]

@@ -1,5 +1,5 @@
 """Shared pieces of the three grouped conv2d passes: the conv geometry, dot dtypes, launcher checks, the
-``@triton.jit`` index helpers the kernels inline, and the compile specs.
+``@triton.jit`` index helpers the kernels inline.
 
 Each pass (``grouped_conv2d_fwd``, ``grouped_conv2d_bwd_input``, ``grouped_conv2d_bwd_weight``) is one implicit GEMM
 over ``G = branches * groups`` independent convolutions of a channel-stacked tensor; group ``g`` owns input channels
@@ -9,8 +9,7 @@ over ``G = branches * groups`` independent convolutions of a channel-stacked ten
 
 from __future__ import annotations
 
-import re
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -18,7 +17,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import INPUT_PRECISIONS, SUPPORTED_DTYPES, CompileSpec, check_input_precision, is_interpreter
+from ._common import INPUT_PRECISIONS, SUPPORTED_DTYPES, check_input_precision, is_interpreter
 
 MNK_BLOCKS = ("BLOCK_M", "BLOCK_N", "BLOCK_K")
 """Tile constexprs of the passes that tile (pixels x channels) and reduce BLOCK_K at a time (fwd, bwd_input)."""
@@ -193,84 +192,3 @@ def store_pixel_tile(ptr, acc, n, h, w, channels, s_n, s_c, s_h, s_w, mask_m, ma
     ptrs = ptr + off[:, None] + (channels * s_c)[None, :]
     tl.store(ptrs, acc.to(ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
-
-# The dot settings of each dtype on a GPU (fp32 as PyTorch's conv default, tf32), for the offline compile specs.
-GPU_DOT_SETTINGS = {
-    "fp32": {"DOT_DTYPE": tl.float32, "ACC_DTYPE": tl.float32, "INPUT_PRECISION": "tf32"},
-    "fp16": {"DOT_DTYPE": tl.float16, "ACC_DTYPE": tl.float32, "INPUT_PRECISION": "ieee"},
-    "bf16": {"DOT_DTYPE": tl.bfloat16, "ACC_DTYPE": tl.float32, "INPUT_PRECISION": "ieee"},
-}
-
-
-@dataclass(frozen=True)
-class ConvCompileSpec(CompileSpec):
-    """A CompileSpec that also marks int arguments divisible by 16, as the JIT specializes them at run time.
-
-    For channels_last tensors whose per-group channel count is a multiple of 16 (every WRN conv but the stem) the
-    strides and channel counts are multiples of 16; telling the compiler so lets it vectorize the channel loads and
-    use cp.async for 16-bit operands, which is what the real launches get.
-    """
-
-    divisible_ints: tuple[str, ...] = ()
-
-    def attrs(self) -> dict:
-        attrs = super().attrs()
-        for name in self.divisible_ints:
-            attrs[(self.fn.arg_names.index(name),)] = [["tt.divisibility", 16]]
-        return attrs
-
-
-def conv_compile_specs(
-    pass_name: str,
-    fn,
-    configs: list[triton.Config],
-    pointers: tuple[str, ...],
-    unit_strides: tuple[str, ...],
-    flags: dict[str, Any],
-    fp32_pointers: tuple[str, ...] = (),
-) -> list[CompileSpec]:
-    """The specs of one conv pass for every GPU config x dtype of ``GPU_DOT_SETTINGS`` (see :func:`conv_compile_spec`).
-
-    ``pointers`` point to elements of the dtype, ``fp32_pointers`` to fp32 (split-K partial sums).
-    """
-    return [
-        conv_compile_spec(
-            pass_name,
-            fn,
-            dtype,
-            config,
-            pointers={**{name: f"*{dtype}" for name in pointers}, **{name: "*fp32" for name in fp32_pointers}},
-            unit_strides=unit_strides,
-            flags=flags,
-        )
-        for config in configs
-        for dtype in GPU_DOT_SETTINGS
-    ]
-
-
-def conv_compile_spec(
-    pass_name: str,
-    fn,
-    dtype: str,
-    config: triton.Config,
-    pointers: dict[str, str],
-    unit_strides: tuple[str, ...],
-    flags: dict[str, Any],
-) -> ConvCompileSpec:
-    """The spec of one conv pass on channels_last tensors with channel counts divisible by 16.
-
-    Int arguments are i32; ``unit_strides`` are constexpr 1 (the JIT's specialization of stride 1); the other
-    strides and the ``CIN_G``/``COUT_G`` counts are marked divisible by 16. ``pointers`` maps pointer names to
-    their element type.
-    """
-    constexprs = {**flags, **GPU_DOT_SETTINGS[dtype], **config.kwargs, **{name: 1 for name in unit_strides}}
-    blocks = "x".join(str(v) for v in config.kwargs.values())
-    spec = ConvCompileSpec.for_config(
-        f"grouped_conv2d_{pass_name}_{dtype}_{blocks}", fn, config, dtype, pointers=pointers, constexprs=constexprs
-    )
-    divisible = tuple(
-        name
-        for name, ty in spec.signature.items()
-        if ty == "i32" and (name in ("CIN_G", "COUT_G") or re.fullmatch(r"s(x|w|y|dy|dx|dw|db)_[a-z]", name))
-    )
-    return replace(spec, divisible_ints=divisible)

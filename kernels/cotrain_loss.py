@@ -33,6 +33,7 @@ fp32 loss under autocast would). Forward-mode AD, double backward and ``torch.fu
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -46,9 +47,12 @@ from groupnet._checks import DIVERGENCES
 from ._common import (
     TORCH_TO_TRITON_DTYPE,
     CompileSpec,
+    LaunchCase,
     accumulator_dtype,
     check_launch_tensors,
     launch,
+    multiprocessor_count,
+    specs_from_launches,
     tl_accumulator_dtype,
 )
 
@@ -599,7 +603,7 @@ def cotrain_loss_forward(
         "COMPUTE_GRAD": compute_grad,
         "ACC_DTYPE": tl_accumulator_dtype(logits.dtype),
     }
-    sms = torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else None
+    sms = multiprocessor_count(dev)
     splits = class_splits_for(n, branches, c, cfg["BLOCK_C"], sms, class_splits)
     if splits > 1:
         _launch_split(loss, ce, div, grad, stride_gn, stride_gk, logits, stride_ln, stride_lk, targets, c, branches,
@@ -683,103 +687,38 @@ def cotrain_loss(
     return loss, ce, div
 
 
+def launch_cases() -> list[LaunchCase]:
+    """The loss of every classifier of ``kernels/_launch_shapes.py`` (N = BATCH, C = CLASSES): logits ``(N, K*C)`` as
+    the grouped linear writes them, fp32 / bf16 / fp16, hard targets (default divergence) and soft targets (mixup),
+    with the gradient, and hard targets without it (evaluation); plus wide heads (the roofline's ImageNet and
+    32k-class shapes, BLOCK_C < C) and K = MAX_BRANCHES, run through the custom op's own body on meta tensors."""
+    from . import _launch_shapes
+
+    rows = [(_launch_shapes.BATCH, k, _launch_shapes.CLASSES) for k in sorted({s.branches for s in
+                                                                              _launch_shapes.LINEAR_SHAPES})]
+    cases = []
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        for n, k, c in rows + [(256, 4, 1000), (64, 2, 32000), (64, MAX_BRANCHES, 1000)]:
+            for soft, divergence, grad in ((False, "js", True), (True, "kl", True), (False, "js", False)):
+                logits = torch.empty(n, k * c, dtype=dtype, device="meta")
+                targets = (torch.empty(n, c, dtype=dtype, device="meta") if soft
+                           else torch.empty(n, dtype=torch.long, device="meta"))
+                label = (f"{TORCH_TO_TRITON_DTYPE[dtype]} N{n} K{k} C{c} {'soft' if soft else 'hard'} "
+                         f"{divergence}{'' if grad else ' eval'}")
+                cases.append(LaunchCase(
+                    label, "forward",
+                    lambda lg=logits, t=targets, k=k, d=divergence, g=grad: cotrain_loss_forward._init_fn(
+                        lg, t, k, 1.0, 1.0, -100, d, g, 0),
+                    variant=TORCH_TO_TRITON_DTYPE[dtype],
+                    has_dot=False,
+                ))
+    return cases
+
+
+@functools.cache
 def compile_specs() -> list[CompileSpec]:
-    """Every kernel variant that the launcher can produce, for the offline sm_80/sm_90 compile check."""
-    specs = []
-    cases = [
-        # (dtype, K, C, soft targets, divergence, compute grad)
-        (torch.float32, 2, 1000, False, "js", True),
-        (torch.float32, 4, 100, True, "kl", True),
-        (torch.float16, 8, 32000, False, "js", True),
-        (torch.bfloat16, 3, 50000, True, "js", False),
-        (torch.bfloat16, 4, 10, False, "kl", True),
-        (torch.float64, 5, 300, True, "js", True),
-        (torch.float32, MAX_BRANCHES, 1000, False, "kl", False),
-    ]
-    for dtype, k, c, soft, divergence, compute_grad in cases:
-        cfg = launch_config(k, c, dtype)
-        acc = "fp64" if dtype == torch.float64 else "fp32"
-        ptr = f"*{acc}"
-        signature = {
-            "loss_ptr": ptr,
-            "ce_ptr": ptr,
-            "div_ptr": ptr,
-            "grad_ptr": ptr,
-            "stride_gn": "i64",
-            "stride_gk": "i64",
-            "logits_ptr": f"*{TORCH_TO_TRITON_DTYPE[dtype]}",
-            "stride_ln": "i64",
-            "stride_lk": "i64",
-            "targets_ptr": ptr if soft else "*i64",
-            "stride_tn": "i64",
-            "n_classes": "i32",
-            "n_branches": "i32",
-            "weight": "fp32",
-            "temperature": "fp32",
-            "ignore_index": "i32",
-            "SOFT_TARGETS": "constexpr",
-            "DIVERGENCE": "constexpr",
-            "COMPUTE_GRAD": "constexpr",
-            "BLOCK_K": "constexpr",
-            "BLOCK_C": "constexpr",
-            "ACC_DTYPE": "constexpr",
-        }
-        constexprs = {
-            "SOFT_TARGETS": soft,
-            "DIVERGENCE": DIVERGENCES.index(divergence),
-            "COMPUTE_GRAD": compute_grad,
-            "BLOCK_K": cfg["BLOCK_K"],
-            "BLOCK_C": cfg["BLOCK_C"],
-            "ACC_DTYPE": tl_accumulator_dtype(dtype),
-        }
-        name = f"cotrain_loss_{TORCH_TO_TRITON_DTYPE[dtype]}_k{k}_c{c}_{'soft' if soft else 'hard'}_{divergence}"
-        if not compute_grad:
-            name += "_nograd"
-        specs.append(
-            CompileSpec(
-                name=name,
-                fn=_cotrain_loss_kernel,
-                signature=signature,
-                constexprs=constexprs,
-                num_warps=cfg["num_warps"],
-            )
-        )
-    return specs + split_compile_specs()
-
-
-def split_compile_specs() -> list[CompileSpec]:
-    """The three kernels of the class-split path for a few (dtype, K, soft, divergence) variants at S = 8 chunks."""
-    specs = []
-    for dtype, k, soft, divergence in ((torch.float32, 2, False, "js"), (torch.bfloat16, 8, True, "kl"),
-                                       (torch.float16, 4, False, "kl"), (torch.float32, MAX_BRANCHES, True, "js")):
-        cfg = launch_config(k, 32000, dtype)
-        block_s = min(8, MAX_CLASS_SPLIT_TILE // cfg["BLOCK_K"])
-        acc = "*fp64" if dtype == torch.float64 else "*fp32"
-        pointers = {"loss_ptr": acc, "ce_ptr": acc, "div_ptr": acc, "grad_ptr": acc, "stats_ptr": acc,
-                    "part_ptr": acc, "logits_ptr": f"*{TORCH_TO_TRITON_DTYPE[dtype]}",
-                    "targets_ptr": acc if soft else "*i64"}
-        scalars = {"weight": "fp32", "temperature": "fp32"}
-        common = {"BLOCK_K": cfg["BLOCK_K"], "BLOCK_C": cfg["BLOCK_C"], "ACC_DTYPE": tl_accumulator_dtype(dtype)}
-        variant = {"SOFT_TARGETS": soft, "DIVERGENCE": DIVERGENCES.index(divergence)}
-        kernels = (
-            (_split_stats_kernel, common),
-            (_split_div_kernel, {**common, **variant, "BLOCK_S": block_s}),
-            (_split_finish_kernel, {**common, **variant, "COMPUTE_GRAD": True, "BLOCK_S": block_s}),
-        )
-        for fn, constexprs in kernels:
-            signature = {}
-            for arg in fn.arg_names:
-                if arg in constexprs:
-                    signature[arg] = "constexpr"
-                elif arg in pointers or arg in scalars:
-                    signature[arg] = pointers.get(arg) or scalars[arg]
-                else:
-                    signature[arg] = "i64" if arg.startswith("stride") else "i32"
-            name = (f"cotrain_loss_split_{fn.__name__.split('_')[2]}_{TORCH_TO_TRITON_DTYPE[dtype]}_k{k}_"
-                    f"{'soft' if soft else 'hard'}_{divergence}")
-            specs.append(CompileSpec(name=name, fn=fn, signature=signature, constexprs=constexprs,
-                                     num_warps=cfg["num_warps"]))
-    return specs
+    """The distinct JIT specializations of :func:`launch_cases` (kernels/report.py)."""
+    return specs_from_launches("cotrain_loss", launch_cases())
 
 
 # Rough count of floating-point ops per logit over the three passes (3 exp, 2 log-sum-exp over branches,

@@ -9,6 +9,7 @@ and the input gradient take the input's format (channels_last or contiguous), th
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -17,11 +18,19 @@ from torch import Tensor
 
 from groupnet import _checks
 
-from ._common import CompileSpec, check_input_precision, default_input_precision, register_autocast_rule
+from . import _launch_shapes
+from ._common import (
+    CompileSpec,
+    LaunchCase,
+    check_input_precision,
+    default_input_precision,
+    register_autocast_rule,
+    specs_from_launches,
+)
 from ._grouped_conv2d_common import ConvGeometry
-from .grouped_conv2d_bwd_input import bwd_input_compile_specs, grouped_conv2d_bwd_input
-from .grouped_conv2d_bwd_weight import bwd_weight_compile_specs, grouped_conv2d_bwd_weight
-from .grouped_conv2d_fwd import ACTIVATIONS, fwd_compile_specs, grouped_conv2d_fwd
+from .grouped_conv2d_bwd_input import grouped_conv2d_bwd_input
+from .grouped_conv2d_bwd_weight import grouped_conv2d_bwd_weight
+from .grouped_conv2d_fwd import ACTIVATIONS, grouped_conv2d_fwd
 
 
 def _memory_format(channels_last: bool) -> torch.memory_format:
@@ -252,9 +261,61 @@ def run_grouped_conv2d(
     )
 
 
+_TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def _conv_launch_cases(shape: _launch_shapes.ConvShape, dtype: str, precision: str, layout: str,
+                       epilogue: bool = False) -> list[LaunchCase]:
+    """The passes one conv of a training step launches, run through the custom ops' own bodies on meta tensors:
+    forward, input gradient (not for the stem, whose input needs none) and weight gradient. ``epilogue``: the
+    bias + ReLU variant (the fused epilogue and the backward's ReLU mask)."""
+    k, stem = shape.branches, shape.cin == 3
+    fmt = _memory_format(layout == "channels_last")
+    t = _TORCH_DTYPES[dtype]
+    pad, stride = shape.kernel // 2, shape.stride
+    out_size = (shape.size + 2 * pad - shape.kernel) // stride + 1
+    conv = ([stride, stride], [pad, pad], [1, 1], k)
+
+    def new(*size):
+        return torch.empty(size, dtype=t, device="meta").contiguous(memory_format=fmt)
+
+    x = new(_launch_shapes.BATCH, k * shape.cin, shape.size, shape.size)
+    w = new(k * shape.cout, shape.cin, shape.kernel, shape.kernel)
+    b = torch.empty(k * shape.cout, dtype=t, device="meta") if epilogue else None
+    y = new(_launch_shapes.BATCH, k * shape.cout, out_size, out_size)
+    relu = y if epilogue else None
+    cl = layout == "channels_last"
+    variant = f"{dtype}{'_' + precision if dtype == 'fp32' else ''} {layout}"
+    where = (f"{shape.model}/K{k} {shape.cin}->{shape.cout} k{shape.kernel}s{stride} {shape.size}px"
+             + (" bias+relu" if epilogue else ""))
+    runs = {
+        "fwd": lambda: grouped_conv2d_forward._init_fn(x, w, b, *conv, "relu" if epilogue else None, precision),
+        "bwd_input": lambda: grouped_conv2d_backward_input._init_fn(
+            y, w, relu, list(x.shape), *conv, cl, precision),
+        "bwd_weight": lambda: grouped_conv2d_backward_weight._init_fn(
+            x, y, relu, list(w.shape), epilogue, *conv, cl, precision),
+    }
+    if stem:
+        del runs["bwd_input"]
+    return [LaunchCase(f"{p} {variant} {where}", p, run, variant.split()[0], layout) for p, run in runs.items()]
+
+
+def launch_cases() -> list[LaunchCase]:
+    """Every pass of every conv of the split WRN-28-10 and ResNet-56 (``kernels/_launch_shapes.py``) x dtype
+    variant x layout, plus the bias + ReLU epilogue on one WRN layer."""
+    cases = []
+    for dtype, precision in _launch_shapes.DTYPE_VARIANTS:
+        for layout in _launch_shapes.LAYOUTS:
+            for shape in _launch_shapes.CONV_SHAPES:
+                cases += _conv_launch_cases(shape, dtype, precision, layout)
+            cases += _conv_launch_cases(_launch_shapes.CONV_SHAPES[2], dtype, precision, layout, epilogue=True)
+    return cases
+
+
+@functools.cache
 def compile_specs() -> list[CompileSpec]:
-    """Every pass x every GPU autotune config x {fp32 (tf32), fp16, bf16}, channels_last activations."""
-    return fwd_compile_specs() + bwd_input_compile_specs() + bwd_weight_compile_specs()
+    """The distinct JIT specializations x autotune configs of :func:`launch_cases` (kernels/report.py)."""
+    return specs_from_launches("grouped_conv2d", launch_cases())
 
 
 class ConvWorkload(NamedTuple):

@@ -20,7 +20,7 @@ import triton.language as tl
 from torch import Tensor
 
 from . import _grouped_conv2d_common as common
-from ._common import CompileSpec, autotune_configs, check_launch_tensors, launch
+from ._common import autotune_configs, check_launch_tensors, launch
 from ._grouped_conv2d_common import block_range, pixel_coords, store_pixel_tile, tile_of
 
 # 128-row tiles use 8 warps: with 4 the fp32 (tf32) variant spills registers on sm_80.
@@ -175,15 +175,3 @@ def grouped_conv2d_bwd_input(
     constexprs = {"RELU_GRAD": relu_output is not None, **common.dot_settings(grad_out.dtype, input_precision)}
     launch(_grouped_conv2d_bwd_input_autotuned, grid, args, constexprs, config)
     return out
-
-
-def bwd_input_compile_specs() -> list[CompileSpec]:
-    """The input gradient (with the ReLU mask) for every GPU config and dtype, channels_last tensors."""
-    return common.conv_compile_specs(
-        "bwd_input",
-        _grouped_conv2d_bwd_input_kernel,
-        BWD_INPUT_CONFIGS,
-        pointers=("dy_ptr", "w_ptr", "y_ptr", "dx_ptr"),
-        unit_strides=("sdy_c", "sw_i", "sy_c", "sdx_c"),
-        flags={"RELU_GRAD": True},
-    )

@@ -17,7 +17,13 @@ import triton.language as tl
 from torch import Tensor
 
 from . import _grouped_conv2d_common as common
-from ._common import CompileSpec, accumulator_dtype, autotune_configs, check_launch_tensors, launch
+from ._common import (
+    accumulator_dtype,
+    autotune_configs,
+    check_launch_tensors,
+    launch,
+    multiprocessor_count,
+)
 from ._grouped_conv2d_common import block_range, pixel_coords, split_bounds
 
 BLOCKS = ("BLOCK_CO", "BLOCK_CI", "BLOCK_R")
@@ -125,9 +131,9 @@ _grouped_conv2d_bwd_weight_autotuned = triton.autotune(
 def default_split_rows(geom: common.ConvGeometry, device: torch.device) -> int:
     """Output pixels per split of the weight-gradient reduction (see the module docstring)."""
     rows = geom.n * geom.oh * geom.ow
-    if device.type != "cuda":
+    sms = multiprocessor_count(device)
+    if sms is None:
         return INTERPRETER_SPLIT_ROWS
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
     tiles = triton.cdiv(geom.cout_g, 64) * triton.cdiv(geom.cin_g, 64) * geom.kh * geom.kw * geom.groups
     splits = max(1, min(triton.cdiv(4 * sms, tiles), rows // MIN_SPLIT_ROWS))
     return triton.cdiv(triton.cdiv(rows, splits), SPLIT_ROWS_MULTIPLE) * SPLIT_ROWS_MULTIPLE
@@ -221,17 +227,3 @@ def grouped_conv2d_bwd_weight(
         if bias_out is not None:
             bias_out.copy_(db.sum(0))
     return weight_out, bias_out
-
-
-def bwd_weight_compile_specs() -> list[CompileSpec]:
-    """The split-K weight + bias gradient (ReLU mask, fp32 partials) for every GPU config and dtype,
-    channels_last activations and weight."""
-    return common.conv_compile_specs(
-        "bwd_weight",
-        _grouped_conv2d_bwd_weight_kernel,
-        BWD_WEIGHT_CONFIGS,
-        pointers=("x_ptr", "dy_ptr", "y_ptr"),
-        fp32_pointers=("dw_ptr", "db_ptr"),
-        unit_strides=("sx_c", "sdy_c", "sy_c", "sdw_i", "sdb_c"),
-        flags={"HAS_BIAS": True, "RELU_GRAD": True},
-    )

@@ -12,7 +12,7 @@ import triton.language as tl
 from torch import Tensor
 
 from . import _grouped_conv2d_common as common
-from ._common import CompileSpec, autotune_configs, check_launch_tensors, launch
+from ._common import autotune_configs, check_launch_tensors, launch
 from ._grouped_conv2d_common import block_range, pixel_coords, store_pixel_tile, tile_of
 
 ACTIVATIONS = (None, "relu")
@@ -135,15 +135,3 @@ def grouped_conv2d_fwd(
     constexprs = {"HAS_BIAS": bias is not None, "ACTIVATION": activation, **common.dot_settings(x.dtype, input_precision)}
     launch(_grouped_conv2d_fwd_autotuned, grid, args, constexprs, config)
     return out
-
-
-def fwd_compile_specs() -> list[CompileSpec]:
-    """The forward (bias + ReLU epilogue) for every GPU config and dtype, channels_last x/y and weight."""
-    return common.conv_compile_specs(
-        "fwd",
-        _grouped_conv2d_fwd_kernel,
-        FWD_CONFIGS,
-        pointers=("x_ptr", "w_ptr", "b_ptr", "y_ptr"),
-        unit_strides=("sx_c", "sw_i", "sy_c"),
-        flags={"HAS_BIAS": True, "ACTIVATION": "relu"},
-    )

@@ -23,6 +23,7 @@ Glue: one ``torch.library.custom_op`` per launch (``groupnet::grouped_linear_for
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -34,10 +35,13 @@ from torch import Tensor
 from groupnet import _checks
 
 from . import grouped_gemm_tma as _tma
+
+from . import _launch_shapes
 from ._common import (
     INPUT_PRECISIONS,
     TORCH_TO_TRITON_DTYPE,
     CompileSpec,
+    LaunchCase,
     autotune_configs,
     check_input_precision,
     check_launch_tensors,
@@ -45,6 +49,7 @@ from ._common import (
     is_interpreter,
     launch,
     register_autocast_rule,
+    specs_from_launches,
     tl_accumulator_dtype,
 )
 
@@ -480,49 +485,37 @@ def run_grouped_linear(
 
 
 # The JIT specializes unit strides to constexpr 1; with contiguous x, weight and grads each pass has its own:
-# forward A = x_k (M, in), B = W_k^T (stride_bk = 1); backward input A = dY_k, B = W_k (stride_bn = 1);
-# backward weight A = dY_k^T (stride_am = 1), B = x_k (stride_bn = 1). C is always row-major.
-UNIT_STRIDES = {
-    "forward": ("stride_ak", "stride_bk", "stride_cn", "stride_bias_n"),
-    "backward_input": ("stride_ak", "stride_bn", "stride_cn"),
-    "backward_weight": ("stride_am", "stride_bn", "stride_cn"),
-}
+_TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
-def _spec(config: triton.Config, dtype: str, pass_name: str, input_precision: str) -> CompileSpec:
-    """One pass of grouped_linear with contiguous tensors, as the JIT would specialize it."""
-    constexprs = dict(
-        config.kwargs,
-        HAS_BIAS=pass_name == "forward",
-        ACC_DTYPE=tl.float32,
-        UPCAST_OPERANDS=False,
-        INPUT_PRECISION=input_precision,
-    )
-    constexprs.update({name: 1 for name in UNIT_STRIDES[pass_name]})
-    cfg = "x".join(str(config.kwargs[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
-    precision = f"_{input_precision}" if dtype == "fp32" else ""
-    return CompileSpec.for_config(
-        f"grouped_gemm_{pass_name}_{dtype}{precision}_{cfg}",
-        grouped_gemm_kernel,
-        config,
-        dtype,
-        pointers={p: f"*{dtype}" for p in ("A", "B", "C", "BIAS")},
-        constexprs=constexprs,
-    )
+def launch_cases() -> list[LaunchCase]:
+    """The three passes of every classifier of ``kernels/_launch_shapes.py`` x dtype variant, run through the custom
+    ops' own bodies on meta tensors (x ``(M, K*in)``, weight ``(K, out, in)``, bias ``(K, out)``, all contiguous)."""
+    cases = []
+    for dtype, precision in _launch_shapes.DTYPE_VARIANTS:
+        t = _TORCH_DTYPES[dtype]
+        for shape in _launch_shapes.LINEAR_SHAPES:
+            k, m = shape.branches, _launch_shapes.BATCH
+            x = torch.empty(m, k * shape.in_features, dtype=t, device="meta")
+            w = torch.empty(k, shape.out_features, shape.in_features, dtype=t, device="meta")
+            b = torch.empty(k, shape.out_features, dtype=t, device="meta")
+            dy = torch.empty(m, k * shape.out_features, dtype=t, device="meta")
+            variant = f"{dtype}{'_' + precision if dtype == 'fp32' else ''}"
+            where = f"{shape.model}/K{k} {shape.in_features}->{shape.out_features} M{m}"
+            runs = {
+                "forward": lambda x=x, w=w, b=b, p=precision: grouped_linear_forward._init_fn(x, w, b, p),
+                "backward_input": lambda dy=dy, w=w, p=precision: grouped_linear_backward_input._init_fn(dy, w, p),
+                "backward_weight": lambda dy=dy, x=x, k=k, p=precision: grouped_linear_backward_weight._init_fn(
+                    dy, x, k, p),
+            }
+            cases += [LaunchCase(f"{p} {variant} {where}", p, run, variant) for p, run in runs.items()]
+    return cases
 
 
-COMPILED_VARIANTS = [("fp16", "ieee"), ("bf16", "ieee"), ("fp32", "tf32"), ("fp32", "ieee")]
-"""(dtype, input_precision) pairs checked offline; fp64 (gradcheck under the interpreter) is not."""
-
-
+@functools.cache
 def compile_specs() -> list[CompileSpec]:
-    """Each pass x each (dtype, input_precision) of COMPILED_VARIANTS x each of its GPU configs."""
-    return [
-        _spec(cfg, dtype, pass_name, precision)
-        for pass_name in UNIT_STRIDES
-        for dtype, precision in COMPILED_VARIANTS
-        for cfg in gpu_configs(dtype, precision)
-    ]
+    """The distinct JIT specializations x autotune configs of :func:`launch_cases` (kernels/report.py)."""
+    return specs_from_launches("grouped_gemm", launch_cases())
 
 
 class LinearWorkload(NamedTuple):

@@ -2,26 +2,35 @@
 
 ``python -m groupnet.kernels.report`` prints, for every kernel module of ``groupnet.kernels``:
 
-1. Resources: each ``CompileSpec`` from the module's ``compile_specs()`` (every ``@triton.jit`` kernel x autotune
-   config x dtype signature) is compiled with ``triton.compile`` for ``GPUTarget("cuda", cc, 32)``; the report gives
-   static shared memory (triton's metadata), registers and spill bytes (``ptxas -v`` on the PTX, with the ptxas
-   bundled in the triton wheel) and whether the PTX uses ``wgmma``.
+1. Resources: each ``CompileSpec`` from the module's ``compile_specs()`` (the JIT's specialization of every real
+   launch of ``launch_cases()`` x autotune config) is compiled with ``triton.compile`` for ``GPUTarget("cuda", cc,
+   32)``; the report gives static shared memory (triton's metadata), registers and spill bytes (``ptxas -v`` on the
+   PTX, with the ptxas bundled in the triton wheel), whether the PTX uses ``wgmma``, the global loads (PTX
+   ``cp.async`` sizes, TMA, ``ld.global`` widths; TTGIR tile loads left synchronous) and SASS instruction counts
+   (the bundled ``cuobjdump -sass``: LDG/LDGSTS by width, UTMALDG, HMMA, HGMMA, FFMA).
+2. ``--sass-summary [--markdown]``: per kernel pass x dtype x layout, the operand-load and mma classes, registers
+   and an ESTIMATED fraction of the H100 roofline (``estimated_roofline_fraction``; benchmarks/NOTES.md).
 Roofline estimates for the shapes of real models are ``python -m groupnet.roofline`` (the kernels know no model).
 
 Must run WITHOUT ``TRITON_INTERPRET`` (the interpreter makes ``@triton.jit`` functions uncompilable).
 
 Protocol for kernel modules (a module in ``kernels/`` takes part by defining these functions):
 
-- ``compile_specs() -> list[CompileSpec]`` (see ``kernels/_common.py``): required for the compile checks.
+- ``compile_specs() -> list[CompileSpec]`` (see ``kernels/_common.py``): required for the compile checks; built by
+  ``specs_from_launches`` from the module's ``launch_cases() -> list[LaunchCase]`` (its real launches).
 - ``roofline_cases(workloads) -> list[dict]`` (optional): one dict per launch of the given shapes, with keys
   ``name`` (str), ``flops`` (float, useful floating-point ops: 2 per multiply-add), ``bytes`` (float, the minimum
   bytes the launch must move to/from HBM: every input read once, every output written once), ``dtype``
   (``"bf16"``, ``"fp16"``, ``"tf32"`` or ``"fp32"``: picks the peak used for the compute floor), and optionally
   ``notes`` (str). Read by ``python -m groupnet.roofline``.
 
-``--check`` exits non-zero when a spec fails to compile, exceeds ``SHARED_MEMORY_LIMIT[cc]``, spills registers, or
-(sm_90 only) feeds 16-bit operands to ``tl.dot`` (``CompileSpec.dot_dtype``) without producing ``wgmma``.
-``--json`` prints one JSON object (``{"results": [...], "failures": [...], "modules": [...]}``) instead of tables.
+``--check`` exits non-zero when a spec fails to compile, exceeds ``SHARED_MEMORY_LIMIT[cc]``, spills registers,
+uses more than ``MAX_REGISTERS_8_WARPS`` registers with 8 warps, loads the operands of a ``tl.dot`` other than by
+16-byte asynchronous copies (``cp.async`` of 16 B or TMA, no synchronous 2-d tile load), or (sm_90 only) feeds
+16-bit operands to ``tl.dot`` without producing ``wgmma`` -- except the failures ``EXPECTED_FAILURES`` lists
+(kernel, pass, layout, check, reason), which are printed apart. ``--subset ci`` is CI's fast subset.
+``--json`` prints one JSON object (``{"results": [...], "failures": [...], "expected_failures": [...],
+"stale_expected_failures": [...], "modules": [...]}``) instead of tables; ``--list`` lists the specs uncompiled.
 """
 
 from __future__ import annotations
@@ -38,6 +47,7 @@ import sys
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
+from typing import NamedTuple
 
 SPILL_RE = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
 REGISTERS_RE = re.compile(r"Used (\d+) registers")
@@ -89,9 +99,79 @@ def ptxas_resources(ptx: str) -> dict:
                     "registers": int(REGISTERS_RE.search(log).group(1)),
                     "spill_stores": int(spills.group(1)),
                     "spill_loads": int(spills.group(2)),
+                    "sass": sass_counts(dst),
                 }
             errors.append(f"{os.path.basename(ptxas)}: {run.stderr.strip()[:300]}")
     raise RuntimeError("no bundled ptxas accepted the PTX: " + " | ".join(errors))
+
+
+CP_ASYNC_RE = re.compile(
+    r"\bcp\.async\.c[ag]\.shared\.global(?:\.L2::\w+)?\s+\[[^]]+\],\s*\[[^]]+\],\s*(0x[0-9a-fA-F]+|\d+)"
+)
+TMA_RE = re.compile(r"\bcp\.async\.bulk\.tensor\b")
+LD_GLOBAL_RE = re.compile(r"\bld\.global(?:\.[a-zA-Z0-9:_]+)*?\.(v[248]\.)?([bfsu]\d+)\b")
+TTGIR_TILE_LOAD_RE = re.compile(r"\btt\.load\b[^\n]*:\s*tensor<\d+x\d+x!tt\.ptr")
+TTGIR_ASYNC_RE = re.compile(r"\bttg\.async_copy_global_to_local\b")
+TTGIR_TMA_RE = re.compile(r"\b(?:ttng\.async_tma_copy_global_to_local|tt\.descriptor_load|ttng\.async_tma_gather)\b")
+
+
+def ptx_loads(ptx: str, ttgir: str = "") -> dict:
+    """Global loads: in the PTX, asynchronous copies by byte size (``cp.async``), TMA copies
+    (``cp.async.bulk.tensor``) and synchronous ``ld.global`` by bytes per instruction; in the TTGIR, 2-d tile loads
+    left synchronous (``tt.load`` of a 2-d tensor: not pipelined into shared memory) and the asynchronous copies."""
+    cp_async: dict[str, int] = {}
+    for size in CP_ASYNC_RE.findall(ptx):
+        key = str(int(size, 0))
+        cp_async[key] = cp_async.get(key, 0) + 1
+    ld_global: dict[str, int] = {}
+    for vec, ty in LD_GLOBAL_RE.findall(ptx):
+        width = (int(vec[1]) if vec else 1) * int(ty[1:]) // 8
+        ld_global[str(width)] = ld_global.get(str(width), 0) + 1
+    return {
+        "cp_async": cp_async,
+        "tma": len(TMA_RE.findall(ptx)),
+        "ld_global": ld_global,
+        "sync_tile_loads": len(TTGIR_TILE_LOAD_RE.findall(ttgir)),
+        "async_tile_copies": len(TTGIR_ASYNC_RE.findall(ttgir)) + len(TTGIR_TMA_RE.findall(ttgir)),
+    }
+
+
+def bundled_tool(name: str) -> str | None:
+    """A CUDA binary utility shipped in the triton wheel (``cuobjdump``, ``nvdisasm``), or None."""
+    import triton
+
+    path = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
+    return path if os.path.exists(path) else None
+
+
+SASS_OPCODES = ("LDG", "LDGSTS", "UTMALDG", "LDS", "LDSM", "STG", "HMMA", "HGMMA", "FFMA", "DFMA")
+SASS_OPCODE_RE = re.compile(r"^\s*/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)((?:\.[A-Z0-9_]+)*)",
+                            re.MULTILINE)
+
+
+def sass_counts(cubin_path: str) -> dict | None:
+    """Instruction counts of the cubin's SASS (``cuobjdump -sass``, or ``nvdisasm``), by opcode of SASS_OPCODES;
+    ``LDG``/``LDGSTS`` also by width (``LDG.128``: 16-byte loads; a bare ``LDG``: 4 bytes; ``.U16`` two)."""
+    tool = bundled_tool("cuobjdump")
+    cmd = [tool, "-sass", cubin_path] if tool else None
+    if cmd is None and bundled_tool("nvdisasm"):
+        cmd = [bundled_tool("nvdisasm"), cubin_path]
+    if cmd is None:
+        return None
+    run = subprocess.run(cmd, capture_output=True, text=True)
+    if run.returncode != 0:
+        return None
+    counts: dict[str, int] = {}
+    for opcode, modifiers in SASS_OPCODE_RE.findall(run.stdout):
+        if opcode not in SASS_OPCODES:
+            continue
+        counts[opcode] = counts.get(opcode, 0) + 1
+        if opcode in ("LDG", "LDGSTS"):
+            mods = modifiers.split(".")
+            width = next((m for m in mods if m in ("64", "128", "U16", "S16", "U8", "S8")), "32")
+            key = f"{opcode}.{width}"
+            counts[key] = counts.get(key, 0) + 1
+    return counts
 
 
 def _compile_one(job: tuple[str, int, int]) -> dict:
@@ -107,6 +187,12 @@ def _compile_one(job: tuple[str, int, int]) -> dict:
         "num_warps": spec.num_warps,
         "num_stages": spec.num_stages,
         "dot_dtype": spec.dot_dtype,
+        "has_dot": spec.has_dot,
+        "pass_name": spec.pass_name,
+        "variant": spec.variant,
+        "layout": spec.layout,
+        "cases": len(spec.cases),
+        "labels": list(spec.cases),
         "shared_limit": SHARED_MEMORY_LIMIT[capability],
         "error": None,
     }
@@ -114,7 +200,8 @@ def _compile_one(job: tuple[str, int, int]) -> dict:
     try:
         compiled = spec.compile(capability)
         ptx = compiled.asm["ptx"]
-        record.update(shared=compiled.metadata.shared, wgmma="wgmma" in ptx, **ptxas_resources(ptx))
+        loads = ptx_loads(ptx, compiled.asm.get("ttgir", ""))
+        record.update(shared=compiled.metadata.shared, wgmma="wgmma" in ptx, **loads, **ptxas_resources(ptx))
     except Exception as exc:  # reported, and a failure under --check
         record["error"] = f"{type(exc).__name__}: {exc}"[:2000]
     record["compile_s"] = round(time.perf_counter() - start, 3)
@@ -122,22 +209,28 @@ def _compile_one(job: tuple[str, int, int]) -> dict:
 
 
 def compile_jobs(
-    capabilities: list[int], sm80_subset: bool, only: list[str] | None = None
+    capabilities: list[int], sm80_subset: bool, only: list[str] | None = None, ci_subset: bool = False
 ) -> list[tuple[str, int, int]]:
     """(module, spec index, capability) for every spec; with ``sm80_subset``, sm_80 gets one spec per variant
     (kernel, signature, constexprs other than BLOCK*/GROUP*/SPLIT*/NUM_*): the one with the largest
-    num_stages x product of BLOCK* sizes, the likeliest to exceed sm_80's smaller shared memory."""
+    num_stages x product of BLOCK* sizes, the likeliest to exceed sm_80's smaller shared memory. With ``ci_subset``
+    (CI's fast check) every capability gets one build per kernel pass x dtype variant x layout: the specialization
+    that most launches share (not an outlier such as the stem) with its largest tiles."""
     jobs = []
     for module in modules_with("compile_specs", only):
         specs = importlib.import_module(module).compile_specs()
         for capability in capabilities:
             indices = range(len(specs))
-            if capability == 80 and sm80_subset:
+            if ci_subset or (capability == 80 and sm80_subset):
                 chosen: dict[tuple, int] = {}
                 for i, spec in enumerate(specs):
-                    key = _variant_key(spec)
+                    if ci_subset:
+                        key = (getattr(spec.fn, "__name__", ""), spec.pass_name, spec.variant, spec.layout)
+                        rank = (len(spec.cases), _smem_rank(spec))
+                    else:
+                        key, rank = _variant_key(spec), (0, _smem_rank(spec))
                     best = chosen.get(key)
-                    if best is None or _smem_rank(spec) > _smem_rank(specs[best]):
+                    if best is None or rank > ((len(specs[best].cases) if ci_subset else 0), _smem_rank(specs[best])):
                         chosen[key] = i
                 indices = sorted(chosen.values())
             jobs.extend((module, i, capability) for i in indices)
@@ -162,22 +255,142 @@ def _smem_rank(spec) -> int:
     return spec.num_stages * size
 
 
-def failures_of(record: dict) -> list[str]:
-    """Why a compiled spec fails the checks (empty when it passes)."""
+MAX_REGISTERS_8_WARPS = 232
+"""Register ceiling of an 8-warp tile (255 is ptxas's hard limit): headroom for the compiler's next version."""
+
+
+class ExpectedFailure(NamedTuple):
+    """A check that real-launch builds of a kernel fail because of the kernel itself, known and tracked.
+
+    Matches a failure by module, pass, layout (``"*"``: any), check (``"async_copy"``, ``"registers"``, ``"spills"``,
+    ``"wgmma"``, ``"shared"``) and optionally dtype variant, capability and ``where``, a text every launch the build
+    compiles has in its label (``" 3->"``: the stem). Fixing the kernel should remove the row: rows that match no
+    failure are listed as stale by the report."""
+
+    module: str
+    pass_name: str
+    layout: str
+    check: str
+    reason: str
+    variant: str = "*"
+    capability: int = 0  # 0: any
+    where: str = "*"
+
+
+_GEMM_CLAMPS = ("the tl.minimum(offs, size - 1) row/column clamps hide contiguity on the contiguous axis of the dX "
+                "and dW operands: synchronous 2-byte loads (16-bit), 4-byte cp.async (fp32)")
+_NCHW = ("NCHW: the reduction runs over channels, whose stride is H*W; only the width axis is contiguous, so operand "
+         "tiles are gathered (2-byte synchronous loads for 16-bit, 4-byte cp.async for fp32)")
+_TF32_K_MAJOR = ("tf32 wgmma needs K-major shared tiles; this pass's operand is contiguous along M/N (channels), so "
+                 "the copies are 4 bytes (16-bit operands may be transposed, and sm_80's mma.sync path copies 16 B)")
+_FMA_TILES = ("fp32 ieee runs on the FMA units: a 128x128 fp32 accumulator over 256 threads is 64 registers of "
+              "accumulator plus operand fragments; sm_80's layout reaches 254-255 registers and spills 12-28 B")
+_STEM = "the 3-channel stem: channel rows of 6/12 bytes cannot be 16-byte copies"
+
+EXPECTED_FAILURES: list[ExpectedFailure] = [
+    # Real-launch builds that fail a check because of the kernel (`--check` of the CI subset, sm_90 and sm_80, and
+    # of the stem's builds). Fixing a kernel means deleting its rows here; the report names rows that went stale.
+    ExpectedFailure("grouped_gemm", "backward_input", "-", "async_copy", _GEMM_CLAMPS),
+    ExpectedFailure("grouped_gemm", "backward_weight", "-", "async_copy", _GEMM_CLAMPS),
+    ExpectedFailure("grouped_conv2d", "*", "nchw", "async_copy", _NCHW),
+    ExpectedFailure("grouped_conv2d", "bwd_weight", "nchw", "registers",
+                    "NCHW weight gradient with 128x128 tiles and 8 warps: 233 (16-bit) / 255 (fp32 ieee) registers"),
+    ExpectedFailure("grouped_conv2d", "bwd_weight", "nchw", "spills",
+                    "NCHW weight gradient, fp32 ieee (FMA), 128x128 tiles, 8 warps: 20 B spilled at 255 registers",
+                    variant="fp32_ieee"),
+    ExpectedFailure("grouped_conv2d", "bwd_input", "channels_last", "async_copy", _TF32_K_MAJOR, variant="fp32_tf32",
+                    capability=90),
+    ExpectedFailure("grouped_conv2d", "bwd_weight", "channels_last", "async_copy", _TF32_K_MAJOR, variant="fp32_tf32",
+                    capability=90),
+    ExpectedFailure("grouped_conv2d", "*", "*", "registers", _FMA_TILES, variant="fp32_ieee", capability=80),
+    ExpectedFailure("grouped_conv2d", "*", "*", "spills", _FMA_TILES, variant="fp32_ieee", capability=80),
+    ExpectedFailure("grouped_gemm", "backward_input", "-", "registers",
+                    "tf32 dX with 128x128 tiles and 8 warps on sm_80: 244 registers", variant="fp32_tf32",
+                    capability=80),
+    ExpectedFailure("grouped_conv2d", "*", "*", "async_copy", _STEM, where=" 3->"),
+    ExpectedFailure("grouped_conv2d", "*", "*", "registers",
+                    "the stem's forward with 128x128 tiles and 8 warps: 234 (16-bit) / 255 (fp32 ieee) registers",
+                    where=" 3->"),
+]
+
+
+def _check_failures(record: dict) -> list[tuple[str, str]]:
+    """(check, message) for each check a compiled spec fails."""
     where = f"{record['module']}:{record['name']} sm_{record['capability']}"
     if record["error"]:
-        return [f"{where}: compile error: {record['error']}"]
+        return [("compile", f"{where}: compile error: {record['error']}")]
     out = []
     if record["shared"] > record["shared_limit"]:
-        out.append(f"{where}: static shared memory {record['shared']} B > limit {record['shared_limit']} B")
+        out.append(("shared", f"{where}: static shared memory {record['shared']} B > limit {record['shared_limit']} B"))
     if record["spill_stores"] or record["spill_loads"]:
-        out.append(
+        out.append(("spills",
             f"{where}: register spills ({record['spill_stores']} B stores, {record['spill_loads']} B loads, "
             f"{record['registers']} registers)"
-        )
+        ))  # fmt: skip
+    if record["num_warps"] >= 8 and record["registers"] > MAX_REGISTERS_8_WARPS:
+        out.append(("registers", f"{where}: {record['registers']} registers with {record['num_warps']} warps "
+                                 f"(> {MAX_REGISTERS_8_WARPS})"))
+    if record.get("has_dot"):
+        cp_async = record.get("cp_async", {})
+        narrow = {size: n for size, n in cp_async.items() if size != "16"}
+        if record.get("sync_tile_loads") or (not record.get("tma") and not cp_async.get("16")) or narrow:
+            out.append(("async_copy",
+                f"{where}: operand loads are not all 16-byte asynchronous copies ({record.get('sync_tile_loads')} "
+                f"synchronous 2-d tile loads; cp.async by bytes {cp_async}, TMA {record.get('tma', 0)}, ld.global by "
+                f"bytes {record.get('ld_global', {})})"
+            ))  # fmt: skip
     if record["capability"] == 90 and record["dot_dtype"] in ("fp16", "bf16") and not record["wgmma"]:
-        out.append(f"{where}: {record['dot_dtype']} tl.dot did not produce wgmma on sm_90")
+        out.append(("wgmma", f"{where}: {record['dot_dtype']} tl.dot did not produce wgmma on sm_90"))
     return out
+
+
+def _matches(row: ExpectedFailure, record: dict, check: str) -> bool:
+    return (
+        row.module == record["module"]
+        and row.pass_name in ("*", record.get("pass_name"))
+        and row.layout in ("*", record.get("layout"))
+        and row.variant in ("*", record.get("variant"))
+        and row.capability in (0, record["capability"])
+        and (row.where == "*" or all(row.where in label for label in record.get("labels", ())))
+        and row.check == check
+    )
+
+
+def expected_failure_of(record: dict, check: str, table: list[ExpectedFailure] | None = None) -> ExpectedFailure | None:
+    """The row of ``table`` (default EXPECTED_FAILURES) that excuses ``check`` failing for ``record``, if any."""
+    if check == "compile":
+        return None  # a build that does not compile is never expected
+    return next((row for row in (EXPECTED_FAILURES if table is None else table) if _matches(row, record, check)),
+                None)
+
+
+def failures_of(record: dict, table: list[ExpectedFailure] | None = None) -> list[str]:
+    """Why a compiled spec fails the checks (empty when it passes), leaving out the expected failures."""
+    return [msg for check, msg in _check_failures(record) if expected_failure_of(record, check, table) is None]
+
+
+def expected_failures_of(record: dict, table: list[ExpectedFailure] | None = None) -> list[str]:
+    """The failures of ``record`` that rows of the expected-failure table excuse, each with the row's reason."""
+    out = []
+    for check, msg in _check_failures(record):
+        row = expected_failure_of(record, check, table)
+        if row is not None:
+            out.append(f"{msg} [expected: {row.reason}]")
+    return out
+
+
+def stale_expected_failures(results: list[dict], table: list[ExpectedFailure] | None = None) -> list[ExpectedFailure]:
+    """Rows that excuse no failure among ``results`` (the kernel was fixed, or the row no longer matches): remove
+    them. Only rows whose module, pass and capability were compiled at all are judged."""
+    rows = EXPECTED_FAILURES if table is None else table
+    used = {row for r in results for check, _ in _check_failures(r)
+            if (row := expected_failure_of(r, check, rows)) is not None}
+    compiled = [r for r in results if not r["error"]]
+    return [row for row in rows if row not in used and any(
+        row.module == r["module"] and row.pass_name in ("*", r.get("pass_name"))
+        and row.layout in ("*", r.get("layout")) and row.variant in ("*", r.get("variant"))
+        and row.capability in (0, r["capability"])
+        and (row.where == "*" or all(row.where in label for label in r.get("labels", ()))) for r in compiled)]
 
 
 def run_compile_jobs(jobs: list[tuple[str, int, int]], workers: int) -> list[dict]:
@@ -187,6 +400,113 @@ def run_compile_jobs(jobs: list[tuple[str, int, int]], workers: int) -> list[dic
 
     with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
         return list(pool.map(_compile_one, jobs, chunksize=max(1, len(jobs) // (4 * workers))))
+
+
+def _load_class(record: dict) -> str:
+    """How a build loads its operands, from the SASS (PTX when no SASS): TMA, 16-byte async copies, narrower async
+    copies, 16-byte synchronous loads, or narrow (<= 4-byte) gathers."""
+    sass = record.get("sass") or {}
+    sync = " + synchronous LDG tiles" if record.get("sync_tile_loads") else ""
+    if sass:
+        if sass.get("UTMALDG"):
+            return "UTMALDG (TMA)" + sync
+        ldgsts = sorted(k for k in sass if k.startswith("LDGSTS."))
+        if ldgsts == ["LDGSTS.128"]:
+            return "LDGSTS.128" + sync
+        if ldgsts:
+            return " + ".join(ldgsts) + (" (narrow async copies)" if sync == "" else sync)
+        return "LDG.128 (synchronous)" if sass.get("LDG.128") else "LDG <= 8 B (gathers)"
+    if record.get("tma"):
+        return "cp.async.bulk.tensor (TMA)"
+    cp = record.get("cp_async", {})
+    if cp:
+        return "cp.async 16 B" if set(cp) == {"16"} else f"cp.async sizes {sorted(cp)}"
+    return "ld.global"
+
+
+def _mma_class(record: dict) -> str:
+    sass = record.get("sass") or {}
+    if sass:
+        for op in ("HGMMA", "HMMA", "DFMA", "FFMA"):
+            if sass.get(op):
+                return op
+        return "-"
+    return "wgmma" if record.get("wgmma") else "mma/fma"
+
+
+# Ceilings of the ESTIMATE model (fractions of the H100 roofline one build can reach). Judgement, not measurement:
+# asynchronous wgmma with TMA/cp.async pipelines reaches ~75% of dense peak in tuned Triton GEMMs; mma.sync (HMMA)
+# on Hopper tops out near 2/3 of the wgmma peak; synchronous or narrow loads stall the tensor cores.
+MMA_CEILING = {"HGMMA": 0.75, "wgmma": 0.75, "HMMA": 0.5, "FFMA": 0.6, "DFMA": 0.6, "-": 0.8, "mma/fma": 0.5}
+LOAD_CEILING = {"UTMALDG (TMA)": 1.0, "cp.async.bulk.tensor (TMA)": 1.0, "LDGSTS.128": 1.0, "cp.async 16 B": 1.0,
+                "LDG.128 (synchronous)": 0.6}
+NARROW_LOAD_CEILING = 0.6  # async copies narrower than 16 B
+GATHER_CEILING = 0.25  # <= 8-byte synchronous loads of the operands
+STREAM_CEILING = {"LDG.128": 0.8, "narrow": 0.5}  # kernels without a dot (memory-bound), by load width
+
+
+def estimated_roofline_fraction(record: dict) -> float:
+    """ESTIMATE of the fraction of the H100 roofline (max of compute and memory floors) a build can reach: the
+    product of a ceiling for its mma instructions and one for its operand loads (MMA_CEILING, LOAD_CEILING;
+    GATHER_CEILING when any operand tile is loaded synchronously), STREAM_CEILING for kernels without a dot, halved
+    for an 8-warp tile above MAX_REGISTERS_8_WARPS registers or with spills. A model for comparing builds, not a
+    prediction of a timing."""
+    load = _load_class(record)
+    if not record.get("has_dot"):  # a streaming kernel: memory-bound, coalesced narrow loads still stream
+        fraction = STREAM_CEILING["LDG.128"] if "128" in load else STREAM_CEILING["narrow"]
+    elif "synchronous LDG" in load or "gathers" in load:
+        fraction = MMA_CEILING.get(_mma_class(record), 0.5) * GATHER_CEILING
+    else:
+        fraction = MMA_CEILING.get(_mma_class(record), 0.5) * LOAD_CEILING.get(load, NARROW_LOAD_CEILING)
+    if record.get("spill_stores") or (record["num_warps"] >= 8 and record["registers"] > MAX_REGISTERS_8_WARPS):
+        fraction /= 2
+    return fraction
+
+
+def sass_summary(results: list[dict], capability: int = 90) -> list[dict]:
+    """One row per (module, pass, dtype variant, layout) over the builds for ``capability``: builds, register range,
+    operand-load and mma classes (most frequent first, with counts), and the mean estimated roofline fraction."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in results:
+        if r["capability"] == capability and not r["error"]:
+            key = (r["module"], r.get("pass_name", ""), r.get("variant", ""), r.get("layout", ""))
+            groups.setdefault(key, []).append(r)
+    rows = []
+    for (module, pass_name, variant, layout), group in sorted(groups.items()):
+
+        def tally(classify) -> str:
+            counts: dict[str, int] = {}
+            for r in group:
+                counts[classify(r)] = counts.get(classify(r), 0) + 1
+            return "; ".join(f"{k} {v}/{len(group)}" for k, v in sorted(counts.items(), key=lambda kv: -kv[1]))
+
+        regs = [r["registers"] for r in group]
+        rows.append({
+            "module": module, "pass": pass_name, "variant": variant, "layout": layout, "builds": len(group),
+            "registers": f"{min(regs)}-{max(regs)}" if min(regs) != max(regs) else str(regs[0]),
+            "loads": tally(_load_class), "mma": tally(_mma_class),
+            "est_fraction": sum(estimated_roofline_fraction(r) for r in group) / len(group),
+        })  # fmt: skip
+    return rows
+
+
+def print_sass_summary(rows: list[dict], markdown: bool, capability: int = 90) -> None:
+    header = ["kernel", "pass", "dtype", "layout", "builds", "registers", "operand loads (SASS)", "mma (SASS)",
+              "est. % of H100 roofline"]
+    cells = [[r["module"], r["pass"], r["variant"], r["layout"], str(r["builds"]), r["registers"], r["loads"],
+              r["mma"], f"{100 * r['est_fraction']:.0f}%"] for r in rows]
+    if markdown:
+        print(f"Builds for sm_{capability} of the real launches (python -m groupnet.kernels.report --sass-summary "
+              "--markdown); percentages are ESTIMATES (kernels/report.py: estimated_roofline_fraction), not timings.")
+        print()
+        print("| " + " | ".join(header) + " |")
+        print("|" + "|".join("---" for _ in header) + "|")
+        for c in cells:
+            print("| " + " | ".join(c) + " |")
+        return
+    print(f"== SASS summary, sm_{capability} (estimated % of H100 roofline: ESTIMATES) ==")
+    for c in cells:
+        print("  ".join(c))
 
 
 def _print_tables(results: list[dict], failures: list[str]) -> None:
@@ -212,14 +532,33 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m groupnet.kernels.report", description=__doc__.split("\n")[0])
     parser.add_argument("--check", action="store_true", help="exit 1 on compile errors, shared memory, spills, wgmma")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
-    parser.add_argument("--capabilities", type=int, nargs="+", default=[90, 80], choices=[80, 90])
+    parser.add_argument("--capabilities", type=int, nargs="+", choices=[80, 90],
+                        help="default: 90 80 (90 alone with --sass-summary)")
     parser.add_argument(
         "--sm80", choices=["all", "subset"], default="all",
         help="sm_80: compile every spec, or one per kernel variant with the largest tiles (see compile_jobs)",
     )  # fmt: skip
     parser.add_argument("--jobs", type=int, default=max(1, min(2, os.cpu_count() or 1)))
     parser.add_argument("--modules", nargs="+", help="short module names to report (default: all)")
+    parser.add_argument(
+        "--subset", choices=["all", "ci"], default="all",
+        help="all: every spec; ci (CI's fast check, and quick iteration): one build per kernel pass x dtype x layout "
+             "and arch, the specialization most launches share with its largest tiles (see compile_jobs)",
+    )  # fmt: skip
+    parser.add_argument("--list", action="store_true", help="list the specs (and the launches each covers); no compile")
+    parser.add_argument("--sass-summary", action="store_true",
+                        help="print per kernel pass x dtype x layout the SASS load/mma classes, registers and the "
+                             "estimated fraction of the H100 roofline (sm_90 builds)")
+    parser.add_argument("--markdown", action="store_true", help="with --sass-summary: a markdown table")
+    parser.add_argument("--from-json", metavar="FILE",
+                        help="with --sass-summary: summarise the results of an earlier --json run instead of compiling")
     args = parser.parse_args(argv)
+    if args.from_json:
+        if not args.sass_summary:
+            parser.error("--from-json goes with --sass-summary")
+        with open(args.from_json) as f:
+            print_sass_summary(sass_summary(json.load(f)["results"]), args.markdown)
+        return 0
     if importlib.util.find_spec("triton") is None:
         print("groupnet.kernels.report needs triton, which is not installed (pip install triton; Linux only)",
               file=sys.stderr)
@@ -228,24 +567,63 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("run without TRITON_INTERPRET=1: the interpreter cannot compile kernels for a GPU")
 
     start = time.perf_counter()
-    jobs = compile_jobs(args.capabilities, args.sm80 == "subset", args.modules)
+    if args.capabilities is None:
+        args.capabilities = [90] if args.sass_summary else [90, 80]
+    if args.sass_summary and 90 not in args.capabilities:
+        parser.error("--sass-summary summarises the sm_90 builds: keep 90 in --capabilities")
+    jobs = compile_jobs(args.capabilities, args.sm80 == "subset", args.modules, ci_subset=args.subset == "ci")
+    if args.list:
+        return _list_jobs(jobs, args.json)
     results = run_compile_jobs(jobs, args.jobs)
     failures = [f for r in results for f in failures_of(r)]
+    expected = [f for r in results for f in expected_failures_of(r)]
+    stale = [row._asdict() for row in stale_expected_failures(results)]
     if args.json:
         json.dump(
             {
                 "results": results,
                 "failures": failures,
+                "expected_failures": expected,
+                "stale_expected_failures": stale,
                 "modules": modules_with("compile_specs", args.modules),
                 "wall_s": round(time.perf_counter() - start, 2),
             },
             sys.stdout,
         )
         print()
+    elif args.sass_summary:
+        print_sass_summary(sass_summary(results), args.markdown)
     else:
         _print_tables(results, failures)
-        print(f"\n{len(results)} compiles in {time.perf_counter() - start:.1f} s, {len(failures)} failures")
+        if expected:
+            print(f"\n== {len(expected)} EXPECTED FAILURES (EXPECTED_FAILURES in kernels/report.py) ==")
+            for f in expected:
+                print(f)
+        for row in stale:
+            print(f"STALE expected-failure row (nothing fails it any more; remove it): {row}")
+        print(f"\n{len(results)} compiles in {time.perf_counter() - start:.1f} s, {len(failures)} failures, "
+              f"{len(expected)} expected failures")
     return 1 if args.check and failures else 0
+
+
+def _list_jobs(jobs: list[tuple[str, int, int]], as_json: bool) -> int:
+    """Print the specs of ``jobs`` with the launches each covers (structure only; nothing is compiled)."""
+    rows = []
+    for module, index, capability in jobs:
+        spec = importlib.import_module(module).compile_specs()[index]
+        rows.append({"module": module.rsplit(".", 1)[-1], "name": spec.name, "capability": capability,
+                     "pass_name": spec.pass_name, "variant": spec.variant, "layout": spec.layout,
+                     "num_warps": spec.num_warps, "num_stages": spec.num_stages, "cases": list(spec.cases),
+                     "constexprs": {k: str(v) for k, v in spec.constexprs.items()},
+                     "signature": spec.signature, "attrs": [list(map(list, a)) for a in spec.attrs().items()]})
+    if as_json:
+        json.dump({"specs": rows}, sys.stdout)
+        print()
+    else:
+        for r in rows:
+            print(f"{r['module']:<16} sm_{r['capability']} {r['name']}  ({len(r['cases'])} launches)")
+        print(f"{len(rows)} compiles")
+    return 0
 
 
 if __name__ == "__main__":

@@ -1,9 +1,10 @@
-"""Offline GPU compilation of every kernel module's ``compile_specs()`` for sm_80 and sm_90 (no GPU needed).
+"""Offline GPU compilation of the real launches of every kernel module (``compile_specs()``) for sm_80 and sm_90.
 
 The session runs with TRITON_INTERPRET=1 (tests/conftest.py), under which kernels cannot be compiled, so the work
-runs in a subprocess, ``python -m groupnet.kernels.report --check --json``, without the variable and with a fresh
-TRITON_CACHE_DIR. sm_90 compiles every spec; sm_80 compiles one spec per kernel variant, the one with the largest
-tiles (``--sm80 subset``), to keep the test within a few minutes on two cores.
+runs in a subprocess, ``python -m groupnet.kernels.report --check --json --subset ci``, without the variable and with
+a fresh TRITON_CACHE_DIR. The CI subset compiles, per kernel pass x dtype x layout and arch, the JIT specialization that most real launches
+share, with its largest tile config; the full check (every specialization and config, both archs) is
+``python -m groupnet.kernels.report --check`` (CONTRIBUTING.md).
 """
 
 from __future__ import annotations
@@ -19,12 +20,12 @@ from groupnet.kernels import report
 from groupnet.kernels._common import SHARED_MEMORY_LIMIT
 
 
-@pytest.fixture(scope="module")
-def compile_report(tmp_path_factory):
+def run_report(tmp_path_factory, *args: str) -> dict:
+    """``python -m groupnet.kernels.report *args --json`` without the interpreter; its JSON and exit status."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(tmp_path_factory.mktemp("triton_cache"))
     run = subprocess.run(
-        [sys.executable, "-m", "groupnet.kernels.report", "--check", "--json", "--sm80", "subset"],
+        [sys.executable, "-m", "groupnet.kernels.report", *args, "--json"],
         capture_output=True,
         text=True,
         env=env,
@@ -37,6 +38,11 @@ def compile_report(tmp_path_factory):
     return result
 
 
+@pytest.fixture(scope="module")
+def compile_report(tmp_path_factory):
+    return run_report(tmp_path_factory, "--check", "--subset", "ci")
+
+
 @pytest.mark.slow
 def test_every_kernel_module_is_compiled(compile_report):
     expected = report.modules_with("compile_specs")
@@ -46,14 +52,19 @@ def test_every_kernel_module_is_compiled(compile_report):
     assert compiled == {m.rsplit(".", 1)[-1] for m in expected}
     for module in expected:
         short = module.rsplit(".", 1)[-1]
-        n_specs = len(__import__(module, fromlist=["compile_specs"]).compile_specs())
-        sm90 = [r for r in compile_report["results"] if r["module"] == short and r["capability"] == 90]
-        assert len(sm90) == n_specs, f"{short}: {len(sm90)} of {n_specs} specs compiled for sm_90"
-        assert any(r["module"] == short and r["capability"] == 80 for r in compile_report["results"])
+        for capability in (80, 90):
+            assert any(r["module"] == short and r["capability"] == capability for r in compile_report["results"])
+    # every pass x dtype x layout of the real launches is built for both archs
+    groups = {cc: {(r["module"], r["pass_name"], r["variant"], r["layout"]) for r in compile_report["results"]
+                   if r["capability"] == cc} for cc in (80, 90)}  # fmt: skip
+    assert groups[80] == groups[90]
+    conv = {g for g in groups[90] if g[0] == "grouped_conv2d"}
+    assert len(conv) == 3 * 4 * 2, sorted(conv)  # passes x (bf16, fp16, fp32 tf32, fp32 ieee) x layouts
+    assert len({g for g in groups[90] if g[0] == "grouped_gemm"}) == 3 * 4
 
 
 @pytest.mark.slow
-def test_specs_fit_shared_memory_without_spills_and_use_wgmma(compile_report):
+def test_real_launches_pass_the_check_or_are_expected_failures(compile_report):
     failures = compile_report["failures"]
     assert not failures, "\n".join(failures)
     assert compile_report["returncode"] == 0
@@ -61,9 +72,15 @@ def test_specs_fit_shared_memory_without_spills_and_use_wgmma(compile_report):
         where = f"{r['module']}:{r['name']} sm_{r['capability']}"
         assert r["error"] is None, f"{where}: {r['error']}"
         assert r["shared"] <= SHARED_MEMORY_LIMIT[r["capability"]], f"{where}: shared memory {r['shared']} B"
-        assert r["spill_stores"] == 0 and r["spill_loads"] == 0, f"{where}: spills with {r['registers']} registers"
-        if r["capability"] == 90 and r["dot_dtype"] in ("fp16", "bf16"):
+        excused = {check for check, _ in report._check_failures(r) if report.expected_failure_of(r, check)}
+        if "spills" not in excused:
+            assert r["spill_stores"] == 0 and r["spill_loads"] == 0, f"{where}: spills with {r['registers']} regs"
+        if "registers" not in excused and r["num_warps"] >= 8:
+            assert r["registers"] <= report.MAX_REGISTERS_8_WARPS, f"{where}: {r['registers']} registers"
+        if "wgmma" not in excused and r["capability"] == 90 and r["dot_dtype"] in ("fp16", "bf16"):
             assert r["wgmma"], f"{where}: 16-bit tl.dot without wgmma"
+        if "async_copy" not in excused and r["has_dot"]:
+            assert r["sync_tile_loads"] == 0 and set(r["cp_async"]) | ({"16"} if r["tma"] else set()) == {"16"}, where
 
 
 def test_roofline_estimates_cover_the_split_wrn_classifier():
@@ -79,7 +96,8 @@ def test_roofline_estimates_cover_the_split_wrn_classifier():
 def _record(**overrides):
     record = dict(
         module="m", name="k", capability=90, error=None, shared=1024, shared_limit=SHARED_MEMORY_LIMIT[90],
-        registers=128, spill_stores=0, spill_loads=0, dot_dtype="fp16", wgmma=True,
+        registers=128, spill_stores=0, spill_loads=0, dot_dtype="fp16", wgmma=True, num_warps=8, has_dot=True,
+        cp_async={"16": 8}, tma=0, sync_tile_loads=0, pass_name="fwd", variant="fp16", layout="nchw",
     )  # fmt: skip
     record.update(overrides)
     return record
@@ -93,16 +111,92 @@ def _record(**overrides):
         (dict(spill_loads=4), "register spills"),
         (dict(wgmma=False), "did not produce wgmma"),
         (dict(error="CompilationError: boom"), "compile error"),
+        (dict(registers=report.MAX_REGISTERS_8_WARPS + 1), "registers with 8 warps"),
+        (dict(cp_async={}), "16-byte asynchronous"),
+        (dict(cp_async={"16": 4, "4": 8}), "16-byte asynchronous"),
+        (dict(sync_tile_loads=2), "16-byte asynchronous"),
     ],
 )
 def test_report_check_flags_each_failure(overrides, reason):
-    assert report.failures_of(_record()) == []
-    assert report.failures_of(_record(wgmma=False, capability=80, shared_limit=SHARED_MEMORY_LIMIT[80])) == []
-    failures = report.failures_of(_record(**overrides))
+    assert report.failures_of(_record(), table=[]) == []
+    assert report.failures_of(_record(cp_async={}, tma=2), table=[]) == []  # TMA is an asynchronous 16-byte path
+    assert report.failures_of(_record(registers=255, num_warps=4), table=[]) == []  # the ceiling is for 8 warps
+    assert report.failures_of(_record(cp_async={}, has_dot=False), table=[]) == []  # no dot: no operand rule
+    sm80 = _record(wgmma=False, capability=80, shared_limit=SHARED_MEMORY_LIMIT[80])
+    assert report.failures_of(sm80, table=[]) == []
+    failures = report.failures_of(_record(**overrides), table=[])
     assert len(failures) == 1 and reason in failures[0]
+
+
+def test_expected_failures_excuse_only_their_rows():
+    row = report.ExpectedFailure("m", "fwd", "nchw", "async_copy", "NCHW gathers")
+    failing = _record(sync_tile_loads=2)
+    assert report.failures_of(failing, table=[row]) == []
+    assert "NCHW gathers" in report.expected_failures_of(failing, table=[row])[0]
+    for other in (dict(layout="channels_last"), dict(pass_name="bwd_input"), dict(module="n")):
+        assert len(report.failures_of(_record(sync_tile_loads=2, **other), table=[row])) == 1
+    assert len(report.failures_of(_record(sync_tile_loads=2, spill_stores=4), table=[row])) == 1  # other check
+    assert len(report.failures_of(_record(error="boom"), table=[row])) == 1  # compile errors are never expected
+    # a row whose builds all pass is stale; one whose builds were not compiled is not judged
+    assert report.stale_expected_failures([_record()], table=[row]) == [row]
+    assert report.stale_expected_failures([failing], table=[row]) == []
+    assert report.stale_expected_failures([_record(module="n")], table=[row]) == []
+
+
+def test_expected_failure_rows_name_real_kernels_and_checks():
+    modules = {m.rsplit(".", 1)[-1] for m in report.modules_with("compile_specs")}
+    for row in report.EXPECTED_FAILURES:
+        assert row.module in modules, row
+        assert row.check in ("async_copy", "registers", "spills", "wgmma", "shared"), row
+        assert row.layout in ("*", "nchw", "channels_last", "-"), row
+        assert row.reason, row
 
 
 def test_report_refuses_to_run_under_the_interpreter():
     assert os.environ.get("TRITON_INTERPRET") == "1"
     with pytest.raises(SystemExit):
         report.main(["--check"])
+
+
+def test_ptx_loads_reads_async_copy_sizes_tma_and_synchronous_tiles():
+    ptx = (
+        "\tcp.async.cg.shared.global [ %r94 + 0 ], [ %rd70 + 0 ], 0x10, %r92;\n"
+        "\t@%p1 cp.async.ca.shared.global [ %r9 + 0 ], [ %rd7 + 0 ], 0x4, %r2;\n"
+        "\tcp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%r1], [%rd1, {%r2}], [%r4];\n"
+        "\t@%p3 ld.global.b16 { %rs9 }, [ %rd9 + 0 ];\n"
+        "\tld.global.v4.b32 { %r1, %r2, %r3, %r4 }, [ %rd1 + 0 ];\n"
+    )
+    ttgir = (
+        "%a = ttg.async_copy_global_to_local %p, %s mask %m : tensor<128x32x!tt.ptr<bf16>, #b> -> <...>\n"
+        "%b = tt.load %q, %m2 : tensor<32x128x!tt.ptr<bf16>, #b>\n"
+        "%c = tt.load %bias : tensor<128x!tt.ptr<bf16>, #s>\n"
+    )
+    loads = report.ptx_loads(ptx, ttgir)
+    assert loads == {"cp_async": {"16": 1, "4": 1}, "tma": 1, "ld_global": {"2": 1, "16": 1},
+                     "sync_tile_loads": 1, "async_tile_copies": 1}
+
+
+def test_sass_summary_groups_builds_and_labels_the_estimate(capsys):
+    hgmma = dict(sass={"LDGSTS": 8, "LDGSTS.128": 8, "HGMMA": 4}, registers=120)
+    gather = dict(sass={"LDG": 32, "LDG.U16": 32, "HMMA": 16}, registers=200, sync_tile_loads=2)
+    results = [_record(**hgmma), _record(**hgmma, layout="channels_last"), _record(**gather),
+               _record(**gather, capability=80)]
+    rows = report.sass_summary(results)
+    assert [(r["layout"], r["builds"]) for r in rows] == [("channels_last", 1), ("nchw", 2)]
+    nchw = rows[1]
+    assert nchw["registers"] == "120-200"
+    assert nchw["loads"] == "LDGSTS.128 1/2; LDG <= 8 B (gathers) 1/2"
+    assert nchw["mma"] == "HGMMA 1/2; HMMA 1/2"
+    best = report.MMA_CEILING["HGMMA"] * report.LOAD_CEILING["LDGSTS.128"]
+    worst = report.MMA_CEILING["HMMA"] * report.GATHER_CEILING
+    assert nchw["est_fraction"] == pytest.approx((best + worst) / 2)
+    report.print_sass_summary(rows, markdown=True)
+    out = capsys.readouterr().out
+    assert "ESTIMATES" in out and "| kernel | pass | dtype | layout |" in out
+
+
+def test_expected_failures_can_name_the_launches():
+    stem = report.ExpectedFailure("m", "fwd", "nchw", "async_copy", "3 channels", where=" 3->")
+    assert report.failures_of(_record(sync_tile_loads=1, labels=["fwd bf16 nchw wrn/K2 3->16 k3s1"]), [stem]) == []
+    assert len(report.failures_of(_record(sync_tile_loads=1, labels=["fwd bf16 nchw wrn/K2 16->112 k3s1"]),
+                                  [stem])) == 1

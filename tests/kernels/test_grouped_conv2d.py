@@ -24,7 +24,7 @@ from torch import Tensor
 from groupnet.kernels import _grouped_conv2d_common as common
 from groupnet.kernels import grouped_conv2d as conv_module
 from groupnet.kernels._grouped_conv2d_common import ConvGeometry
-from groupnet.kernels.grouped_conv2d import compile_specs, grouped_conv2d, roofline_cases
+from groupnet.kernels.grouped_conv2d import grouped_conv2d, roofline_cases
 from groupnet.kernels.grouped_conv2d_bwd_input import BWD_INPUT_CONFIGS, grouped_conv2d_bwd_input
 from groupnet.kernels.grouped_conv2d_bwd_weight import BWD_WEIGHT_CONFIGS, grouped_conv2d_bwd_weight
 from groupnet.kernels.grouped_conv2d_fwd import FWD_CONFIGS, grouped_conv2d_fwd
@@ -346,19 +346,6 @@ def test_empty_batch():
     y.sum().backward()
     assert x.grad.shape == x.shape
     assert torch.equal(w.grad, torch.zeros_like(w))
-
-
-def test_compile_specs_cover_every_pass_config_and_dtype():
-    """Structure only (the compile itself runs in tests/kernels/test_compile.py)."""
-    specs = compile_specs()
-    names = [s.name for s in specs]
-    assert len(names) == len(set(names))
-    expected = 3 * (len(FWD_CONFIGS) + len(BWD_INPUT_CONFIGS) + len(BWD_WEIGHT_CONFIGS))
-    assert len(specs) == expected
-    for spec in specs:
-        assert set(spec.signature) == set(spec.fn.arg_names)
-        assert all(spec.signature[name] == "constexpr" for name in spec.constexprs)
-        assert (spec.dot_dtype is not None) == any(f"_{d}_" in spec.name for d in ("fp16", "bf16"))
 
 
 def test_roofline_cases_count_what_torch_counts():

@@ -240,14 +240,9 @@ def test_launcher_rejects_mismatched_operands_and_huge_strides():
         gg.launch_grouped_gemm(wide, torch.zeros(1, 4, 3, dtype=wide.dtype), torch.zeros(1, 2, 3, dtype=wide.dtype))
 
 
-def test_compile_specs_cover_every_gpu_config():
-    """compile_specs() lists each pass x variant x config the autotuner may pick; every config is dot-legal."""
-    specs = {s.name: s for s in gg.compile_specs()}
-    for dtype, precision in gg.COMPILED_VARIANTS:
-        for cfg in gg.gpu_configs(dtype, precision):
-            for pass_name in ("forward", "backward_input", "backward_weight"):
-                expected = gg._spec(cfg, dtype, pass_name, precision)
-                assert expected.name in specs, f"missing compile spec {expected.name}"
+def test_every_gpu_config_is_dot_legal():
+    """Every config fits a 16-bit tl.dot, the int32 tile offsets and sm_80's shared memory (which configs the
+    compile check builds: tests/kernels/test_compile_specs.py)."""
     for cfg in gg.GPU_CONFIGS + [gg.INTERPRETER_CONFIG]:
         kw = cfg.kwargs
         assert kw["BLOCK_K"] >= 16, f"BLOCK_K < 16 cannot feed 16-bit tl.dot on a GPU: {cfg}"
