@@ -44,15 +44,16 @@ def padded_work(config: triton.Config, blocks: tuple[str, str, str], sizes: tupl
     return padded
 
 
-def prune_oversized(blocks: tuple[str, str, str], size_args: tuple[str, str, str]):
+def prune_oversized(blocks: tuple[str, str, str], size_args: tuple[str | None, str | None, str | None]):
     """An ``early_config_prune`` for ``triton.autotune``: drop the configs with a block larger than both the next
     power of two of its axis's size and the smallest block the configs offer on that axis (such a tile is mostly
     padding, and a smaller one does the same useful work), keeping at least the config of least padded work.
-    ``size_args`` names the kernel arguments holding the rows, columns and reduction sizes."""
+    ``size_args`` names the kernel arguments holding the rows, columns and reduction sizes; None leaves an axis
+    alone (a size that follows the batch, which the tuning key leaves out)."""
 
     def prune(configs: list[triton.Config], named_args: dict, **kwargs: Any) -> list[triton.Config]:
         args = {**named_args, **kwargs}
-        sizes = tuple(max(1, int(args[name])) for name in size_args)
+        sizes = tuple(2**30 if name is None else max(1, int(args[name])) for name in size_args)
         limits = [
             max(triton.next_power_of_2(n), min(c.kwargs[b] for c in configs)) for b, n in zip(blocks, sizes)
         ]  # fmt: skip

@@ -146,7 +146,7 @@ _grouped_conv2d_bwd_input_autotuned = triton.autotune(
     # triton adds the tensors' dtypes to the key; DOT_DTYPE and INPUT_PRECISION tell fp32 from tf32 dots.
     key=["G", "CIN_G", "COUT_G", "KH", "KW", "H", "W", "stride_h", "stride_w", "dil_h", "dil_w", "sdx_c",
          "RELU_GRAD", "DOT_DTYPE", "INPUT_PRECISION"],
-    prune_configs_by={"early_config_prune": common.prune_oversized(common.MNK_BLOCKS, ("MQ", "CIN_G", "COUT_G"))},
+    prune_configs_by={"early_config_prune": common.prune_oversized(common.MNK_BLOCKS, (None, "CIN_G", "COUT_G"))},
     cache_results=True,
 )(_grouped_conv2d_bwd_input_kernel)
 

@@ -8,12 +8,14 @@ fixed order. With a single split the kernel writes the gradient directly.
 
 Reproducibility, precisely: no pass uses atomics, so two launches with the same inputs (values, shapes and strides),
 the same config, the same ``split_rows``, on the same GPU model with the same triton and torch, give the same
-bits. What can change between processes is the config (each process autotunes by timing; tuning results are cached
-on disk by triton, per machine, so a later process usually but not certainly reuses the pick) and the default
-``split_rows`` (it follows the GPU's SM count). Under ``torch.use_deterministic_algorithms(True)`` every pass runs
+bits. What can change between processes is the config (the autotuner picks by timing; its picks are cached on disk
+in triton's cache, so later processes sharing that cache reuse the first pick, and a fresh cache or another machine
+tunes again) and the default ``split_rows`` (it follows the GPU's SM count). Under ``torch.use_deterministic_algorithms(True)`` every pass runs
 the config pinned by the shape alone (``common.pinned_config``), so the bits then depend only on the inputs, the GPU
-model and the software versions; pass ``split_rows`` too to drop the GPU-model dependence of this pass's splits. The bias gradient (sum of dy over N, OH, OW) is fused into the same pass, and so is an
-optional ReLU output mask (dy * (y > 0)).
+model and the software versions; pass ``split_rows`` too to drop the GPU-model dependence of this pass's splits.
+
+The bias gradient (sum of dy over N, OH, OW) is fused into the same pass, and so is an optional ReLU output mask
+(dy * (y > 0)).
 """
 
 from __future__ import annotations
@@ -133,8 +135,8 @@ _grouped_conv2d_bwd_weight_autotuned = triton.autotune(
     configs=autotune_configs(BWD_WEIGHT_CONFIGS, INTERPRETER_CONFIG),
     # triton adds the tensors' dtypes to the key; DOT_DTYPE and INPUT_PRECISION tell fp32 from tf32 dots.
     key=["G", "CIN_G", "COUT_G", "KH", "KW", "OH", "OW", "stride_h", "stride_w", "dil_h", "dil_w", "sx_c",
-         "SPLIT_ROWS", "RELU_GRAD", "HAS_BIAS", "DOT_DTYPE", "INPUT_PRECISION"],
-    prune_configs_by={"early_config_prune": common.prune_oversized(BLOCKS, ("COUT_G", "CIN_G", "SPLIT_ROWS"))},
+         "RELU_GRAD", "HAS_BIAS", "DOT_DTYPE", "INPUT_PRECISION"],
+    prune_configs_by={"early_config_prune": common.prune_oversized(BLOCKS, ("COUT_G", "CIN_G", None))},
     cache_results=True,
 )(_grouped_conv2d_bwd_weight_kernel)
 

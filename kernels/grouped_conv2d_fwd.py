@@ -1,8 +1,9 @@
 """Grouped conv2d forward as an implicit GEMM: ``y = act(conv(x, w) + b)`` for G groups at once.
 
 Per group g: GEMM rows M = N*OH*OW output pixels, columns Cout_g, reduction Cin_g*KH*KW, walked BLOCK_K input
-channels at a time and, within each channel block, tap by tap (kh, kw). Every tensor is addressed through its own strides, so NCHW,
-channels_last and strided views work without copies (channels_last makes the channel loads contiguous).
+channels at a time and, within each channel block, tap by tap (kh, kw). Every tensor is addressed through its own
+strides, so NCHW, channels_last and strided views work without copies (channels_last makes the channel loads
+contiguous; NCHW compiles to gathers, so the Triton path converts models to channels_last at their boundary).
 """
 
 from __future__ import annotations
@@ -100,7 +101,7 @@ _grouped_conv2d_fwd_autotuned = triton.autotune(
     # triton adds the tensors' dtypes to the key; DOT_DTYPE and INPUT_PRECISION tell fp32 from tf32 dots.
     key=["G", "CIN_G", "COUT_G", "KH", "KW", "OH", "OW", "stride_h", "stride_w", "dil_h", "dil_w", "sx_c",
          "HAS_BIAS", "ACTIVATION", "DOT_DTYPE", "INPUT_PRECISION"],
-    prune_configs_by={"early_config_prune": common.prune_oversized(common.MNK_BLOCKS, ("M", "COUT_G", "CIN_G"))},
+    prune_configs_by={"early_config_prune": common.prune_oversized(common.MNK_BLOCKS, (None, "COUT_G", "CIN_G"))},
     cache_results=True,
 )(_grouped_conv2d_fwd_kernel)
 
