@@ -24,15 +24,15 @@ from ._common import CompileSpec, autotune_configs, check_launch_tensors, launch
 from ._grouped_conv2d_common import block_range, pixel_coords, store_pixel_tile, tile_of
 
 # 128-row tiles use 8 warps: with 4 the fp32 (tf32) variant spills registers on sm_80. The range of tiles is the
-# forward's (see FWD_CONFIGS), except that 256-row tiles reduce 16 channels at a time: with 32, the dy and ReLU-mask
-# tiles took fp32 to 247-255 registers (spills on sm_80); every config stays within 232 registers without spills.
+# forward's (see FWD_CONFIGS) with reduction blocks of at most 32 (16 for 256-row tiles): the dy and ReLU-mask tiles
+# pass through registers, and deeper blocks took fp32 to 247-255 registers with spills; every config stays within
+# 232 registers without spills.
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)
 BWD_INPUT_CONFIGS = common.tile_configs(
     common.MNK_BLOCKS,
     [
         (128, 128, 32, 8, 3), (128, 64, 32, 8, 3), (64, 128, 32, 4, 4), (64, 64, 32, 4, 4), (64, 32, 32, 4, 4),
-        (256, 64, 16, 8, 4), (64, 256, 32, 8, 3), (128, 64, 64, 8, 3), (64, 128, 64, 4, 3), (64, 64, 128, 4, 2),
-        (128, 16, 16, 4, 4),
+        (256, 64, 16, 8, 4), (64, 256, 32, 8, 3), (128, 128, 16, 8, 4), (128, 16, 16, 4, 4),
     ],
 )  # fmt: skip
 INTERPRETER_CONFIG = common.MNK_INTERPRETER_CONFIG
