@@ -34,7 +34,8 @@ BLOCKS = ("BLOCK_CO", "BLOCK_CI", "BLOCK_R")
 # rows; output-channel tiles of at least 64 rows (sm_90's wgmma needs 64 per warp group); 16-wide input-channel
 # tiles divide the 80- and 112-channel layers exactly. Every config fits sm_80's shared memory in fp32 and stays
 # within 232 registers without spills (128x128 tiles with 64-row blocks, and 4-warp tiles with 128-row or 64x64x64
-# blocks, took 255 and spilled; 256x64 tiles with 32-row blocks took 240-252 on sm_80: hence 16-row blocks there).
+# blocks, took 255 and spilled; 256x64 tiles with 32-row blocks took 240-252 on sm_80: hence 16-row blocks there;
+# 128x64 on 4 warps took 236-254: 8 warps).
 BWD_WEIGHT_CONFIGS = common.tile_configs(
     BLOCKS,
     [
