@@ -32,6 +32,62 @@ def tile_configs(blocks: tuple[str, ...], rows: list[tuple[int, ...]]) -> list[t
 (MNK_INTERPRETER_CONFIG,) = tile_configs(MNK_BLOCKS, [(32, 16, 16, 4, 1)])
 
 
+def padded_work(config: triton.Config, blocks: tuple[str, str, str], sizes: tuple[int, int, int]) -> float:
+    """Work of one launch with ``config`` over the work it must do: each of the three ``sizes`` (rows, columns,
+    reduction) rounded up to its block (``blocks`` names the block constexprs in that order), multiplied, over
+    their plain product. 1.0 means no tile does padded work."""
+    padded = 1.0
+    for name, size in zip(blocks, sizes):
+        block = config.kwargs[name]
+        padded *= triton.cdiv(size, block) * block / size
+    return padded
+
+
+def prune_oversized(blocks: tuple[str, str, str], size_args: tuple[str | None, str | None, str | None]):
+    """An ``early_config_prune`` for ``triton.autotune``: drop the configs with a block larger than both the next
+    power of two of its axis's size and the smallest block the configs offer on that axis (such a tile is mostly
+    padding, and a smaller one does the same useful work), keeping at least the config of least padded work.
+    ``size_args`` names the kernel arguments holding the rows, columns and reduction sizes; None leaves an axis
+    alone (a size that follows the batch, which the tuning key leaves out)."""
+
+    def prune(configs: list[triton.Config], named_args: dict, **kwargs: Any) -> list[triton.Config]:
+        args = {**named_args, **kwargs}
+        sizes = tuple(2**30 if name is None else max(1, int(args[name])) for name in size_args)
+        limits = [
+            max(triton.next_power_of_2(n), min(c.kwargs[b] for c in configs)) for b, n in zip(blocks, sizes)
+        ]  # fmt: skip
+        kept = [c for c in configs if all(c.kwargs[b] <= lim for b, lim in zip(blocks, limits))]
+        return kept or [min(configs, key=lambda c: padded_work(c, blocks, sizes))]
+
+    return prune
+
+
+def configs_pinned() -> bool:
+    """True when the launchers pick their config by :func:`pinned_config` instead of timing: whenever
+    ``torch.use_deterministic_algorithms(True)`` is in force (a reproducible run asked for)."""
+    return torch.are_deterministic_algorithms_enabled()
+
+
+def pinned_config(
+    configs: list[triton.Config], blocks: tuple[str, str, str], sizes: tuple[int, int, int]
+) -> triton.Config:
+    """The config a launch of ``sizes`` (rows, columns, reduction) uses when configs are pinned: a rule on the
+    shape alone, so every process and every machine picks the same one (and with it the same summation order).
+
+    The rule, a rough cost model and no timing: least ``padded_work * (1 + 16/rows_block + 16/columns_block)``
+    (padded work times operand traffic per multiply-add, which favours large tiles that waste little), rounded to
+    0.1%; ties go to the larger reduction block, then to the earlier config of ``configs``.
+    """
+    sizes = tuple(max(1, int(n)) for n in sizes)
+
+    def rank(indexed: tuple[int, triton.Config]) -> tuple:
+        i, c = indexed
+        traffic = 1 + 16 / c.kwargs[blocks[0]] + 16 / c.kwargs[blocks[1]]
+        return (round(padded_work(c, blocks, sizes) * traffic, 3), -c.kwargs[blocks[2]], i)
+
+    return min(enumerate(configs), key=rank)[1]
+
+
 @dataclass(frozen=True)
 class ConvGeometry:
     """Sizes of one grouped conv: batch, spatial, per-group channels, kernel and output size."""

@@ -23,12 +23,18 @@ from . import _grouped_conv2d_common as common
 from ._common import autotune_configs, check_launch_tensors, launch
 from ._grouped_conv2d_common import block_range, pixel_coords, store_pixel_tile, tile_of
 
-# 128-row tiles use 8 warps: with 4 the fp32 (tf32) variant spills registers on sm_80.
+# 128-row tiles use 8 warps: with 4 the fp32 (tf32) variant spills registers on sm_80. The range of tiles is the
+# forward's (see FWD_CONFIGS) with reduction blocks of at most 32 (16 for 256-row tiles): the dy and ReLU-mask tiles
+# pass through registers, and deeper blocks took fp32 to 247-255 registers with spills; every config stays within
+# 232 registers without spills.
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)
 BWD_INPUT_CONFIGS = common.tile_configs(
     common.MNK_BLOCKS,
-    [(128, 128, 32, 8, 3), (128, 64, 32, 8, 3), (64, 128, 32, 4, 4), (64, 64, 32, 4, 4), (64, 32, 32, 4, 4)],
-)
+    [
+        (128, 128, 32, 8, 3), (128, 64, 32, 8, 3), (64, 128, 32, 4, 4), (64, 64, 32, 4, 4), (64, 32, 32, 4, 4),
+        (256, 64, 16, 8, 4), (64, 256, 32, 8, 3), (128, 128, 16, 8, 4), (128, 16, 16, 4, 4),
+    ],
+)  # fmt: skip
 INTERPRETER_CONFIG = common.MNK_INTERPRETER_CONFIG
 
 
@@ -44,7 +50,7 @@ def _first_tap(c, stride, dil, STEP, K):
 @triton.jit
 def _grouped_conv2d_bwd_input_kernel(
     dy_ptr, w_ptr, y_ptr, dx_ptr,
-    MQ, HQ, WQ, H, W, OH, OW, CIN_G, COUT_G, KH, KW,
+    MQ, HQ, WQ, H, W, OH, OW, CIN_G, COUT_G, G, KH: tl.constexpr, KW: tl.constexpr,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, STEP_H, STEP_W,
     sdy_n, sdy_c, sdy_h, sdy_w,
     sw_o, sw_i, sw_h, sw_w,
@@ -58,7 +64,8 @@ def _grouped_conv2d_bwd_input_kernel(
 
     dy, y: (N, G*COUT_G, OH, OW); w: (G*COUT_G, CIN_G, KH, KW); dx: (N, G*CIN_G, H, W); all strided.
     HQ = cdiv(H, stride_h), WQ = cdiv(W, stride_w), MQ = N*HQ*WQ pixels per phase;
-    grid = (cdiv(MQ, BLOCK_M) * cdiv(CIN_G, BLOCK_N), stride_h*stride_w, G).
+    grid = (cdiv(MQ, BLOCK_M) * cdiv(CIN_G, BLOCK_N), stride_h*stride_w, G). G only keys the autotuner.
+    The loop walks (tap, channel block) with counters, not a division per iteration.
     """
     pid_m, pid_n = tile_of(tl.program_id(0), CIN_G, BLOCK_N)
     phase = tl.program_id(1)
@@ -87,12 +94,15 @@ def _grouped_conv2d_bwd_input_kernel(
     w_cols = w_ptr + (g * COUT_G) * sw_o + offs_n.to(tl.int64) * sw_i
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
     k_blocks = tl.cdiv(COUT_G, BLOCK_K)
-    for it in range(0, n_kh * n_kw * k_blocks):
-        tap = it // k_blocks
-        co = (it - tap * k_blocks) * BLOCK_K + offs_k
-        jh = tap // n_kw
+    # Loop counters: channel block cb fastest, then tap column jw, then tap row jh (the tap count of a phase is
+    # not a constant, so they are stepped rather than divided out of the iteration number).
+    cb = tl.zeros((), tl.int32)
+    jw = tl.zeros((), tl.int32)
+    jh = tl.zeros((), tl.int32)
+    for _ in range(0, n_kh * n_kw * k_blocks):
+        co = cb * BLOCK_K + offs_k
         kh = kh0 + jh * STEP_H
-        kw = kw0 + (tap - jh * n_kw) * STEP_W
+        kw = kw0 + jw * STEP_W
         # (c - k*dil) is an exact multiple of the stride here, so truncating and flooring division agree.
         oh = qh + (c_h - kh * dil_h) // stride_h
         ow = qw + (c_w - kw * dil_w) // stride_w
@@ -121,13 +131,24 @@ def _grouped_conv2d_bwd_input_kernel(
             other=0.0,
         )
         acc = tl.dot(dy, w.to(DOT_DTYPE), acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+        cb += 1
+        next_tap = cb == k_blocks
+        cb = tl.where(next_tap, 0, cb)
+        jw = tl.where(next_tap, jw + 1, jw)
+        next_row = jw == n_kw
+        jw = tl.where(next_row, 0, jw)
+        jh = tl.where(next_row, jh + 1, jh)
 
     store_pixel_tile(dx_ptr, acc, n, ih, iw, g * CIN_G + offs_n, sdx_n, sdx_c, sdx_h, sdx_w, mask_m, mask_n)
 
 
 _grouped_conv2d_bwd_input_autotuned = triton.autotune(
     configs=autotune_configs(BWD_INPUT_CONFIGS, INTERPRETER_CONFIG),
-    key=["CIN_G", "COUT_G", "KH", "KW", "H", "W", "stride_h", "stride_w", "sdx_c", "RELU_GRAD"],
+    # triton adds the tensors' dtypes to the key; DOT_DTYPE and INPUT_PRECISION tell fp32 from tf32 dots.
+    key=["G", "CIN_G", "COUT_G", "KH", "KW", "H", "W", "stride_h", "stride_w", "dil_h", "dil_w", "sdx_c",
+         "RELU_GRAD", "DOT_DTYPE", "INPUT_PRECISION"],
+    prune_configs_by={"early_config_prune": common.prune_oversized(common.MNK_BLOCKS, (None, "CIN_G", "COUT_G"))},
+    cache_results=True,
 )(_grouped_conv2d_bwd_input_kernel)
 
 
@@ -147,7 +168,9 @@ def grouped_conv2d_bwd_input(
     """Write the input gradient of ``conv2d(x, weight, groups=groups)`` into ``out`` (shaped like x) and return it.
 
     ``grad_out`` may have any strides, including the stride 0 of an expanded gradient. With ``relu_output`` (the
-    forward output of a conv with ReLU epilogue) the gradient is masked by ``relu_output > 0`` first.
+    forward output of a conv with ReLU epilogue) the gradient is masked by ``relu_output > 0`` first. ``config``
+    launches one fixed config; without it, under ``torch.use_deterministic_algorithms(True)`` the shape's pinned
+    config runs (``common.pinned_config``), otherwise the autotuner picks.
     """
     check_launch_tensors(
         "grouped_conv2d_bwd_input", grad_out.dtype, grad_out=grad_out, weight=weight, out=out, relu_output=relu_output
@@ -168,10 +191,13 @@ def grouped_conv2d_bwd_input(
     y = relu_output if relu_output is not None else grad_out
     args = (
         grad_out, weight, y, out,
-        mq, hq, wq, geom.h, geom.w, geom.oh, geom.ow, geom.cin_g, geom.cout_g, geom.kh, geom.kw,
+        mq, hq, wq, geom.h, geom.w, geom.oh, geom.ow, geom.cin_g, geom.cout_g, groups, geom.kh, geom.kw,
         *geom.conv_args(), sh // math.gcd(sh, dh), sw // math.gcd(sw, dw),
         *grad_out.stride(), *weight.stride(), *y.stride(), *out.stride(),
     )  # fmt: skip
     constexprs = {"RELU_GRAD": relu_output is not None, **common.dot_settings(grad_out.dtype, input_precision)}
+    if config is None and common.configs_pinned():
+        configs = autotune_configs(BWD_INPUT_CONFIGS, INTERPRETER_CONFIG)
+        config = common.pinned_config(configs, common.MNK_BLOCKS, (mq, geom.cin_g, geom.cout_g))
     launch(_grouped_conv2d_bwd_input_autotuned, grid, args, constexprs, config)
     return out

@@ -4,9 +4,18 @@ dw[co, ci, kh, kw] = sum over the R = N*OH*OW output pixels of dy[n, co, oh, ow]
 ih = oh*stride_h - pad_h + kh*dil_h. Per group this is a (COUT_G x CIN_G) GEMM per tap whose reduction R is long
 (batch times image), so R is split into chunks of ``split_rows`` on grid axis 1: each split writes its fp32
 partial sum into its own slot of a ``(splits, *weight.shape)`` buffer, and one ``sum(0)`` reduces the slots in a
-fixed order. No atomics, so the result is bitwise reproducible. With a single split the kernel writes the
-gradient directly. The bias gradient (sum of dy over N, OH, OW) is fused into the same pass, and so is an
-optional ReLU output mask (dy * (y > 0)).
+fixed order. With a single split the kernel writes the gradient directly.
+
+Reproducibility, precisely: no pass uses atomics, so two launches with the same inputs (values, shapes and strides),
+the same config, the same ``split_rows``, on the same GPU model with the same triton and torch, give the same
+bits. What can change between processes is the config (the autotuner picks by timing; its picks are cached on disk
+in triton's cache, so later processes sharing that cache reuse the first pick, and a fresh cache or another machine
+tunes again) and the default ``split_rows`` (it follows the GPU's SM count). Under ``torch.use_deterministic_algorithms(True)`` every pass runs
+the config pinned by the shape alone (``common.pinned_config``), so the bits then depend only on the inputs, the GPU
+model and the software versions; pass ``split_rows`` too to drop the GPU-model dependence of this pass's splits.
+
+The bias gradient (sum of dy over N, OH, OW) is fused into the same pass, and so is an optional ReLU output mask
+(dy * (y > 0)).
 """
 
 from __future__ import annotations
@@ -27,11 +36,19 @@ from ._common import (
 from ._grouped_conv2d_common import block_range, pixel_coords, split_bounds
 
 BLOCKS = ("BLOCK_CO", "BLOCK_CI", "BLOCK_R")
-# (BLOCK_CO, BLOCK_CI, BLOCK_R, num_warps, num_stages)
+# (BLOCK_CO, BLOCK_CI, BLOCK_R, num_warps, num_stages). The reduction over pixels is long, so blocks of up to 128
+# rows; output-channel tiles of at least 64 rows (sm_90's wgmma needs 64 per warp group); 16-wide input-channel
+# tiles divide the 80- and 112-channel layers exactly. Every config fits sm_80's shared memory in fp32 and stays
+# within 232 registers without spills (128x128 tiles with 64-row blocks, and 4-warp tiles with 128-row or 64x64x64
+# blocks, took 255 and spilled; 256x64 tiles with 32-row blocks took 240-252 on sm_80: hence 16-row blocks there;
+# 128x64 on 4 warps took 236-254: 8 warps).
 BWD_WEIGHT_CONFIGS = common.tile_configs(
     BLOCKS,
-    [(128, 128, 32, 8, 3), (128, 64, 32, 4, 4), (64, 128, 32, 4, 4), (64, 64, 32, 4, 4), (64, 32, 64, 4, 3)],
-)
+    [
+        (128, 128, 32, 8, 3), (128, 64, 32, 8, 3), (64, 128, 32, 4, 4), (64, 64, 32, 4, 4), (64, 32, 64, 4, 3),
+        (256, 64, 16, 8, 4), (64, 128, 64, 8, 3), (64, 64, 128, 8, 2), (64, 16, 64, 4, 3),
+    ],
+)  # fmt: skip
 (INTERPRETER_CONFIG,) = common.tile_configs(BLOCKS, [(16, 16, 16, 4, 1)])
 
 # Split sizing: on a GPU aim for about 4 waves of programs, never fewer than MIN_SPLIT_ROWS rows per split, and
@@ -46,7 +63,7 @@ MAX_SPLITS = 65535  # splits run on grid axis 1, limited to 65535 programs on CU
 @triton.jit
 def _grouped_conv2d_bwd_weight_kernel(
     x_ptr, dy_ptr, y_ptr, dw_ptr, db_ptr,
-    R, SPLIT_ROWS, H, W, OH, OW, CIN_G, COUT_G, KW,
+    R, SPLIT_ROWS, H, W, OH, OW, CIN_G, COUT_G, G, KH: tl.constexpr, KW: tl.constexpr,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
     sx_n, sx_c, sx_h, sx_w,
     sdy_n, sdy_c, sdy_h, sdy_w,
@@ -61,7 +78,7 @@ def _grouped_conv2d_bwd_weight_kernel(
 
     x: (N, G*CIN_G, H, W); dy, y: (N, G*COUT_G, OH, OW); dw: (splits, G*COUT_G, CIN_G, KH, KW); db: (splits, G*COUT_G).
     grid = (cdiv(COUT_G, BLOCK_CO) * cdiv(CIN_G, BLOCK_CI) * KH*KW, splits, G). The bias partial is written by the
-    programs of tap 0 and channel tile 0.
+    programs of tap 0 and channel tile 0. G and KH only key the autotuner; KW is a constant divisor.
     """
     pid = tl.program_id(0)
     split = tl.program_id(1)
@@ -124,7 +141,11 @@ def _grouped_conv2d_bwd_weight_kernel(
 
 _grouped_conv2d_bwd_weight_autotuned = triton.autotune(
     configs=autotune_configs(BWD_WEIGHT_CONFIGS, INTERPRETER_CONFIG),
-    key=["CIN_G", "COUT_G", "KW", "OH", "OW", "stride_h", "stride_w", "sx_c", "RELU_GRAD", "HAS_BIAS"],
+    # triton adds the tensors' dtypes to the key; DOT_DTYPE and INPUT_PRECISION tell fp32 from tf32 dots.
+    key=["G", "CIN_G", "COUT_G", "KH", "KW", "OH", "OW", "stride_h", "stride_w", "dil_h", "dil_w", "sx_c",
+         "RELU_GRAD", "HAS_BIAS", "DOT_DTYPE", "INPUT_PRECISION"],
+    prune_configs_by={"early_config_prune": common.prune_oversized(BLOCKS, ("COUT_G", "CIN_G", None))},
+    cache_results=True,
 )(_grouped_conv2d_bwd_weight_kernel)
 
 
@@ -158,6 +179,8 @@ def grouped_conv2d_bwd_weight(
 
     ``weight_out`` has the weight's shape and any strides; ``grad_out`` may have any strides (stride 0 included).
     ``relu_output`` masks the gradient by ``relu_output > 0`` first. ``split_rows`` overrides the split size.
+    ``config`` launches one fixed config; without it, under ``torch.use_deterministic_algorithms(True)`` the
+    shape's pinned config runs (``common.pinned_config``), otherwise the autotuner picks.
     """
     check_launch_tensors(
         "grouped_conv2d_bwd_weight",
@@ -211,7 +234,7 @@ def grouped_conv2d_bwd_weight(
     y = relu_output if relu_output is not None else grad_out
     args = (
         x, grad_out, y, dw, db if db is not None else dw,
-        rows, split_rows, geom.h, geom.w, geom.oh, geom.ow, geom.cin_g, geom.cout_g, geom.kw,
+        rows, split_rows, geom.h, geom.w, geom.oh, geom.ow, geom.cin_g, geom.cout_g, groups, geom.kh, geom.kw,
         *geom.conv_args(),
         *x.stride(), *grad_out.stride(), *y.stride(), *dw_strides, *db_strides,
     )  # fmt: skip
@@ -220,6 +243,9 @@ def grouped_conv2d_bwd_weight(
         "RELU_GRAD": relu_output is not None,
         **common.dot_settings(x.dtype, input_precision),
     }
+    if config is None and common.configs_pinned():
+        configs = autotune_configs(BWD_WEIGHT_CONFIGS, INTERPRETER_CONFIG)
+        config = common.pinned_config(configs, BLOCKS, (geom.cout_g, geom.cin_g, min(split_rows, rows)))
     launch(_grouped_conv2d_bwd_weight_autotuned, grid, args, constexprs, config)
     if splits > 1:
         # Deterministic: a fixed-order reduction over the split axis, then one cast into the caller's layout.

@@ -1,8 +1,9 @@
 """Grouped conv2d forward as an implicit GEMM: ``y = act(conv(x, w) + b)`` for G groups at once.
 
-Per group g: GEMM rows M = N*OH*OW output pixels, columns Cout_g, reduction Cin_g*KH*KW, walked tap by tap
-(kh, kw) and BLOCK_K input channels at a time. Every tensor is addressed through its own strides, so NCHW,
-channels_last and strided views work without copies (channels_last makes the channel loads contiguous).
+Per group g: GEMM rows M = N*OH*OW output pixels, columns Cout_g, reduction Cin_g*KH*KW, walked BLOCK_K input
+channels at a time and, within each channel block, tap by tap (kh, kw). Every tensor is addressed through its own
+strides, so NCHW, channels_last and strided views work without copies (channels_last makes the channel loads
+contiguous; NCHW compiles to gathers, so the Triton path converts models to channels_last at their boundary).
 """
 
 from __future__ import annotations
@@ -17,18 +18,24 @@ from ._grouped_conv2d_common import block_range, pixel_coords, store_pixel_tile,
 
 ACTIVATIONS = (None, "relu")
 
-# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages). Pixel tiles of 64 to 256 rows, channel tiles of 16 to 256,
+# reduction blocks of 16 to 64 (Inductor's conv template goes to 128, which took fp32 past 232 registers with
+# spills on sm_80 here); 16-wide channel blocks divide the 80- and 112-channel layers exactly. Every config fits
+# sm_80's shared memory in fp32 and stays within 232 registers without spills (the report checks both).
 FWD_CONFIGS = common.tile_configs(
     common.MNK_BLOCKS,
-    [(128, 128, 32, 8, 3), (128, 64, 32, 4, 4), (64, 128, 32, 4, 4), (128, 32, 32, 4, 4), (64, 64, 64, 4, 3)],
-)
+    [
+        (128, 128, 32, 8, 3), (128, 64, 32, 8, 3), (64, 128, 32, 4, 4), (128, 32, 32, 4, 4), (64, 64, 32, 4, 4),
+        (256, 64, 32, 8, 3), (64, 256, 32, 8, 3), (128, 64, 64, 8, 3), (128, 16, 16, 4, 4),
+    ],
+)  # fmt: skip
 INTERPRETER_CONFIG = common.MNK_INTERPRETER_CONFIG
 
 
 @triton.jit
 def _grouped_conv2d_fwd_kernel(
     x_ptr, w_ptr, b_ptr, y_ptr,
-    M, H, W, OH, OW, CIN_G, COUT_G, KH, KW,
+    M, H, W, OH, OW, CIN_G, COUT_G, G, KH: tl.constexpr, KW: tl.constexpr,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
     sx_n, sx_c, sx_h, sx_w,
     sw_o, sw_i, sw_h, sw_w,
@@ -40,7 +47,8 @@ def _grouped_conv2d_fwd_kernel(
     """One (BLOCK_M output pixels) x (BLOCK_N output channels) tile of group ``program_id(1)``.
 
     x: (N, G*CIN_G, H, W), w: (G*COUT_G, CIN_G, KH, KW), b: (G*COUT_G,), y: (N, G*COUT_G, OH, OW), all strided.
-    M = N*OH*OW (< 2**31); grid = (cdiv(M, BLOCK_M) * cdiv(COUT_G, BLOCK_N), G).
+    M = N*OH*OW (< 2**31); grid = (cdiv(M, BLOCK_M) * cdiv(COUT_G, BLOCK_N), G). G only keys the autotuner.
+    KH, KW are compile-time constants, so the tap of an iteration costs a multiply-shift, nothing for 1x1.
     """
     pid_m, pid_n = tile_of(tl.program_id(0), COUT_G, BLOCK_N)
     g = tl.program_id(1).to(tl.int64)
@@ -55,10 +63,12 @@ def _grouped_conv2d_fwd_kernel(
     w_cols = w_ptr + (g * COUT_G + offs_n) * sw_o  # [BLOCK_N] pointers to weight rows
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
     k_blocks = tl.cdiv(CIN_G, BLOCK_K)
-    # One flat loop over (tap, channel block) so the compiler can pipeline loads across taps.
-    for it in range(0, KH * KW * k_blocks):
-        tap = it // k_blocks
-        ci = (it - tap * k_blocks) * BLOCK_K + offs_k
+    # One flat loop over (channel block, tap), taps fastest, so the compiler can pipeline loads across taps; the
+    # divisors are constexpr (no runtime division per iteration).
+    for it in range(0, k_blocks * (KH * KW)):
+        cb = it // (KH * KW)
+        tap = it - cb * (KH * KW)
+        ci = cb * BLOCK_K + offs_k
         kh = tap // KW
         kw = tap - kh * KW
         ih = ih0 + kh * dil_h
@@ -88,7 +98,11 @@ def _grouped_conv2d_fwd_kernel(
 
 _grouped_conv2d_fwd_autotuned = triton.autotune(
     configs=autotune_configs(FWD_CONFIGS, INTERPRETER_CONFIG),
-    key=["CIN_G", "COUT_G", "KH", "KW", "OH", "OW", "stride_h", "stride_w", "sx_c", "ACTIVATION"],
+    # triton adds the tensors' dtypes to the key; DOT_DTYPE and INPUT_PRECISION tell fp32 from tf32 dots.
+    key=["G", "CIN_G", "COUT_G", "KH", "KW", "OH", "OW", "stride_h", "stride_w", "dil_h", "dil_w", "sx_c",
+         "HAS_BIAS", "ACTIVATION", "DOT_DTYPE", "INPUT_PRECISION"],
+    prune_configs_by={"early_config_prune": common.prune_oversized(common.MNK_BLOCKS, (None, "COUT_G", "CIN_G"))},
+    cache_results=True,
 )(_grouped_conv2d_fwd_kernel)
 
 
@@ -109,7 +123,8 @@ def grouped_conv2d_fwd(
     """Write ``act(conv2d(x, weight, bias, groups=groups))`` into ``out`` (any strides) and return it.
 
     ``groups`` is G = branches * inner groups; ``input_precision`` ("ieee"/"tf32") applies to fp32 dots on a GPU;
-    ``config`` launches one fixed config instead of autotuning.
+    ``config`` launches one fixed config instead of autotuning; without it, under
+    ``torch.use_deterministic_algorithms(True)`` the shape's pinned config runs (``common.pinned_config``).
     """
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
@@ -128,10 +143,13 @@ def grouped_conv2d_fwd(
 
     args = (
         x, weight, bias if bias is not None else weight, out,
-        m, geom.h, geom.w, geom.oh, geom.ow, geom.cin_g, geom.cout_g, geom.kh, geom.kw,
+        m, geom.h, geom.w, geom.oh, geom.ow, geom.cin_g, geom.cout_g, groups, geom.kh, geom.kw,
         *geom.conv_args(),
         *x.stride(), *weight.stride(), *out.stride(),
     )  # fmt: skip
     constexprs = {"HAS_BIAS": bias is not None, "ACTIVATION": activation, **common.dot_settings(x.dtype, input_precision)}
+    if config is None and common.configs_pinned():
+        configs = autotune_configs(FWD_CONFIGS, INTERPRETER_CONFIG)
+        config = common.pinned_config(configs, common.MNK_BLOCKS, (m, geom.cout_g, geom.cin_g))
     launch(_grouped_conv2d_fwd_autotuned, grid, args, constexprs, config)
     return out

@@ -175,3 +175,13 @@ def test_the_former_schedule_option_sets_the_execution_order(tmp_path, capsys):
     out = tmp_path / "run"
     assert main(quick(out, "--epochs", "1", "--schedule", "branch")) == 0
     assert load_ckpt(out / "last.pt")["recipe"]["execution_order"] == "branch"
+
+
+def test_the_channels_last_default_is_resolved_before_the_recipe_is_saved(tmp_path):
+    """Unset, channels_last follows the device (on where the grouped convs run Triton on CUDA); the saved recipe
+    holds the resolved value, so a resumed run keeps the layout it started with."""
+    assert TrainRecipe().channels_last is None
+    out = tmp_path / "run"
+    assert main(quick(out, "--epochs", "1", "--threads", "1")) == 0
+    assert json.loads((out / "config.json").read_text())["channels_last"] is False  # CPU
+    assert load_ckpt(out / "last.pt")["recipe"]["channels_last"] is False

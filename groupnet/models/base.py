@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
 from groupnet.branch_major import EXECUTION_ORDERS, branch_major_forward, hooked_modules, prefer_branch_major
-from groupnet.ops import grouped_conv2d
+from groupnet.ops import grouped_conv2d, prefers_channels_last
 from groupnet.models.spec import ArchSpec
 from groupnet.modules import GroupedBatchNorm2d, GroupedConv2d, GroupedLinear
 from groupnet.modules.dynamic import DynamicGroupedConv2d
@@ -58,11 +58,16 @@ class GroupedClassifier(nn.Module):
         ``"auto"`` (the default): branch-major on the CPU when the widest activation of all K branches outgrows half
         the last-level cache, grouped otherwise, under ``torch.compile`` and when modules carry forward hooks. All
         compute the same function.
+
+        When the grouped convs run the Triton kernels on CUDA (:func:`groupnet.ops.prefers_channels_last`), an NCHW
+        input is converted to channels_last once here, so every conv downstream reads contiguous channels (the
+        weights should be channels_last too: ``model.to(memory_format=torch.channels_last)``, as the trainer does).
         """
         if isinstance(x, fx.Proxy):
             # symbolic tracing: the input checks and the execution-order choice read concrete sizes, so the traced
             # graph is the grouped path for K per-branch views (a shared view then fails the first conv's check)
             return self._grouped_forward(x, False)
+        x = _channels_last_for_triton(x)
         shared = self._input_is_shared(x)
         if self._runs_branch_major(x):
             return branch_major_forward(self, x, shared_input=shared)
@@ -122,6 +127,15 @@ class GroupedClassifier(nn.Module):
 
     def extra_repr(self) -> str:
         return f"branches={self.branches}, num_classes={self.num_classes}, in_channels={self.in_channels}"
+
+
+def _channels_last_for_triton(x: Tensor) -> Tensor:
+    """``x`` as channels_last when it is a 4-d CUDA tensor the Triton convs would otherwise read as NCHW (one copy
+    of the batch); anything else unchanged."""
+    if x.is_cuda and x.dim() == 4 and not x.is_contiguous(memory_format=torch.channels_last):
+        if prefers_channels_last(x.device):
+            return x.contiguous(memory_format=torch.channels_last)
+    return x
 
 
 def _warn_schedule() -> None:

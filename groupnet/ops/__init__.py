@@ -5,7 +5,14 @@ dispatch to ``groupnet.kernels``; :mod:`groupnet.ops.backend` holds the switch (
 environment variable it overrides). :mod:`groupnet.functional` is the public name of the tensor ops.
 """
 
-from groupnet.ops.backend import BACKENDS, backend_for, get_backend, triton_available, use_backend
+from groupnet.ops.backend import (
+    BACKENDS,
+    backend_for,
+    get_backend,
+    prefers_channels_last,
+    triton_available,
+    use_backend,
+)
 from groupnet.ops.conv2d import grouped_conv2d
 from groupnet.ops.cotrain_loss import CoTrainLossRows, cotrain_loss
 from groupnet.ops.linear import grouped_linear
@@ -18,6 +25,7 @@ __all__ = [
     "get_backend",
     "grouped_conv2d",
     "grouped_linear",
+    "prefers_channels_last",
     "triton_available",
     "use_backend",
 ]

@@ -16,6 +16,7 @@ import os
 from functools import lru_cache
 from types import TracebackType
 
+import torch
 from torch import Tensor
 
 BACKENDS = ("auto", "torch", "triton")
@@ -86,3 +87,16 @@ def backend_for(x: Tensor) -> str:
     if choice == "triton" and not triton_available():
         raise RuntimeError("the Triton backend was chosen (use_backend or GROUPNET_BACKEND) but triton cannot be imported")
     return choice
+
+
+def prefers_channels_last(device: torch.device | str) -> bool:
+    """True when the grouped convs on ``device`` run the Triton kernels on CUDA, where NCHW activations and
+    weights compile to scalar gathers and channels_last to contiguous (vectorised, asynchronous) channel loads.
+
+    The trainer's ``channels_last`` default and the zoo models' input conversion follow it.
+    """
+    device = torch.device(device)
+    if device.type != "cuda":
+        return False
+    choice = get_backend()
+    return triton_available() if choice == "auto" else choice == "triton"

@@ -102,7 +102,7 @@ class TrainRecipe:
     # weight averaging: an exponential moving average of the weights, evaluated beside the model (0 = off)
     ema_decay: float = 0.0
     # execution
-    channels_last: bool = False
+    channels_last: bool | None = None  # None: on where the grouped convs run the Triton kernels on CUDA
     execution_order: str = "auto"
     amp: str | None = None  # None (float32), "bf16" or "fp16"
     sync_bn: bool = True
@@ -406,7 +406,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--netaug-bn-images", type=int,
                    help=f"training images that re-estimate BN statistics before each evaluation [{d.netaug_bn_images}]")
     g = p.add_argument_group("execution")
-    g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, help=f"[{d.channels_last}]")
+    g.add_argument("--channels-last", action=argparse.BooleanOptionalAction,
+                   help="channels_last activations and weights [on where the grouped convs run the Triton kernels on "
+                   "CUDA, whose NCHW loads are gathers; off otherwise]")
     g.add_argument("--execution-order", choices=EXECUTION_ORDERS,
                    help=f"run the K branches layer by layer together (grouped) or one after another (branch); auto "
                    f"picks branch on CPU when the branches' activations outgrow the cache [{d.execution_order}]")

@@ -34,6 +34,7 @@ from groupnet.data import DataBundle, eval_loader, load_dataset, recipe_augment,
 from groupnet.models import arch_spec, build_model, split_weight_decay
 from groupnet.models import divide as divide_spec
 from groupnet.models.imported import is_import_path, load_class
+from groupnet.ops import prefers_channels_last
 from groupnet.training import checkpoint as ckpt_io
 from groupnet.training.config import MODEL_IDENTITY, RunOptions, TrainRecipe, coerce, make_config
 from groupnet.training.distributed import (
@@ -252,6 +253,8 @@ class Trainer:
     def _build(self) -> None:
         cfg, opts, ctx, data = self.recipe, self.opts, self.ctx, self.data
         init_process_group(ctx, self.device, opts.dist_timeout)
+        if cfg.channels_last is None:  # the default, resolved before the recipe is saved: channels_last where the
+            cfg.channels_last = prefers_channels_last(self.device)  # Triton convs would gather NCHW (CUDA)
         if not opts.evaluate:
             self._open_run_folder()
         elif self.run_dir is None:

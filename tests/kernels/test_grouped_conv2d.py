@@ -409,3 +409,112 @@ def test_every_conv_config_fits_the_pixel_headroom():
     blocks = [c.kwargs["BLOCK_M"] for c in (*FWD_CONFIGS, *BWD_INPUT_CONFIGS)]
     blocks += [c.kwargs["BLOCK_R"] for c in BWD_WEIGHT_CONFIGS]
     assert max(blocks) <= common.MAX_PIXEL_BLOCK
+
+
+@pytest.mark.parametrize(
+    "kh, kw, stride, dilation",
+    [(1, 1, 1, 1), (1, 1, 2, 1), (3, 3, 1, 1), (3, 3, 2, 1), (3, 3, 1, 2), (1, 3, 2, 1)],
+)
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_constexpr_kernel_sizes(kh, kw, stride, dilation, channels_last):
+    """The kernel sizes are compile-time constants (the tap loop divides by them at compile time, and 1x1 has no
+    tap arithmetic at all): 1x1 and 3x3 with strides, dilation and channel counts over one channel block, every
+    pass against float64 torch."""
+    case = dict(
+        n=2, k=2, groups=1, cin_g=18, cout_g=17, kh=kh, kw=kw, h=5, w=6,
+        stride=(stride, stride), padding=(kh // 2 * dilation, kw // 2 * dilation), dilation=(dilation, dilation),
+    )  # fmt: skip
+    check_all_passes(
+        case, dtype=torch.float32, bias=True, relu=True, channels_last=channels_last, split_rows=None, seed=kh + kw
+    )
+
+
+# The GPU configs of each pass, by position: every tile shape a GPU launch can pick (forward, input gradient and
+# weight gradient configs share positions; the lists have equal length).
+GPU_CONFIG_ROWS = list(zip(FWD_CONFIGS, BWD_INPUT_CONFIGS, BWD_WEIGHT_CONFIGS))
+
+
+@pytest.mark.parametrize("configs", GPU_CONFIG_ROWS, ids=lambda c: "-".join(
+    "x".join(str(v) for v in cfg.kwargs.values()) for cfg in c))
+def test_every_gpu_config_shape_under_the_interpreter(configs):
+    """Each GPU tile shape (256-row and 256-column tiles, reduction blocks of 64 and 128, 16-wide blocks), forced,
+    on channel counts that leave a masked tail in the 16-wide blocks and pad the wide ones."""
+    case = dict(
+        n=1, k=2, groups=1, cin_g=20, cout_g=18, kh=3, kw=3, h=5, w=4,
+        stride=(1, 1), padding=(1, 1), dilation=(1, 1),
+    )  # fmt: skip
+    check_all_passes(
+        case, dtype=torch.float32, bias=True, relu=False, channels_last=True, split_rows=None, seed=3,
+        configs=configs,
+    )  # fmt: skip
+
+
+def test_config_lists_align_by_position():
+    assert len(FWD_CONFIGS) == len(BWD_INPUT_CONFIGS) == len(BWD_WEIGHT_CONFIGS)
+
+
+@pytest.mark.parametrize("channels", [80, 112])
+def test_pinned_config_avoids_padding_on_80_and_112_channels(channels):
+    """The pinned rule is a function of the shape alone; on 80/112-channel layers it pads no more than the
+    128x128 tile (80 channels: not at all), on 640 channels it picks the 128x128 tile."""
+    sizes = (64 * 32 * 32, channels, channels)
+    chosen = common.pinned_config(FWD_CONFIGS, common.MNK_BLOCKS, sizes)
+    assert chosen is common.pinned_config(list(FWD_CONFIGS), common.MNK_BLOCKS, sizes)  # no state, no timing
+    padded = common.padded_work(chosen, common.MNK_BLOCKS, sizes)
+    assert padded <= common.padded_work(FWD_CONFIGS[0], common.MNK_BLOCKS, sizes)
+    assert padded == 1.0 or channels != 80
+    wide = common.pinned_config(FWD_CONFIGS, common.MNK_BLOCKS, (64 * 8 * 8, 640, 640))
+    assert (wide.kwargs["BLOCK_M"], wide.kwargs["BLOCK_N"]) == (128, 128)
+    weight = common.pinned_config(BWD_WEIGHT_CONFIGS, ("BLOCK_CO", "BLOCK_CI", "BLOCK_R"), (channels, channels, 4096))
+    assert weight in BWD_WEIGHT_CONFIGS
+
+
+def test_deterministic_algorithms_pin_the_launch_config(monkeypatch):
+    """Under torch.use_deterministic_algorithms(True) every launcher runs the pinned config of its shape (not the
+    autotuner's timing-dependent pick); otherwise the autotuner runs."""
+    picked = []
+    real = common.pinned_config
+
+    def recording(configs, blocks, sizes):
+        picked.append((blocks, sizes))
+        return real(configs, blocks, sizes)
+
+    monkeypatch.setattr(common, "pinned_config", recording)
+    x = torch.randn(1, 4, 5, 5, dtype=torch.float64)
+    w = torch.randn(6, 2, 3, 3, dtype=torch.float64)
+    conv = dict(stride=(1, 1), padding=(1, 1), dilation=(1, 1), groups=2)
+    previous = torch.are_deterministic_algorithms_enabled()
+    try:
+        torch.use_deterministic_algorithms(True)
+        assert common.configs_pinned()
+        y = grouped_conv2d_fwd(x, w, None, torch.empty(1, 6, 5, 5, dtype=torch.float64), **conv)
+        grouped_conv2d_bwd_input(y, w, torch.empty_like(x), **conv)
+        grouped_conv2d_bwd_weight(x, y, torch.empty_like(w), **conv)
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    assert [sizes for _, sizes in picked] == [(25, 3, 2), (25, 2, 3), (3, 2, 25)]
+    assert_close(y, F.conv2d(x, w, padding=1, groups=2), torch.float64, reduction=18, what="pinned forward")
+    picked.clear()
+    grouped_conv2d_fwd(x, w, None, torch.empty(1, 6, 5, 5, dtype=torch.float64), **conv)
+    assert picked == [] and not common.configs_pinned()
+
+
+def test_prune_keeps_no_tile_that_is_mostly_padding():
+    prune = common.prune_oversized(common.MNK_BLOCKS, (None, "COUT_G", "CIN_G"))  # the batch's axis: not pruned
+    kept = prune(FWD_CONFIGS, {"M": 64, "COUT_G": 16, "CIN_G": 160})
+    assert kept and all(c.kwargs["BLOCK_N"] == 16 for c in kept)
+    assert prune(FWD_CONFIGS, {"M": 10**6, "COUT_G": 640, "CIN_G": 640}) == FWD_CONFIGS
+    # The 3-channel stem: the smallest reduction block offered is kept however small the channel count.
+    stem = prune(FWD_CONFIGS, {"M": 10**6, "COUT_G": 16, "CIN_G": 3})
+    assert stem and all(c.kwargs["BLOCK_K"] == 16 for c in stem)
+
+
+def test_autotune_keys_name_precision_groups_kernel_size_and_dilation():
+    from groupnet.kernels import grouped_conv2d_bwd_input as bwd_input
+    from groupnet.kernels import grouped_conv2d_bwd_weight as bwd_weight
+    from groupnet.kernels import grouped_conv2d_fwd as fwd
+
+    for tuned in (fwd._grouped_conv2d_fwd_autotuned, bwd_input._grouped_conv2d_bwd_input_autotuned,
+                  bwd_weight._grouped_conv2d_bwd_weight_autotuned):  # fmt: skip
+        assert {"G", "KH", "KW", "dil_h", "dil_w", "DOT_DTYPE", "INPUT_PRECISION"} <= set(tuned.keys)
+        assert set(tuned.keys) <= set(tuned.arg_names)

@@ -82,3 +82,33 @@ def test_grouped_linear_module_matches_reference(triton_backend, monkeypatch, k,
     assert_close(y, y_ref, dtype, reduction=in_f, what="forward")
     assert_close(x.grad, x_ref.grad, dtype, reduction=out_f, what="grad input")
     assert_branch_param_grads(lin, ref, torch.stack, dtype, reduction=rows, bias=bias)
+
+
+def test_channels_last_is_preferred_exactly_where_the_triton_convs_run_on_cuda():
+    """The trainer's channels_last default and the zoo models' input conversion: on where the grouped convs run the
+    Triton kernels on CUDA (their NCHW loads are gathers), never on the CPU (torch, or the interpreter)."""
+    from groupnet.ops import prefers_channels_last, triton_available, use_backend
+
+    for backend, on_cuda in (("triton", True), ("torch", False), ("auto", triton_available())):
+        with use_backend(backend):
+            assert prefers_channels_last("cuda") is on_cuda
+            assert prefers_channels_last(torch.device("cuda", 1)) is on_cuda
+            assert prefers_channels_last(torch.device("cpu")) is False
+
+
+def test_zoo_models_leave_cpu_inputs_in_their_layout(triton_backend):
+    """The conversion at the model boundary is for CUDA only: on the CPU an NCHW input reaches the first conv as
+    NCHW (the output matches the torch backend's)."""
+    from groupnet.models import build_model
+    from groupnet.ops import use_backend
+
+    model = build_model("small_cnn", branches=2, num_classes=3, in_channels=1, image_size=8).double().eval()
+    x = torch.randn(2, 2, 8, 8, dtype=torch.float64)
+    seen = []
+    handle = model.conv1.register_forward_pre_hook(lambda m, args: seen.append(args[0].is_contiguous()))
+    got = model(x)
+    handle.remove()
+    with use_backend("torch"):
+        want = model(x)
+    assert seen == [True]
+    assert_close(got, want, torch.float64, reduction=64, what="logits")
