@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
+from groupnet.ops.batch_norm_fold import fold_batch_norm as fold_conv_bn
 from groupnet.modules.registry import grouped_class_for, grouped_types, is_grouped_layer
 
 _LEAVES = grouped_types()  # traced as calls, not through their forward
@@ -103,11 +104,8 @@ def fold_batch_norm(conv: nn.Module, bn: nn.BatchNorm2d) -> FusedConv2d:
     if bn is not None:
         if bn.num_features != w.shape[0]:
             raise ValueError(f"cannot fold a batch norm of {bn.num_features} channels into a conv of {w.shape[0]}")
-        scale = torch.rsqrt(bn.running_var.detach() + bn.eps)
-        if bn.affine:
-            scale = scale * bn.weight.detach()
-        bias = (bias - bn.running_mean.detach()) * scale + (bn.bias.detach() if bn.affine else 0.0)
-        w = w * scale.reshape(-1, 1, 1, 1)
+        gamma, beta = (bn.weight.detach(), bn.bias.detach()) if bn.affine else (None, None)
+        w, bias = fold_conv_bn(w, bias, bn.running_mean.detach(), bn.running_var.detach(), gamma, beta, bn.eps)
     w = w.contiguous(memory_format=torch.channels_last) if conv.weight.is_contiguous(
         memory_format=torch.channels_last) else w.contiguous()
     groups = conv.branches * conv.groups if is_grouped_layer(conv) else conv.groups
