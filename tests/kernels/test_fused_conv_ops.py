@@ -156,3 +156,40 @@ def test_fused_ops_reject_bad_operands(torch_backend):
         grouped_conv2d_add(x, w, None, torch.randn(1, 4, 3, 3, dtype=torch.float64), branches=2)
     with pytest.raises(ValueError, match="activation must be one of"):
         grouped_conv2d_bias_act(x, w, None, branches=2, activation="gelu")
+
+
+def test_opcheck_fused_forward():
+    """Schema, fake tensor (shape and strides), autograd registration and aot dispatch of the fused custom op."""
+    import groupnet.kernels.grouped_conv2d_fused  # noqa: F401  (registers the op)
+
+    gen = torch.Generator().manual_seed(5)
+    conv = ([2, 1], [1, 0], [1, 2])
+    x = torch.randn(1, 4, 5, 5, generator=gen).contiguous(memory_format=torch.channels_last)
+    w, b = torch.randn(6, 2, 2, 2, generator=gen), torch.randn(6, generator=gen)
+    scale, shift = torch.randn(4, generator=gen), torch.randn(4, generator=gen)
+    r = torch.randn(1, 6, 3, 3, generator=gen)
+    op = torch.ops.groupnet.grouped_conv2d_fused_forward
+    torch.library.opcheck(op, (x, w, b, scale, shift, r, *conv, 2, "relu", "ieee"))
+    torch.library.opcheck(op, (x.contiguous(), w, None, scale, shift, None, *conv, 2, None, "ieee"))
+
+
+def test_torch_compile_fullgraph(triton_backend):
+    gen = torch.Generator().manual_seed(6)
+    x = torch.randn(2, 4, 5, 5, generator=gen, requires_grad=True)
+    w = torch.randn(6, 2, 3, 3, generator=gen, requires_grad=True)
+    scale, shift = torch.randn(4, generator=gen), torch.randn(4, generator=gen, requires_grad=True)
+    r = torch.randn(2, 6, 3, 3, generator=gen, requires_grad=True)
+
+    def fn(x, w, shift, r):
+        return grouped_bn_relu_conv2d(x, scale, shift, w, branches=2, stride=2, padding=1, residual=r,
+                                      activation="relu")
+
+    torch._dynamo.reset()
+    y = torch.compile(fn, backend="aot_eager", fullgraph=True)(x, w, shift, r)
+    with use_backend("torch"):
+        y_ref = fn(x, w, shift, r)
+    assert_close(y, y_ref, kind="fused", what="forward")
+    grads = torch.autograd.grad(y.square().sum(), (x, w, shift, r))
+    grads_ref = torch.autograd.grad(y_ref.square().sum(), (x, w, shift, r))
+    for name, got, want in zip(("x", "w", "shift", "residual"), grads, grads_ref):
+        assert_close(got, want, kind="fused", what=f"grad {name}")
