@@ -83,3 +83,19 @@ def test_resnet_training_runs_the_modules(monkeypatch):
     with use_backend("triton"):
         model(torch.randn(2, 6, 4, 4))
     assert calls[0] == 0
+
+
+def test_fuse_for_inference_runs_the_fused_kernel(monkeypatch):
+    """``fuse_for_inference``'s folded convs run the fused conv ops on the Triton backend, with the same logits."""
+    from groupnet import fuse
+
+    model = tiny("resnet20").eval()
+    fused = fuse.fuse_for_inference(model)
+    calls = count_calls(monkeypatch, fuse, "grouped_conv2d_add")
+    x = torch.randn(2, 6, 6, 6, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad(), use_backend("torch"):
+        y_plain = model(x)
+    with torch.no_grad(), use_backend("triton"):
+        y_fused = fused(x)
+    assert calls[0] == 3  # the last conv of each block adds its shortcut
+    assert_close(y_fused, y_plain, kind="fused", what="logits")
