@@ -23,7 +23,7 @@ from groupnet import _checks
 
 from ._common import CompileSpec, check_input_precision, default_input_precision
 from .grouped_conv2d import _geometry, _launch_kwargs, _memory_format, _new_output
-from .grouped_conv2d_fwd import ACTIVATIONS, fwd_compile_specs, grouped_conv2d_fwd
+from .grouped_conv2d_fwd import ACTIVATIONS, grouped_conv2d_fwd
 
 
 @torch.library.custom_op("groupnet::grouped_conv2d_fused_forward", mutates_args=())
@@ -158,6 +158,8 @@ def run_grouped_conv2d_fused(
 def compile_specs() -> list[CompileSpec]:
     """The forward with every fusion on (affine + ReLU prologue, bias, residual, ReLU epilogue): the forward's specs
     with fp32 scale/shift pointers and a residual of the activations' dtype."""
+    from .grouped_conv2d_fwd import fwd_compile_specs
+
     specs = []
     for spec in fwd_compile_specs():
         signature = {**spec.signature, "scale_ptr": "*fp32", "shift_ptr": "*fp32", "r_ptr": spec.signature["y_ptr"]}
