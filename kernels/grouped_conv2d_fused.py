@@ -23,7 +23,8 @@ from groupnet import _checks
 
 from ._common import CompileSpec, check_input_precision, default_input_precision
 from .grouped_conv2d import _geometry, _launch_kwargs, _memory_format, _new_output
-from .grouped_conv2d_fwd import ACTIVATIONS, grouped_conv2d_fwd
+from ._grouped_conv2d_common import MNK_BLOCKS
+from .grouped_conv2d_fwd import ACTIVATIONS, PROLOGUE_FWD_CONFIGS, grouped_conv2d_fwd
 
 
 @torch.library.custom_op("groupnet::grouped_conv2d_fused_forward", mutates_args=())
@@ -156,12 +157,16 @@ def run_grouped_conv2d_fused(
 
 
 def compile_specs() -> list[CompileSpec]:
-    """The forward with every fusion on (affine + ReLU prologue, bias, residual, ReLU epilogue): the forward's specs
-    with fp32 scale/shift pointers and a residual of the activations' dtype."""
+    """The forward with every fusion on (affine + ReLU prologue, bias, residual, ReLU epilogue) for the configs the
+    prologue launches tune over: the forward's specs with fp32 scale/shift pointers and a residual of the activations'
+    dtype."""
     from .grouped_conv2d_fwd import fwd_compile_specs
 
     specs = []
+    tuned = {(*(c.kwargs[b] for b in MNK_BLOCKS), c.num_warps, c.num_stages) for c in PROLOGUE_FWD_CONFIGS}
     for spec in fwd_compile_specs():
+        if (*(spec.constexprs[b] for b in MNK_BLOCKS), spec.num_warps, spec.num_stages) not in tuned:
+            continue  # a config the prologue launches never tune over
         signature = {**spec.signature, "scale_ptr": "*fp32", "shift_ptr": "*fp32", "r_ptr": spec.signature["y_ptr"]}
         constexprs = {**spec.constexprs, "PRE_AFFINE_RELU": True, "HAS_RESIDUAL": True, "sr_c": 1}
         signature.update({name: "constexpr" for name in ("PRE_AFFINE_RELU", "HAS_RESIDUAL", "sr_c")})

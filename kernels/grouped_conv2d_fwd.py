@@ -122,6 +122,22 @@ _grouped_conv2d_fwd_autotuned = triton.autotune(
 )(_grouped_conv2d_fwd_kernel)
 
 
+def _prologue_fits(config: triton.Config) -> bool:
+    """The operand prologue (PRE_AFFINE_RELU) holds the input tile in registers between load and dot: at most 32
+    elements per thread, beyond which the fp32 build spills on sm_90 (the offline report's check)."""
+    return config.kwargs["BLOCK_M"] * config.kwargs["BLOCK_K"] <= 32 * 32 * config.num_warps
+
+
+PROLOGUE_FWD_CONFIGS = [c for c in FWD_CONFIGS if _prologue_fits(c)]
+# The same kernel, key and pruning as the plain forward, tuned over the configs the prologue fits in.
+_grouped_conv2d_fwd_prologue_autotuned = triton.autotune(
+    configs=autotune_configs(PROLOGUE_FWD_CONFIGS, INTERPRETER_CONFIG),
+    key=_grouped_conv2d_fwd_autotuned.keys,
+    prune_configs_by={"early_config_prune": _grouped_conv2d_fwd_autotuned.early_config_prune},
+    cache_results=True,
+)(_grouped_conv2d_fwd_kernel)
+
+
 def grouped_conv2d_fwd(
     x: Tensor,
     weight: Tensor,
@@ -175,9 +191,10 @@ def grouped_conv2d_fwd(
     )  # fmt: skip
     constexprs = {"HAS_BIAS": bias is not None, "ACTIVATION": activation, **common.dot_settings(x.dtype, input_precision)}
     if config is None and common.configs_pinned():
-        configs = autotune_configs(FWD_CONFIGS, INTERPRETER_CONFIG)
+        configs = autotune_configs(PROLOGUE_FWD_CONFIGS if pre_acc else FWD_CONFIGS, INTERPRETER_CONFIG)
         config = common.pinned_config(configs, common.MNK_BLOCKS, (m, geom.cout_g, geom.cin_g))
-    launch(_grouped_conv2d_fwd_autotuned, grid, args, constexprs, config)
+    kernel = _grouped_conv2d_fwd_prologue_autotuned if pre_acc else _grouped_conv2d_fwd_autotuned
+    launch(kernel, grid, args, constexprs, config)
     return out
 
 
