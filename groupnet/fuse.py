@@ -5,7 +5,8 @@ In eval mode a batch norm is an affine map per channel, so ``bn(conv(x))`` is on
 bias. On the branch-stacked layout this is per branch for free (channel ``c`` of the stacked conv is channel ``c`` of
 the stacked batch norm). What is left after folding, ``relu(conv(x))``, ``conv(x) + y`` and ``relu(conv(x) + y)``,
 runs as one ``torch.ops.mkldnn._convolution_pointwise`` call on CPU (the op torch.compile's CPU backend emits for the
-same pattern), so the activation is written once instead of two or three times. Measurements that decided this
+same pattern), or as one fused Triton conv launch on the Triton backend (``groupnet.ops.grouped_conv2d_bias_act`` /
+``grouped_conv2d_add``), so the activation is written once instead of two or three times. Measurements that decided this
 are in ``benchmarks/NOTES.md``.
 
 The model is traced with ``torch.fx`` (grouped layers as leaves). The zoo models (:class:`GroupedClassifier`) pick
@@ -23,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
+from groupnet.ops import backend_for, grouped_conv2d_add, grouped_conv2d_bias_act
+from groupnet.ops.batch_norm_fold import fold_batch_norm as fold_conv_bn
 from groupnet.modules.registry import grouped_class_for, grouped_types, is_grouped_layer
 
 _LEAVES = grouped_types()  # traced as calls, not through their forward
@@ -53,6 +56,12 @@ class FusedConv2d(nn.Module):
                                "again with groupnet.fuse.fuse_for_inference after training")
         if (residual is not None) != self.add:
             raise ValueError(f"FusedConv2d(add={self.add}) called with{'out' if self.add else ''} a residual input")
+        if backend_for(x) == "triton":  # one fused conv kernel launch: bias, residual and ReLU in its epilogue
+            conv = dict(branches=1, stride=self.stride, padding=self.padding, dilation=self.dilation, groups=self.groups,
+                        activation="relu" if self.relu else None)
+            if residual is None:
+                return grouped_conv2d_bias_act(x, self.weight, self.bias, **conv)
+            return grouped_conv2d_add(x, self.weight, self.bias, residual, **conv)
         if self.onednn and _use_onednn(x, self.weight, residual):
             if residual is None:
                 return torch.ops.mkldnn._convolution_pointwise(
@@ -103,11 +112,8 @@ def fold_batch_norm(conv: nn.Module, bn: nn.BatchNorm2d) -> FusedConv2d:
     if bn is not None:
         if bn.num_features != w.shape[0]:
             raise ValueError(f"cannot fold a batch norm of {bn.num_features} channels into a conv of {w.shape[0]}")
-        scale = torch.rsqrt(bn.running_var.detach() + bn.eps)
-        if bn.affine:
-            scale = scale * bn.weight.detach()
-        bias = (bias - bn.running_mean.detach()) * scale + (bn.bias.detach() if bn.affine else 0.0)
-        w = w * scale.reshape(-1, 1, 1, 1)
+        gamma, beta = (bn.weight.detach(), bn.bias.detach()) if bn.affine else (None, None)
+        w, bias = fold_conv_bn(w, bias, bn.running_mean.detach(), bn.running_var.detach(), gamma, beta, bn.eps)
     w = w.contiguous(memory_format=torch.channels_last) if conv.weight.is_contiguous(
         memory_format=torch.channels_last) else w.contiguous()
     groups = conv.branches * conv.groups if is_grouped_layer(conv) else conv.groups

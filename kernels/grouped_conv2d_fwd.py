@@ -8,6 +8,7 @@ contiguous; NCHW compiles to gathers, so the Triton path converts models to chan
 
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 from torch import Tensor
@@ -40,6 +41,7 @@ def _grouped_conv2d_fwd_kernel(
     sx_n, sx_c, sx_h, sx_w,
     sw_o, sw_i, sw_h, sw_w,
     sy_n, sy_c, sy_h, sy_w,
+    scale_ptr, shift_ptr, r_ptr, sr_n, sr_c, sr_h, sr_w, PRE_AFFINE_RELU: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
     HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr,
     DOT_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -47,6 +49,9 @@ def _grouped_conv2d_fwd_kernel(
     """One (BLOCK_M output pixels) x (BLOCK_N output channels) tile of group ``program_id(1)``.
 
     x: (N, G*CIN_G, H, W), w: (G*COUT_G, CIN_G, KH, KW), b: (G*COUT_G,), y: (N, G*COUT_G, OH, OW), all strided.
+    PRE_AFFINE_RELU: the conv reads ``relu(x * scale + shift)`` (scale, shift: (G*CIN_G,) in ACC_DTYPE, a batch
+    norm + ReLU before the conv) computed on the loaded tile; padding taps stay 0 after the activation.
+    HAS_RESIDUAL: r (the output's size, strided) is added before the activation: ``y = act(conv + b + r)``.
     M = N*OH*OW (< 2**31); grid = (cdiv(M, BLOCK_M) * cdiv(COUT_G, BLOCK_N), G). G only keys the autotuner.
     KH, KW are compile-time constants, so the tap of an iteration costs a multiply-shift, nothing for 1x1.
     """
@@ -81,6 +86,12 @@ def _grouped_conv2d_fwd_kernel(
             mask=row_ok[:, None] & mask_k[None, :],
             other=0.0,
         )
+        if PRE_AFFINE_RELU:
+            ch = g * CIN_G + ci
+            scale = tl.load(scale_ptr + ch, mask=mask_k, other=0.0)
+            shift = tl.load(shift_ptr + ch, mask=mask_k, other=0.0)
+            x = tl.maximum(x.to(ACC_DTYPE) * scale[None, :] + shift[None, :], 0.0)
+            x = tl.where(row_ok[:, None] & mask_k[None, :], x, 0.0)  # zero padding is applied after the ReLU
         w = tl.load(
             w_cols[None, :] + ci.to(tl.int64)[:, None] * sw_i + kh * sw_h + kw * sw_w,
             mask=mask_k[:, None] & mask_n[None, :],
@@ -91,6 +102,11 @@ def _grouped_conv2d_fwd_kernel(
     if HAS_BIAS:
         bias = tl.load(b_ptr + g * COUT_G + offs_n, mask=mask_n, other=0.0)
         acc += bias.to(ACC_DTYPE)[None, :]
+    if HAS_RESIDUAL:
+        r_rows = n * sr_n + oh.to(tl.int64) * sr_h + ow.to(tl.int64) * sr_w
+        r = tl.load(r_ptr + r_rows[:, None] + ((g * COUT_G + offs_n) * sr_c)[None, :],
+                    mask=mask_m[:, None] & mask_n[None, :], other=0.0)
+        acc += r.to(ACC_DTYPE)
     if ACTIVATION == "relu":
         acc = tl.maximum(acc, 0.0)
     store_pixel_tile(y_ptr, acc, n, oh, ow, g * COUT_G + offs_n, sy_n, sy_c, sy_h, sy_w, mask_m, mask_n)
@@ -100,8 +116,25 @@ _grouped_conv2d_fwd_autotuned = triton.autotune(
     configs=autotune_configs(FWD_CONFIGS, INTERPRETER_CONFIG),
     # triton adds the tensors' dtypes to the key; DOT_DTYPE and INPUT_PRECISION tell fp32 from tf32 dots.
     key=["G", "CIN_G", "COUT_G", "KH", "KW", "OH", "OW", "stride_h", "stride_w", "dil_h", "dil_w", "sx_c",
-         "HAS_BIAS", "ACTIVATION", "DOT_DTYPE", "INPUT_PRECISION"],
+         "HAS_BIAS", "ACTIVATION", "PRE_AFFINE_RELU", "HAS_RESIDUAL", "DOT_DTYPE", "INPUT_PRECISION"],
     prune_configs_by={"early_config_prune": common.prune_oversized(common.MNK_BLOCKS, (None, "COUT_G", "CIN_G"))},
+    cache_results=True,
+)(_grouped_conv2d_fwd_kernel)
+
+
+def _prologue_fits(config: triton.Config) -> bool:
+    """The operand prologue (PRE_AFFINE_RELU) holds the input tile in registers between load and dot: at most 16
+    elements per thread. With 32 the fp32 builds took 234-255 registers on sm_90 (one spilled); with 16 every fused
+    build stays within 232 (the offline report)."""
+    return config.kwargs["BLOCK_M"] * config.kwargs["BLOCK_K"] <= 16 * 32 * config.num_warps
+
+
+PROLOGUE_FWD_CONFIGS = [c for c in FWD_CONFIGS if _prologue_fits(c)]
+# The same kernel, key and pruning as the plain forward, tuned over the configs the prologue fits in.
+_grouped_conv2d_fwd_prologue_autotuned = triton.autotune(
+    configs=autotune_configs(PROLOGUE_FWD_CONFIGS, INTERPRETER_CONFIG),
+    key=_grouped_conv2d_fwd_autotuned.keys,
+    prune_configs_by={"early_config_prune": _grouped_conv2d_fwd_autotuned.early_config_prune},
     cache_results=True,
 )(_grouped_conv2d_fwd_kernel)
 
@@ -119,12 +152,18 @@ def grouped_conv2d_fwd(
     activation: str | None = None,
     input_precision: str = "ieee",
     config: triton.Config | None = None,
+    pre_scale: Tensor | None = None,
+    pre_shift: Tensor | None = None,
+    residual: Tensor | None = None,
 ) -> Tensor:
     """Write ``act(conv2d(x, weight, bias, groups=groups))`` into ``out`` (any strides) and return it.
 
     ``groups`` is G = branches * inner groups; ``input_precision`` ("ieee"/"tf32") applies to fp32 dots on a GPU;
     ``config`` launches one fixed config instead of autotuning; without it, under
     ``torch.use_deterministic_algorithms(True)`` the shape's pinned config runs (``common.pinned_config``).
+    ``pre_scale``/``pre_shift`` (both or neither; (C_in,), fp32, fp64 for fp64 x): the conv reads
+    ``relu(x * pre_scale + pre_shift)`` per input channel instead of x. ``residual`` (the output's size and dtype, any
+    strides) is added before the activation.
     """
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
@@ -133,6 +172,7 @@ def grouped_conv2d_fwd(
     common.check_out("grouped_conv2d_fwd", out, geom.output_size, x.dtype, x.device)
     if bias is not None and tuple(bias.shape) != (groups * geom.cout_g,):
         raise ValueError(f"grouped_conv2d_fwd: bias must be ({groups * geom.cout_g},), got {tuple(bias.shape)}")
+    pre_acc = _check_fusion_operands(x, geom, pre_scale, pre_shift, residual)
     m = geom.n * geom.oh * geom.ow
     if m == 0:
         return out
@@ -146,10 +186,37 @@ def grouped_conv2d_fwd(
         m, geom.h, geom.w, geom.oh, geom.ow, geom.cin_g, geom.cout_g, groups, geom.kh, geom.kw,
         *geom.conv_args(),
         *x.stride(), *weight.stride(), *out.stride(),
+        *((pre_scale, pre_shift) if pre_acc else (weight, weight)), residual if residual is not None else weight,
+        *(residual.stride() if residual is not None else (0, 0, 0, 0)),
+        pre_acc, residual is not None,
     )  # fmt: skip
     constexprs = {"HAS_BIAS": bias is not None, "ACTIVATION": activation, **common.dot_settings(x.dtype, input_precision)}
     if config is None and common.configs_pinned():
-        configs = autotune_configs(FWD_CONFIGS, INTERPRETER_CONFIG)
+        configs = autotune_configs(PROLOGUE_FWD_CONFIGS if pre_acc else FWD_CONFIGS, INTERPRETER_CONFIG)
         config = common.pinned_config(configs, common.MNK_BLOCKS, (m, geom.cout_g, geom.cin_g))
-    launch(_grouped_conv2d_fwd_autotuned, grid, args, constexprs, config)
+    kernel = _grouped_conv2d_fwd_prologue_autotuned if pre_acc else _grouped_conv2d_fwd_autotuned
+    launch(kernel, grid, args, constexprs, config)
     return out
+
+
+def _check_fusion_operands(
+    x: Tensor, geom: common.ConvGeometry, pre_scale: Tensor | None, pre_shift: Tensor | None, residual: Tensor | None
+) -> bool:
+    """Check the fused prologue's and epilogue's operands (they are read through raw pointers); True when the
+    prologue (``pre_scale``, ``pre_shift``) is given."""
+    if (pre_scale is None) != (pre_shift is None):
+        raise ValueError("grouped_conv2d_fwd: pre_scale and pre_shift must be given together")
+    if residual is not None:
+        check_launch_tensors("grouped_conv2d_fwd", x.dtype, x=x, residual=residual)
+        common.check_output_shaped("grouped_conv2d_fwd", geom, residual=residual)
+    if pre_scale is None:
+        return False
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    check_launch_tensors("grouped_conv2d_fwd", acc, pre_scale=pre_scale, pre_shift=pre_shift)
+    channels = geom.groups * geom.cin_g
+    for name, t in (("pre_scale", pre_scale), ("pre_shift", pre_shift)):
+        if tuple(t.shape) != (channels,) or t.stride() != (1,) or t.device != x.device:
+            raise ValueError(f"grouped_conv2d_fwd: {name} must be a contiguous ({channels},) tensor on {x.device}, got "
+                             f"{tuple(t.shape)} with strides {t.stride()} on {t.device}")
+    return True
+

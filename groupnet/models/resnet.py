@@ -7,6 +7,9 @@ conv3x3-BN-ReLU-conv3x3-BN plus the shortcut, then ReLU; the shortcut is the ide
 1x1(w/4)-3x3(w/4, strided)-1x1(w) at output widths 64/128/256 (depth = 9n+2). The same bottleneck block with a
 grouped 3x3 is ResNeXt (:mod:`groupnet.models.resnext`).
 
+At inference on the Triton backend a block runs fused (:mod:`groupnet.models.fused_blocks`): each batch norm folded
+into its conv, the ReLUs and the residual add in the convs' epilogues; training runs the modules.
+
 SplitNet division: base width 16 -> {2: 12, 4: 8, 8: 6} (see :mod:`groupnet.models.divide`).
 """
 
@@ -16,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from groupnet.models.base import GroupedClassifier, conv1x1, conv3x3
+from groupnet.models.fused_blocks import foldable, folded_conv, fusable
 from groupnet.models.spec import ArchSpec
 from groupnet.modules import GroupedBatchNorm2d
 
@@ -50,6 +54,19 @@ class Projection(nn.Module):
         return self.bn(self.conv(x))
 
 
+def _fuses(block: nn.Module, x: Tensor, *modules: nn.Module) -> bool:
+    """Whether ``block`` runs fused: at inference (every batch norm in eval mode, with running statistics) on the
+    Triton backend, each batch norm folded into its conv and the ReLU and residual add in the conv's epilogue."""
+    proj = (block.proj.conv, block.proj.bn) if block.proj is not None else ()
+    if block.proj is not None and (block.proj._forward_hooks or block.proj._forward_pre_hooks):
+        return False
+    return foldable(*modules[1::2], *proj[1:]) and fusable(x, *modules, *proj)
+
+
+def _shortcut(block: nn.Module, x: Tensor) -> Tensor:
+    return x if block.proj is None else folded_conv(x, block.proj.conv, block.proj.bn, relu=False)
+
+
 class BasicBlock(nn.Module):
     """conv3x3-BN-ReLU-conv3x3-BN + shortcut, ReLU."""
 
@@ -66,6 +83,9 @@ class BasicBlock(nn.Module):
         return self.bn2
 
     def forward(self, x: Tensor) -> Tensor:
+        if _fuses(self, x, self.conv1, self.bn1, self.conv2, self.bn2):
+            y = folded_conv(x, self.conv1, self.bn1, relu=True)
+            return folded_conv(y, self.conv2, self.bn2, relu=True, residual=_shortcut(self, x))
         y = F.relu(self.bn1(self.conv1(x)), inplace=True)
         y = self.bn2(self.conv2(y))
         return F.relu(y + (x if self.proj is None else self.proj(x)), inplace=True)
@@ -89,6 +109,10 @@ class BottleneckBlock(nn.Module):
         return self.bn3
 
     def forward(self, x: Tensor) -> Tensor:
+        if _fuses(self, x, self.conv1, self.bn1, self.conv2, self.bn2, self.conv3, self.bn3):
+            y = folded_conv(x, self.conv1, self.bn1, relu=True)
+            y = folded_conv(y, self.conv2, self.bn2, relu=True)
+            return folded_conv(y, self.conv3, self.bn3, relu=True, residual=_shortcut(self, x))
         y = F.relu(self.bn1(self.conv1(x)), inplace=True)
         y = F.relu(self.bn2(self.conv2(y)), inplace=True)
         y = self.bn3(self.conv3(y))

@@ -6,6 +6,9 @@ where width or stride change, a 1x1 conv (no BN) of the pre-activated input; the
 a linear head. WRN-28-10 has 36.5M parameters. A pre-activation block ends in a conv, not a BN, so there is no
 gamma to zero-init: ``zero_init_residual`` does not apply.
 
+On the Triton backend a block runs fused (:mod:`groupnet.models.fused_blocks`): batch norm + ReLU on the convs'
+operand loads, the residual add on the last conv's store (not with dropout in training).
+
 SplitNet division: widen factor k -> int(max(k/sqrt(K) + 0.4, 1)), stem kept (see :mod:`groupnet.models.divide`).
 """
 
@@ -15,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from groupnet.models.base import GroupedClassifier, conv1x1, conv3x3
+from groupnet.models.fused_blocks import bn_relu_conv, bn_scale_shift, fusable
 from groupnet.models.spec import ArchSpec
 from groupnet.modules import GroupedBatchNorm2d
 
@@ -47,12 +51,24 @@ class PreActBlock(nn.Module):
         self.drop_rate = drop_rate
 
     def forward(self, x: Tensor) -> Tensor:
+        if fusable(x, self.bn1, self.conv1, self.bn2, self.conv2, self.shortcut) and not (
+                self.drop_rate > 0 and self.training):
+            return self._fused_forward(x)
         o = F.relu(self.bn1(x))
         y = F.relu(self.bn2(self.conv1(o)), inplace=True)
         if self.drop_rate > 0:
             y = F.dropout(y, self.drop_rate, self.training)
         y = self.conv2(y)
         return y + (x if self.shortcut is None else self.shortcut(o))
+
+    def _fused_forward(self, x: Tensor) -> Tensor:
+        """The same block on the Triton backend: each batch norm + ReLU runs on its convs' operand loads (the
+        pre-activated tensors are never written) and the residual add on the last conv's store."""
+        s1, t1 = bn_scale_shift(self.bn1, x)
+        y = bn_relu_conv(x, s1, t1, self.conv1)
+        shortcut = x if self.shortcut is None else bn_relu_conv(x, s1, t1, self.shortcut)
+        s2, t2 = bn_scale_shift(self.bn2, y)
+        return bn_relu_conv(y, s2, t2, self.conv2, residual=shortcut)
 
 
 class WideResNet(GroupedClassifier):
