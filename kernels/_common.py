@@ -358,6 +358,7 @@ def specs_from_launches(prefix: str, cases: list[LaunchCase]) -> list[CompileSpe
             case.run()
         if not records:
             raise RuntimeError(f"{prefix}: launch case {case.label!r} launched no kernel")
+        several = len({id(r[0]) for r in records}) > 1  # a case launching several kernels names each in its specs
         for kernel, args, constexprs, config in records:
             fn, configs = _launch_configs(kernel, args, constexprs, config)
             for cfg in configs:
@@ -369,7 +370,9 @@ def specs_from_launches(prefix: str, cases: list[LaunchCase]) -> list[CompileSpe
                 if key in specs:
                     continue
                 tiles = "x".join(str(v) for k, v in cfg.kwargs.items() if k.startswith("BLOCK"))
-                name = f"{prefix}_{case.label}_{tiles}_w{cfg.num_warps}_s{cfg.num_stages}".replace(" ", "_")
+                kernel_name = f"_{fn.__name__.strip('_')}" if several else ""
+                name = (f"{prefix}_{case.label}{kernel_name}_{tiles}_w{cfg.num_warps}_s{cfg.num_stages}"
+                        .replace(" ", "_"))
                 specs[key] = CompileSpec(
                     name=name,
                     fn=fn,

@@ -125,6 +125,23 @@ def _make_dirs(path: Path) -> list[Path]:
     return created
 
 
+_HELD_LOCKS: set[int] = set()  # lock file descriptors of the folders this process holds
+
+
+def _drop_inherited_locks() -> None:
+    """In a forked child (a DataLoader worker), close the inherited lock descriptors: a flock belongs to the open
+    file, so a persistent worker that outlives the run would otherwise keep its folder locked."""
+    for fd in _HELD_LOCKS:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _HELD_LOCKS.clear()
+
+
+os.register_at_fork(after_in_child=_drop_inherited_locks)
+
+
 class RunFolder:
     """An exclusively locked run folder; :meth:`release` unlocks it (and removes it when asked and unused)."""
 
@@ -166,6 +183,7 @@ class RunFolder:
             if same:
                 os.ftruncate(fd, 0)
                 os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+                _HELD_LOCKS.add(fd)
                 return cls(path, created, fd)
             os.close(fd)  # the folder was removed (a failed run cleaning up) after we opened its lock file
         raise RunFolderBusy(f"run folder {path} keeps being removed by another process")
@@ -196,6 +214,7 @@ class RunFolder:
                 clean_temp_files(self.path)
                 _remove_dirs(self.created)
         finally:
+            _HELD_LOCKS.discard(self._fd)
             os.close(self._fd)
             self._fd = None
 
