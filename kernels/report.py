@@ -233,7 +233,9 @@ def compile_jobs(
                     if best is None or rank > ((len(specs[best].cases) if ci_subset else 0), _smem_rank(specs[best])):
                         chosen[key] = i
                 indices = sorted(chosen.values())
-            jobs.extend((module, i, capability) for i in indices)
+            # a spec that names its targets (the TMA GEMM: sm_90 only) is not built for the others
+            jobs.extend((module, i, capability) for i in indices
+                        if capability in getattr(specs[i], "capabilities", (capability,)))
     return jobs
 
 
@@ -286,6 +288,10 @@ _TF32_K_MAJOR = ("tf32 wgmma needs K-major shared tiles; this pass's operand is 
                  "the copies are 4 bytes (16-bit operands may be transposed, and sm_80's mma.sync path copies 16 B)")
 _FMA_TILES = ("fp32 ieee runs on the FMA units: a 128x128 fp32 accumulator over 256 threads is 64 registers of "
               "accumulator plus operand fragments; sm_80's layout reaches 254-255 registers and spills 12-28 B")
+_PROLOGUE = ("the BN + ReLU prologue loads the input tile synchronously to apply the affine + ReLU in registers "
+             "before the dot (and NCHW gathers it as the plain conv does); the weight keeps its async copies")
+_FUSED_FMA = ("fp32 ieee with the prologue, 128x128 tiles, 8 warps: 238 registers on sm_90, 255 with 8-24 B spilled "
+              "on sm_80")
 _STEM = "the 3-channel stem: channel rows of 6/12 bytes cannot be 16-byte copies"
 
 EXPECTED_FAILURES: list[ExpectedFailure] = [
@@ -309,6 +315,12 @@ EXPECTED_FAILURES: list[ExpectedFailure] = [
                     "tf32 dX with 128x128 tiles and 8 warps on sm_80: 244 registers", variant="fp32_tf32",
                     capability=80),
     ExpectedFailure("grouped_conv2d", "*", "*", "async_copy", _STEM, where=" 3->"),
+    ExpectedFailure("grouped_conv2d", "bwd_input", "channels_last", "spills",
+                    "the 16-wide input-gradient tile in fp32 ieee on sm_90: 4 B spilled at 96 registers",
+                    variant="fp32_ieee", capability=90, tiles="128x16x16"),
+    ExpectedFailure("grouped_conv2d_fused", "*", "*", "async_copy", _PROLOGUE),
+    ExpectedFailure("grouped_conv2d_fused", "*", "*", "registers", _FUSED_FMA, variant="fp32_ieee"),
+    ExpectedFailure("grouped_conv2d_fused", "*", "*", "spills", _FUSED_FMA, variant="fp32_ieee", capability=80),
     ExpectedFailure("grouped_conv2d", "*", "channels_last", "async_copy",
                     "the 16-wide tiles that divide 80/112 channels: a 16x16 weight tile over 128 threads is 2 elements "
                     "per thread, so its copies are 4 bytes (the activation tile's stay 16 B)", tiles="128x16x16"),
