@@ -73,6 +73,36 @@ def _log_mean_exp_over_branches(log_p, c_mask, log_k):
 
 
 @triton.jit
+def _store_logit_grads(
+    grad_row, logits_row, targets_ptr, row, stride_tn, y, q_sum, c_lo, c_hi, cols, k_mask, row_max, log_sum_1,
+    log_sum_t, t, div_stat, div_grad_scale, log_k, k_float, nan_if_bad,
+    SOFT_TARGETS: tl.constexpr, DIVERGENCE: tl.constexpr, BLOCK_C: tl.constexpr, ACC_DTYPE: tl.constexpr,
+):
+    """d loss_n / d logits for classes [c_lo, c_hi) of one sample (``y``/``q_sum`` unused by the other target kind)."""
+    for c0 in range(c_lo, c_hi, BLOCK_C):
+        cs = c0 + cols
+        c_mask = cs < c_hi
+        mask = k_mask[:, None] & c_mask[None, :]
+        z = tl.load(logits_row + cs[None, :], mask=mask, other=0.0).to(ACC_DTYPE)
+        shifted = z - row_max[:, None]
+        prob_1 = tl.exp(shifted - log_sum_1[:, None])
+        log_p = tl.where(mask, shifted / t - log_sum_t[:, None], float("-inf"))
+        p = tl.exp(log_p)
+        if SOFT_TARGETS:
+            q = tl.load(targets_ptr + row * stride_tn + cs, mask=c_mask, other=0.0).to(ACC_DTYPE)
+            grad_ce = prob_1 * q_sum - q[None, :]
+        else:
+            grad_ce = prob_1 - tl.where(cs == y, 1.0, 0.0).to(ACC_DTYPE)[None, :]
+        if DIVERGENCE == 0:
+            log_m = _log_mean_exp_over_branches(log_p, c_mask, log_k)
+            grad_div = p * (tl.where(mask, log_p - log_m[None, :], 0.0) - div_stat[:, None])
+        else:
+            grad_div = p - tl.sum(p, axis=0)[None, :] / k_float
+        grad = grad_ce + div_grad_scale * grad_div + nan_if_bad
+        tl.store(grad_row + cs[None, :], grad, mask=mask)
+
+
+@triton.jit
 def _cotrain_loss_kernel(
     loss_ptr,  # (N,) per-sample loss_n
     ce_ptr,  # (N, K) contiguous, per-sample ce_k
@@ -122,6 +152,7 @@ def _cotrain_loss_kernel(
         nan_if_bad = tl.where(bad_target, float("nan"), 0.0).to(ACC_DTYPE)
     else:
         nan_if_bad = tl.sum(zero_k, axis=0)
+        y = row  # unused with soft targets
 
     # Scalars as ACC_DTYPE tensors; "zeros + x" works both compiled (x a typed scalar, or a constexpr if triton
     # specialised it) and in the interpreter (x a Python number).
@@ -190,29 +221,11 @@ def _cotrain_loss_kernel(
 
     # Pass 3: the gradient of loss_n w.r.t. this row's logits.
     if COMPUTE_GRAD:
-        div_grad_scale = lam * t * div_scale
-        for c0 in range(0, n_classes, BLOCK_C):
-            cs = c0 + cols
-            c_mask = cs < n_classes
-            mask = k_mask[:, None] & c_mask[None, :]
-            z = tl.load(logits_row + cs[None, :], mask=mask, other=0.0).to(ACC_DTYPE)
-            shifted = z - row_max[:, None]
-            prob_1 = tl.exp(shifted - log_sum_1[:, None])
-            log_p = tl.where(mask, shifted / t - log_sum_t[:, None], float("-inf"))
-            p = tl.exp(log_p)
-            if SOFT_TARGETS:
-                q = tl.load(targets_ptr + row * stride_tn + cs, mask=c_mask, other=0.0).to(ACC_DTYPE)
-                grad_ce = prob_1 * q_sum - q[None, :]
-            else:
-                grad_ce = prob_1 - tl.where(cs == y, 1.0, 0.0).to(ACC_DTYPE)[None, :]
-            if DIVERGENCE == 0:
-                log_m = _log_mean_exp_over_branches(log_p, c_mask, log_k)
-                grad_div = p * (tl.where(mask, log_p - log_m[None, :], 0.0) - div_stat[:, None])
-            else:
-                grad_div = p - tl.sum(p, axis=0)[None, :] / k_float
-            grad = grad_ce + div_grad_scale * grad_div + nan_if_bad
-            tl.store(grad_row + cs[None, :], grad, mask=mask)
-
+        _store_logit_grads(
+            grad_row, logits_row, targets_ptr, row, stride_tn, y, q_sum, 0, n_classes, cols, k_mask, row_max,
+            log_sum_1, log_sum_t, t, div_stat, lam * t * div_scale, log_k, k_float, nan_if_bad,
+            SOFT_TARGETS, DIVERGENCE, BLOCK_C, ACC_DTYPE,
+        )
 
 # ---------------------------------------------------------------------------------------------------------------
 # Class-split path: with few samples and many classes one program per sample leaves most SMs idle (N = 64 fills 64
@@ -422,6 +435,7 @@ def _split_finish_kernel(
         nan_if_bad = tl.where(bad_target, float("nan"), 0.0).to(ACC_DTYPE)
     else:
         nan_if_bad = tl.sum(zero_k, axis=0)
+        y = row  # unused with soft targets
 
     t = tl.zeros([], dtype=ACC_DTYPE) + temperature
     lam = tl.zeros([], dtype=ACC_DTYPE) + weight
@@ -452,28 +466,13 @@ def _split_finish_kernel(
     if COMPUTE_GRAD:
         if SOFT_TARGETS:
             q_sum = tl.max(_split_sum(part_ptr, row, n_splits, 2, BLOCK_S, BLOCK_K), axis=0)
-        div_grad_scale = lam * t * div_scale
-        for c0 in range(c_lo, c_hi, BLOCK_C):
-            cs = c0 + cols
-            c_mask = cs < c_hi
-            mask = k_mask[:, None] & c_mask[None, :]
-            z = tl.load(logits_row + cs[None, :], mask=mask, other=0.0).to(ACC_DTYPE)
-            shifted = z - row_max[:, None]
-            prob_1 = tl.exp(shifted - log_sum_1[:, None])
-            log_p = tl.where(mask, shifted / t - log_sum_t[:, None], float("-inf"))
-            p = tl.exp(log_p)
-            if SOFT_TARGETS:
-                q = tl.load(targets_ptr + row * stride_tn + cs, mask=c_mask, other=0.0).to(ACC_DTYPE)
-                grad_ce = prob_1 * q_sum - q[None, :]
-            else:
-                grad_ce = prob_1 - tl.where(cs == y, 1.0, 0.0).to(ACC_DTYPE)[None, :]
-            if DIVERGENCE == 0:
-                log_m = _log_mean_exp_over_branches(log_p, c_mask, log_k)
-                grad_div = p * (tl.where(mask, log_p - log_m[None, :], 0.0) - div_stat[:, None])
-            else:
-                grad_div = p - tl.sum(p, axis=0)[None, :] / k_float
-            grad = grad_ce + div_grad_scale * grad_div + nan_if_bad
-            tl.store(grad_row + cs[None, :], grad, mask=mask)
+        else:
+            q_sum = nan_if_bad  # unused with class-index targets
+        _store_logit_grads(
+            grad_row, logits_row, targets_ptr, row, stride_tn, y, q_sum, c_lo, c_hi, cols, k_mask, row_max,
+            log_sum_1, log_sum_t, t, div_stat, lam * t * div_scale, log_k, k_float, nan_if_bad,
+            SOFT_TARGETS, DIVERGENCE, BLOCK_C, ACC_DTYPE,
+        )
 
 
 MAX_CLASS_SPLIT_TILE = 2048
