@@ -272,3 +272,37 @@ def test_autotune_keys_name_precision_groups_kernel_size_and_dilation():
     for tuner in (tma._fwd_tma_autotuned, tma._bwd_input_tma_autotuned):
         assert {"G", "KH", "KW", "dil_h", "dil_w", "INPUT_PRECISION", "DOT_DTYPE", "TILE_H", "TILE_W"} <= set(tuner.keys)
         assert "NB" not in tuner.keys  # the batch does not retune
+
+
+def test_compile_specs_cover_every_qualifying_stride1_layer():
+    """The report builds (``launch_cases``, listed without compiling in a subprocess without the interpreter): both
+    passes of every stride-1 channels_last layer of the split WRN-28-10 / ResNet-56 whose channels meet the 16-byte
+    rule, per tensor-core dtype, for sm_90 only, with the operand type's configs; fp32-ieee layers have none."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from groupnet.kernels import _launch_shapes
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run(
+        [sys.executable, "-m", "groupnet.kernels.report", "--list", "--json", "--capabilities", "90", "--modules",
+         "grouped_conv2d_tma"], capture_output=True, text=True, env=env, timeout=600,
+    )  # fmt: skip
+    lines = [line for line in run.stdout.splitlines() if line.startswith("{")]
+    assert run.returncode == 0 and lines, f"{run.stdout[-2000:]}\n{run.stderr[-3000:]}"
+    specs = json.loads(lines[-1])["specs"]
+    covered = {case for s in specs for case in s["cases"]}
+    for dtype, variant, size in (("bf16", "bf16", 2), ("fp16", "fp16", 2), ("fp32", "fp32_tf32", 4)):
+        for s in _launch_shapes.CONV_SHAPES:
+            where = f"{variant} channels_last {s.model}/K{s.branches} {s.cin}->{s.cout} k{s.kernel}s1 {s.size}px"
+            qualifies = s.stride == 1 and (s.cin * size) % 16 == 0 and (s.cout * size) % 16 == 0
+            assert (f"fwd {where}" in covered) == qualifies, where
+            assert (f"bwd_input {where}" in covered) == qualifies, where
+        allowed = {tuple(str(c.kwargs[k]) for k in common.MNK_BLOCKS) for c in tma.tma_configs(dtype)}
+        for s in (s for s in specs if s["variant"] == variant):
+            assert tuple(s["constexprs"][k] for k in common.MNK_BLOCKS) in allowed, s["name"]
+    assert not any("fp32_ieee" in case for case in covered)
+    assert {s["pass_name"] for s in specs} == {"fwd", "bwd_input"}
+    assert tma.Sm90LaunchSpec.capabilities == (90,)  # the report builds them for sm_90 only
