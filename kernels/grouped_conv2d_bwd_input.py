@@ -188,7 +188,8 @@ def grouped_conv2d_bwd_input(
     if mq == 0:
         return out
     common.check_int32_pixels("grouped_conv2d_bwd_input", mq, f"{mq} input pixels per phase")
-    why_not = _tma.why_not_tma(grad_out, weight, geom, "bwd_input", input_precision, relu_output)
+    why_not = _tma.why_not_tma(geom, "bwd_input", input_precision, grad_out=grad_out, weight=weight,
+                               relu_output=relu_output)
     if tma is None:
         tma = why_not is None and _tma.use_tma(grad_out.device)
     elif tma and why_not is not None:

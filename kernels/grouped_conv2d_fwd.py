@@ -182,7 +182,7 @@ def grouped_conv2d_fwd(
         return out
     common.check_int32_pixels("grouped_conv2d_fwd", m, f"N*OH*OW = {m} output pixels")
     why_not = ("the BN + ReLU prologue runs on the cp.async kernel" if pre_acc
-               else _tma.why_not_tma(x, weight, geom, "fwd", input_precision))
+               else _tma.why_not_tma(geom, "fwd", input_precision, x=x, weight=weight))
     if tma is None:
         tma = why_not is None and _tma.use_tma(x.device)
     elif tma and why_not is not None:

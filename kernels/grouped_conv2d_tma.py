@@ -1,32 +1,36 @@
-"""Grouped conv2d with TMA loads (sm_90+), stride 1, channels-contiguous operands: the forward and the input gradient.
+"""Grouped conv2d with TMA loads (sm_90+), stride 1, channels-contiguous operands: all three passes.
 
-Both passes are implicit GEMMs whose activation operand is read one kernel tap at a time as a 4-d box of
-``(TILE_N images, TILE_H rows, TILE_W columns, BLOCK_K channels)`` through a device-side tensor descriptor
+The passes are implicit GEMMs whose activation operands are read through device-side tensor descriptors
 (``tl.make_tensor_descriptor``) built per group over that group's channels only: shape ``(N, H, W, C_g)``, strides
-``(s_n, s_h, s_w, 1)``, base at the group's first channel. With stride 1 the box of tap ``(kh, kw)`` is the output
-tile shifted by ``(kh*dil_h - pad_h, kw*dil_w - pad_w)``; TMA fills every element outside the descriptor's shape
-with zeros, so the conv's padding, the tile tails and the channel tail past ``C_g`` cost no masks and never read a
-neighbouring group's channels (whose values, NaN or not, would otherwise enter the sum as ``0 * x``). The weight
-(channels_last: unit stride on its input-channel axis) is read by a second descriptor per group, one tap at a time.
-On sm_90 the loads become ``cp.async.bulk.tensor`` (SASS ``UTMALDG``) and 16-bit dots asynchronous ``wgmma``.
+``(s_n, s_h, s_w, 1)``, base at the group's first channel. With stride 1 the input box of kernel tap ``(kh, kw)`` is
+the output box shifted by ``(kh*dil_h - pad_h, kw*dil_w - pad_w)``; TMA fills every element outside the descriptor's
+shape with zeros, so the conv's padding, the tile tails and the channel tail past ``C_g`` cost no masks and never
+read a neighbouring group's channels (whose values, NaN or not, would otherwise enter the sum as ``0 * x``). The
+weight (channels_last: unit stride on its input-channel axis) is read by a second descriptor per group, one tap at
+a time. On sm_90 the loads become ``cp.async.bulk.tensor`` (SASS ``UTMALDG``) and the dots asynchronous ``wgmma``.
 
-- forward: ``y = act(conv(x, w) + b + r)``, rows = output pixels, reduction over (input channel block, tap).
+- forward: ``y = act(conv(x, w) + b + r)``; rows = output pixels as a box of ``(TILE_N images, TILE_H rows, TILE_W
+  columns)``, reduction over (input channel block, tap).
 - input gradient: for stride 1, ``dx = conv(dy, w flipped and transposed)`` with padding ``dil*(k-1) - pad``: the
-  tap ``(kh, kw)`` box of dy is the input tile shifted by ``(pad_h - kh*dil_h, pad_w - kw*dil_w)`` and the weight
+  tap ``(kh, kw)`` box of dy is the input box shifted by ``(pad_h - kh*dil_h, pad_w - kw*dil_w)`` and the weight
   tile is read as ``(output channels, input channels)``. ``relu_output`` (the forward's ReLU output) masks dy.
+- weight (and bias) gradient: per tap a ``(C_out_g x C_in_g)`` GEMM reduced over row segments of ``SEG_W`` output
+  pixels (one image row each, so both boxes stay 2-d tiles in shared memory), split over the grid as the cp.async
+  kernel splits its rows, the partials reduced by the launcher in a fixed order.
 
-TMA's rules, checked by :func:`tma_eligible`: stride 1; fp16/bf16/fp32; the activation operands (x or dy, and
-the ReLU output) with unit channel stride, the weight with unit input-channel stride (channels_last), every other
-stride and the per-group channel offset a multiple of 16 bytes (per-group channel counts a multiple of 8 in 16-bit,
-4 in fp32) and 16-byte-aligned addresses. The launchers in ``grouped_conv2d_fwd.py`` and
-``grouped_conv2d_bwd_input.py`` pick this kernel on a CUDA device of capability >= 9 when the operands qualify,
-else their cp.async kernel; the weight gradient always runs the cp.async kernel. Outputs are stored through masked
-pointer stores (any strides).
+TMA's rules, checked by :func:`why_not_tma`: stride 1; fp16/bf16, or fp32 as tf32 (fp32 IEEE runs on the FMA units:
+the cp.async kernels); activations with unit channel stride, the weight with unit input-channel stride
+(channels_last), every other stride and the per-group channel offset a multiple of 16 bytes (per-group channel
+counts a multiple of 8 in 16-bit, 4 in fp32), 16-byte-aligned addresses; the weight gradient also output rows of at
+least ``MIN_SEGMENT`` pixels. The pass launchers (``grouped_conv2d_fwd.py``, ``grouped_conv2d_bwd_input.py``,
+``grouped_conv2d_bwd_weight.py``) pick these kernels on a CUDA device of capability >= 9 when the operands qualify,
+else their cp.async kernels. Outputs are stored through masked pointer stores (any strides).
 """
 
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass, fields
 
 import torch
@@ -46,7 +50,7 @@ from ._common import (
     launch,
     specs_from_launches,
 )
-from ._grouped_conv2d_common import store_pixel_tile, tile_of
+from ._grouped_conv2d_common import split_bounds, store_pixel_tile, tile_of
 
 TMA_DTYPES = ("fp16", "bf16", "fp32")
 """Operand types of the TMA conv (fp64 runs the cp.async kernel)."""
@@ -228,6 +232,96 @@ def _grouped_conv2d_bwd_input_tma_kernel(
     store_pixel_tile(dx_ptr, acc, n, ih, iw, g * COLS + offs_n, sdx_n, sdx_c, sdx_h, sdx_w, mask_m, mask_n)
 
 
+@triton.jit
+def _grouped_conv2d_bwd_weight_tma_kernel(
+    x_ptr, dy_ptr, y_ptr, dw_ptr, db_ptr,
+    NB, H, W, OH, OW, CIN_G, COUT_G, G, KH: tl.constexpr, KW: tl.constexpr,
+    pad_h, pad_w, dil_h, dil_w, SPLIT_SEGS,
+    sx_n, sx_h, sx_w,
+    sdy_n, sdy_h, sdy_w,
+    sy_n, sy_h, sy_w,
+    sdw_s, sdw_o, sdw_i, sdw_h, sdw_w,
+    sdb_s, sdb_c,
+    HAS_BIAS: tl.constexpr, RELU_GRAD: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    SEG_W: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_CI: tl.constexpr,
+):  # fmt: skip
+    """Partial dw of one tap, a (BLOCK_CO x BLOCK_CI) tile, over the row segments of split ``program_id(1)``.
+
+    The reduction runs over row segments: SEG_W consecutive output pixels of one image row (the output grid
+    (NB, OH, OW) cut into NB*OH*cdiv(OW, SEG_W) segments, SPLIT_SEGS per split). A segment's dy box
+    ``[1, 1, SEG_W, BLOCK_CO]`` and x box ``[1, 1, SEG_W, BLOCK_CI]`` (shifted by the tap) have only unit leading
+    dimensions, so both stay 2-d tiles in shared memory for wgmma. x: (NB, G*CIN_G, H, W), dy, y: (NB, G*COUT_G,
+    OH, OW), channel stride 1; dw: (splits, G*COUT_G, CIN_G, KH, KW), db: (splits, G*COUT_G), any strides.
+    grid = (cdiv(COUT_G, BLOCK_CO) * cdiv(CIN_G, BLOCK_CI) * KH*KW, splits, G); the bias partial is written by the
+    programs of tap 0 and input-channel tile 0.
+    """
+    pid = tl.program_id(0)
+    split = tl.program_id(1)
+    g = tl.program_id(2).to(tl.int64)
+    tiles_co = tl.cdiv(COUT_G, BLOCK_CO)
+    tiles_ci = tl.cdiv(CIN_G, BLOCK_CI)
+    pid_co = pid % tiles_co
+    pid_ci = (pid // tiles_co) % tiles_ci
+    tap = pid // (tiles_co * tiles_ci)
+    kh = tap // KW
+    kw = tap - kh * KW
+    co0 = pid_co * BLOCK_CO
+    ci0 = pid_ci * BLOCK_CI
+
+    dy_desc = tl.make_tensor_descriptor(
+        dy_ptr + g * COUT_G, shape=[NB, OH, OW, COUT_G], strides=[sdy_n, sdy_h, sdy_w, 1],
+        block_shape=[1, 1, SEG_W, BLOCK_CO],
+    )  # fmt: skip
+    if RELU_GRAD:
+        y_desc = tl.make_tensor_descriptor(
+            y_ptr + g * COUT_G, shape=[NB, OH, OW, COUT_G], strides=[sy_n, sy_h, sy_w, 1],
+            block_shape=[1, 1, SEG_W, BLOCK_CO],
+        )  # fmt: skip
+    x_desc = tl.make_tensor_descriptor(
+        x_ptr + g * CIN_G, shape=[NB, H, W, CIN_G], strides=[sx_n, sx_h, sx_w, 1],
+        block_shape=[1, 1, SEG_W, BLOCK_CI],
+    )  # fmt: skip
+
+    acc = tl.zeros((BLOCK_CO, BLOCK_CI), dtype=ACC_DTYPE)
+    db_acc = tl.zeros((BLOCK_CO,), dtype=ACC_DTYPE)
+    segs_w = tl.cdiv(OW, SEG_W)
+    s_start, s_end = split_bounds(split, SPLIT_SEGS, NB * OH * segs_w)
+    for s in range(s_start, s_end):
+        ow0 = (s % segs_w) * SEG_W
+        row = s // segs_w
+        oh = row % OH
+        n = row // OH
+        # Segment pixels past OW read dy's zero fill, so their x values (in bounds or zero fill) add nothing.
+        dy = tl.reshape(dy_desc.load([n, oh, ow0, co0]), (SEG_W, BLOCK_CO))
+        if RELU_GRAD:
+            y = tl.reshape(y_desc.load([n, oh, ow0, co0]), (SEG_W, BLOCK_CO))
+            dy = tl.where(y.to(tl.float32) > 0.0, dy, 0.0)
+        x = tl.reshape(x_desc.load([n, oh + kh * dil_h - pad_h, ow0 + kw * dil_w - pad_w, ci0]), (SEG_W, BLOCK_CI))
+        acc = tl.dot(tl.trans(dy.to(DOT_DTYPE)), x.to(DOT_DTYPE), acc, input_precision=INPUT_PRECISION,
+                     out_dtype=ACC_DTYPE)  # fmt: skip
+        if HAS_BIAS:
+            db_acc += tl.sum(dy.to(ACC_DTYPE), axis=0)
+
+    offs_co = co0 + tl.arange(0, BLOCK_CO)
+    offs_ci = ci0 + tl.arange(0, BLOCK_CI)
+    mask_co = offs_co < COUT_G
+    mask_ci = offs_ci < CIN_G
+    split64 = split.to(tl.int64)
+    dw_ptrs = (
+        dw_ptr
+        + split64 * sdw_s
+        + ((g * COUT_G + offs_co) * sdw_o)[:, None]
+        + (offs_ci.to(tl.int64) * sdw_i)[None, :]
+        + kh * sdw_h
+        + kw * sdw_w
+    )
+    tl.store(dw_ptrs, acc.to(dw_ptr.dtype.element_ty), mask=mask_co[:, None] & mask_ci[None, :])
+    if HAS_BIAS:
+        db_ptrs = db_ptr + split64 * sdb_s + (g * COUT_G + offs_co) * sdb_c
+        tl.store(db_ptrs, db_acc.to(db_ptr.dtype.element_ty), mask=mask_co & (tap == 0) & (pid_ci == 0))
+
+
 _KEY = ["G", "RED", "COLS", "KH", "KW", "OH", "OW", "dil_h", "dil_w", "TILE_H", "TILE_W", "DOT_DTYPE",
         "INPUT_PRECISION"]  # fmt: skip
 _GPU_CONFIGS = TMA_CONFIGS_16BIT + TMA_CONFIGS_32BIT
@@ -243,6 +337,53 @@ _bwd_input_tma_autotuned = triton.autotune(
     prune_configs_by={"early_config_prune": _prune},
     cache_results=True,
 )(_grouped_conv2d_bwd_input_tma_kernel)
+
+
+# Weight gradient: (BLOCK_CO, BLOCK_CI, num_warps, num_stages); the reduction block is the row segment (SEG_W).
+WG_BLOCKS = ("BLOCK_CO", "BLOCK_CI")
+WG_CONFIGS_16BIT = [
+    triton.Config({"BLOCK_CO": co, "BLOCK_CI": ci}, num_warps=w, num_stages=st)
+    for co, ci, w, st in ((128, 128, 8, 4), (128, 64, 8, 4), (64, 128, 4, 4), (64, 64, 4, 4))
+]
+WG_CONFIGS_32BIT = [
+    triton.Config({"BLOCK_CO": co, "BLOCK_CI": ci}, num_warps=w, num_stages=st)
+    for co, ci, w, st in ((128, 64, 8, 3), (64, 64, 4, 4), (64, 128, 4, 3))
+]
+WG_INTERPRETER_CONFIG = triton.Config({"BLOCK_CO": 16, "BLOCK_CI": 16}, num_warps=4, num_stages=1)
+MIN_SEGMENT = 16
+"""Fewest output pixels of a row the weight gradient's segments take (tl.dot's smallest reduction): it runs on TMA
+for output widths of at least this many pixels."""
+
+
+def wg_configs(dtype: str) -> list[triton.Config]:
+    return WG_CONFIGS_32BIT if dtype == "fp32" else WG_CONFIGS_16BIT
+
+
+def _prune_wg(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+    """The operand type's configs, without tiles larger than both the channels' next power of two and the smallest
+    tile offered on that axis (kept: at least the config of least padded work)."""
+    allowed = wg_configs(TORCH_TO_TRITON_DTYPE[named_args["x_ptr"].dtype])
+    kept = [c for c in configs if any(c is a for a in allowed)] or configs
+    sizes = (int(named_args["COUT_G"]), int(named_args["CIN_G"]))
+    limits = [max(triton.next_power_of_2(n), min(c.kwargs[b] for c in kept)) for b, n in zip(WG_BLOCKS, sizes)]
+    small = [c for c in kept if all(c.kwargs[b] <= lim for b, lim in zip(WG_BLOCKS, limits))]
+    return small or [_least_padding(kept, sizes)]
+
+
+def _least_padding(configs: list[triton.Config], sizes: tuple[int, int]) -> triton.Config:
+    def padded(c):
+        return math.prod(triton.cdiv(n, c.kwargs[b]) * c.kwargs[b] for b, n in zip(WG_BLOCKS, sizes))
+
+    return min(configs, key=padded)
+
+
+_bwd_weight_tma_autotuned = triton.autotune(
+    configs=autotune_configs(WG_CONFIGS_16BIT + WG_CONFIGS_32BIT, WG_INTERPRETER_CONFIG),
+    key=["G", "CIN_G", "COUT_G", "KH", "KW", "OH", "OW", "dil_h", "dil_w", "SEG_W", "RELU_GRAD", "HAS_BIAS",
+         "DOT_DTYPE", "INPUT_PRECISION"],
+    prune_configs_by={"early_config_prune": _prune_wg},
+    cache_results=True,
+)(_grouped_conv2d_bwd_weight_tma_kernel)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -279,30 +420,30 @@ def _why_not_operand(name: str, t: Tensor) -> str | None:
 
 
 def why_not_tma(
-    operand: Tensor,
-    weight: Tensor,
-    geom: common.ConvGeometry,
-    pass_name: str,
-    input_precision: str,
-    relu_output: Tensor | None = None,
+    geom: common.ConvGeometry, pass_name: str, input_precision: str, **tensors: Tensor | None
 ) -> str | None:
-    """Why the TMA kernel cannot run ``pass_name`` ("fwd": ``operand`` is x; "bwd_input": ``operand`` is dy) of
-    ``geom``, or None when it can: stride 1, tensor-core dots (fp16, bf16, fp32 as tf32), channels-contiguous
-    operands with 16-byte-aligned strides, per-group channel offsets and addresses (see the module docstring)."""
-    if TORCH_TO_TRITON_DTYPE.get(operand.dtype) not in TMA_DTYPES:
-        return f"dtype {operand.dtype} is not one of {TMA_DTYPES}"
-    if operand.dtype == torch.float32 and input_precision != "tf32":
+    """Why the TMA kernel cannot run ``pass_name`` ("fwd", "bwd_input" or "bwd_weight") of ``geom`` on ``tensors``
+    (by name: the 4-d activations and weight it reads through descriptors; None is skipped), or None when it can:
+    stride 1, tensor-core dots (fp16, bf16, fp32 as tf32), channels-contiguous tensors with 16-byte-aligned strides,
+    per-group channel offsets and addresses (see the module docstring); the weight gradient also needs output rows of
+    at least ``MIN_SEGMENT`` pixels."""
+    present = {name: t for name, t in tensors.items() if t is not None}
+    dtype = next(iter(present.values())).dtype
+    if TORCH_TO_TRITON_DTYPE.get(dtype) not in TMA_DTYPES:
+        return f"dtype {dtype} is not one of {TMA_DTYPES}"
+    if dtype == torch.float32 and input_precision != "tf32":
         # FMA dots read the tiles from shared memory into registers; the input gradient's 128x64 fp32 tile took
         # 255 registers and spilled on sm_90, and the cp.async kernel has the tuned FMA tiles.
         return "fp32 with ieee precision runs on the FMA units (the cp.async kernel's tiles)"
     if geom.stride != (1, 1):
         return f"stride {geom.stride} is not 1"
-    e = operand.element_size()
+    if pass_name == "bwd_weight" and geom.ow < MIN_SEGMENT:
+        return f"output rows of {geom.ow} pixels are narrower than the weight gradient's {MIN_SEGMENT}-pixel segments"
+    e = torch.empty((), dtype=dtype).element_size()
     for what, channels in (("input", geom.cin_g), ("output", geom.cout_g)):
         if (channels * e) % 16:  # a group's channel offset (and the weight's row strides) in 16-byte units
             return f"{channels} {what} channels per group are {channels * e} bytes, not a multiple of 16"
-    tensors = {"x" if pass_name == "fwd" else "grad_out": operand, "weight": weight, "relu_output": relu_output}
-    return next((why for name, t in tensors.items() if t is not None and (why := _why_not_operand(name, t))), None)
+    return next((why for name, t in present.items() if (why := _why_not_operand(name, t))), None)
 
 
 def use_tma(device: torch.device) -> bool:
@@ -412,6 +553,72 @@ def grouped_conv2d_bwd_input_tma(
     return out
 
 
+def segment_width(ow: int) -> int:
+    """SEG_W: output pixels per row segment of the weight gradient's reduction (16 or 32; rows of at least
+    MIN_SEGMENT pixels)."""
+    return max(MIN_SEGMENT, min(triton.next_power_of_2(ow), 32))
+
+
+def weight_grad_splits(geom: common.ConvGeometry, split_rows: int) -> tuple[int, int]:
+    """(splits, segments per split) of the weight gradient: ``split_rows`` output pixels per split, rounded up to
+    whole row segments."""
+    seg = segment_width(geom.ow)
+    segments = geom.n * geom.oh * triton.cdiv(geom.ow, seg)
+    per_split = max(1, triton.cdiv(split_rows, seg))
+    return triton.cdiv(segments, per_split), per_split
+
+
+def grouped_conv2d_bwd_weight_tma(
+    x: Tensor,
+    grad_out: Tensor,
+    relu_output: Tensor | None,
+    dw: Tensor,
+    db: Tensor | None,
+    dw_strides: tuple[int, ...],
+    db_strides: tuple[int, int],
+    geom: common.ConvGeometry,
+    *,
+    splits: int,
+    split_segments: int,
+    input_precision: str,
+    config: triton.Config | None,
+) -> None:
+    """The weight (and bias) gradient partials on the TMA kernel into ``dw`` / ``db`` (strides given: split stride
+    first); the caller (``grouped_conv2d_bwd_weight``) has checked the tensors, sized the splits with
+    :func:`weight_grad_splits` and reduces them; :func:`why_not_tma` returned None."""
+    y = relu_output if relu_output is not None else grad_out
+    seg = segment_width(geom.ow)
+    args = (
+        x, grad_out, y, dw, db if db is not None else dw,
+        geom.n, geom.h, geom.w, geom.oh, geom.ow, geom.cin_g, geom.cout_g, geom.groups, geom.kh, geom.kw,
+        *geom.padding, *geom.dilation, split_segments,
+        *tma_strides(x), *tma_strides(grad_out), *tma_strides(y),
+        *dw_strides, *db_strides,
+    )  # fmt: skip
+    constexprs = {
+        "HAS_BIAS": db is not None,
+        "RELU_GRAD": relu_output is not None,
+        "SEG_W": seg,
+        **common.dot_settings(x.dtype, input_precision),
+    }
+    if config is None:
+        configs = autotune_configs(wg_configs(TORCH_TO_TRITON_DTYPE[x.dtype]), WG_INTERPRETER_CONFIG)
+        if common.configs_pinned():  # the shared rule, with the segment as the reduction block
+            ranked = [triton.Config({**c.kwargs, "BLOCK_R": seg}) for c in configs]
+            best = common.pinned_config(ranked, (*WG_BLOCKS, "BLOCK_R"), (geom.cout_g, geom.cin_g, seg))
+            config = configs[ranked.index(best)]
+
+    def grid(meta):
+        tiles = triton.cdiv(geom.cout_g, meta["BLOCK_CO"]) * triton.cdiv(geom.cin_g, meta["BLOCK_CI"])
+        return (tiles * geom.kh * geom.kw, splits, geom.groups)
+
+    if x.device.type == "cuda":
+        from .grouped_gemm_tma import set_scratch_allocator
+
+        set_scratch_allocator()
+    launch(_bwd_weight_tma_autotuned, grid, args, constexprs, config)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Offline compilation (kernels/report.py)
 
@@ -434,9 +641,11 @@ def _qualifies(shape: _launch_shapes.ConvShape, dtype: str) -> bool:
 
 def launch_cases() -> list[LaunchCase]:
     """Forward and input gradient of every stride-1 conv of the split WRN-28-10 and ResNet-56 whose channel counts
-    meet TMA's rules, channels_last, per tensor-core dtype variant (bf16, fp16, fp32 as tf32) (plus the bias + ReLU epilogue / ReLU-masked gradient on one
+    meet TMA's rules (and the weight gradient where its rows have at least MIN_SEGMENT pixels), channels_last, per
+    tensor-core dtype variant (bf16, fp16, fp32 as tf32) (plus the bias + ReLU epilogue / ReLU-masked gradient on one
     WRN layer): the pass launchers with ``tma=True`` on meta tensors, as on an sm_90 GPU."""
     from .grouped_conv2d_bwd_input import grouped_conv2d_bwd_input
+    from .grouped_conv2d_bwd_weight import grouped_conv2d_bwd_weight
     from .grouped_conv2d_fwd import grouped_conv2d_fwd
 
     cases = []
@@ -467,10 +676,16 @@ def launch_cases() -> list[LaunchCase]:
             def bwd(x=x, w=w, y=y, conv=conv, epilogue=epilogue):
                 grouped_conv2d_bwd_input(y, w, x, relu_output=y if epilogue else None, tma=True, **conv)
 
+            def bwd_weight(x=x, w=w, y=y, b=b, conv=conv, epilogue=epilogue):
+                grouped_conv2d_bwd_weight(x, y, torch.empty_like(w), b, relu_output=y if epilogue else None, tma=True,
+                                          **conv)  # fmt: skip
+
             label = f"{variant} channels_last {where}"
             cases.append(LaunchCase(f"fwd {label}", "fwd", fwd, variant, "channels_last"))
             if shape.cin != 3:  # the stem's input needs no gradient
                 cases.append(LaunchCase(f"bwd_input {label}", "bwd_input", bwd, variant, "channels_last"))
+            if shape.size >= MIN_SEGMENT:
+                cases.append(LaunchCase(f"bwd_weight {label}", "bwd_weight", bwd_weight, variant, "channels_last"))
     return cases
 
 

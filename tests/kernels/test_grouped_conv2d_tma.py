@@ -25,6 +25,7 @@ from groupnet.kernels import _grouped_conv2d_common as common
 from groupnet.kernels import grouped_conv2d_tma as tma
 from groupnet.kernels.grouped_conv2d import grouped_conv2d
 from groupnet.kernels.grouped_conv2d_bwd_input import grouped_conv2d_bwd_input
+from groupnet.kernels.grouped_conv2d_bwd_weight import grouped_conv2d_bwd_weight
 from groupnet.kernels.grouped_conv2d_fwd import grouped_conv2d_fwd
 
 TO_NHWC, TO_NCHW = (0, 2, 3, 1), (0, 3, 1, 2)
@@ -87,8 +88,8 @@ def run_tma_passes(case, *, bias, relu, residual, config, seed):
     xv, wv = aligned_nan_nhwc(x), aligned_nan_nhwc(w)
     bv = None if b is None else nan_embedded(b)
     rv = None if r is None else nan_embedded(r)  # read through pointers: any strides
-    assert tma.why_not_tma(xv, wv, common.ConvGeometry.of(x.shape, w.shape, (1, 1), case["padding"],
-                                                          case["dilation"], g), "fwd", precision) is None
+    geom = common.ConvGeometry.of(x.shape, w.shape, (1, 1), case["padding"], case["dilation"], g)
+    assert tma.why_not_tma(geom, "fwd", precision, x=xv, weight=wv) is None
     y, yv = sentinel_nhwc(tuple(y_ref.shape), dtype)
     grouped_conv2d_fwd(xv, wv, bv, yv, activation="relu" if relu else None, residual=rv, input_precision=precision,
                        config=config, tma=True, **conv)  # fmt: skip
@@ -131,6 +132,65 @@ def test_tma_passes_match_torch(case, bias, relu, residual, config, seed):
     run_tma_passes(case, bias=bias, relu=relu, residual=residual, config=config, seed=seed)
 
 
+@st.composite
+def weight_grad_cases(draw):
+    """Stride-1 convs with output rows of 16-20 pixels (the weight gradient's TMA path needs 16)."""
+    case = draw(tma_conv_cases())
+    ow = draw(st.integers(16, 20))
+    case["w"] = ow - 2 * case["padding"][1] + case["dilation"][1] * (case["kw"] - 1)
+    case["h"] = min(case["h"], max(1, case["dilation"][0] * (case["kh"] - 1) + 1 - 2 * case["padding"][0]) + 1)
+    case["n"] = min(case["n"], 2)
+    return case
+
+
+@settings(max_examples=8, deadline=None)
+@given(
+    case=weight_grad_cases(),
+    bias=st.booleans(),
+    relu=st.booleans(),
+    split_rows=st.sampled_from([None, 16, 40, 10**6]),
+    config=st.sampled_from([None, triton.Config({"BLOCK_CO": 32, "BLOCK_CI": 16})]),
+    seed=st.integers(0, 2**16),
+)
+def test_tma_weight_gradient_matches_torch(case, bias, relu, split_rows, config, seed):
+    """Weight and bias gradient on the TMA kernel: row segments with tails past the output width, taps in the zero
+    fill, several splits (16 and 40 pixels per split cut rows into segment-sized pieces)."""
+    dtype, g = case["dtype"], case["g"]
+    gen = torch.Generator().manual_seed(seed)
+    conv = dict(stride=(1, 1), padding=case["padding"], dilation=case["dilation"], groups=g)
+    precision = "tf32" if dtype == torch.float32 else "ieee"
+    x = rand((case["n"], g * case["cin_g"], case["h"], case["w"]), dtype, gen)
+    w_shape = (g * case["cout_g"], case["cin_g"], case["kh"], case["kw"])
+    oh = case["h"] + 2 * case["padding"][0] - case["dilation"][0] * (case["kh"] - 1)
+    ow = case["w"] + 2 * case["padding"][1] - case["dilation"][1] * (case["kw"] - 1)
+    dy = rand((case["n"], g * case["cout_g"], oh, ow), dtype, gen)
+    y = rand(dy.shape, dtype, gen).relu() if relu else None  # a ReLU output: the gradient is dy * (y > 0)
+    dz64 = dy.double() * (y.double() > 0) if relu else dy.double()
+    dw, dwv = sentinel_nhwc(w_shape, dtype)
+    db = sentinel_output((w_shape[0],), dtype) if bias else None
+    grouped_conv2d_bwd_weight(
+        aligned_nan_nhwc(x), aligned_nan_nhwc(dy), dwv, None if db is None else db.view,
+        relu_output=None if y is None else aligned_nan_nhwc(y), split_rows=split_rows, input_precision=precision,
+        config=config, tma=True, **conv,
+    )  # fmt: skip
+    pixels = case["n"] * oh * ow
+    assert_no_oob(dw, "weight gradient")
+    dw_ref = torch.nn.grad.conv2d_weight(x.double(), w_shape, dz64, padding=case["padding"],
+                                         dilation=case["dilation"], groups=g)  # fmt: skip
+    assert_close(dwv, dw_ref, dtype, reduction=pixels, what="weight gradient")
+    if bias:
+        assert_no_oob(db, "bias gradient")
+        assert_close(db.view, dz64.sum((0, 2, 3)), dtype, reduction=pixels, what="bias gradient")
+
+
+def test_weight_gradient_splits_are_whole_row_segments():
+    geom = common.ConvGeometry.of((2, 8, 3, 40), (8, 4, 3, 3), (1, 1), (1, 1), (1, 1), 2)  # 2*3 rows of 40 pixels
+    assert tma.segment_width(40) == 32 and tma.segment_width(16) == 16 and tma.segment_width(17) == 32
+    assert tma.weight_grad_splits(geom, 64) == (6, 2)  # 12 segments (2 per row), 2 per split
+    assert tma.weight_grad_splits(geom, 1) == (12, 1)
+    assert tma.weight_grad_splits(geom, 10**6) == (1, 31250)
+
+
 def test_channel_tail_does_not_read_the_next_group():
     """Per-group channel counts that are not a multiple of BLOCK_K: the last channel block of group 0 covers
     channels of group 1, which hold NaN here; the per-group descriptor's zero fill keeps them out."""
@@ -162,28 +222,33 @@ def test_shapes_that_do_not_qualify_are_refused_with_a_reason():
     cl = torch.channels_last
     x = torch.zeros(2, 16, 5, 5, dtype=torch.float16).contiguous(memory_format=cl)
     w = torch.zeros(16, 8, 3, 3, dtype=torch.float16).contiguous(memory_format=cl)
-    assert tma.why_not_tma(x, w, _geom(x, w), "fwd", "ieee") is None
-    assert tma.why_not_tma(x, w, _geom(x, w), "bwd_input", "ieee") is None
+    assert tma.why_not_tma(_geom(x, w), "fwd", "ieee", x=x, weight=w) is None
+    assert tma.why_not_tma(_geom(x, w), "bwd_input", "ieee", grad_out=x, weight=w, relu_output=None) is None
+    wide = torch.zeros(1, 16, 2, 16, dtype=torch.float16).contiguous(memory_format=cl)
+    assert tma.why_not_tma(_geom(wide, w), "bwd_weight", "ieee", x=wide, grad_out=wide) is None
+    geom = _geom(x, w)
     refusals = {
-        "stride": tma.why_not_tma(x, w, _geom(x, w, stride=(2, 1)), "fwd", "ieee"),
-        "dtype": tma.why_not_tma(x.double(), w.double(), _geom(x, w), "fwd", "ieee"),
-        "ieee": tma.why_not_tma(x.float(), w.float(), _geom(x, w), "fwd", "ieee"),
-        "nchw x": tma.why_not_tma(x.contiguous(), w, _geom(x, w), "fwd", "ieee"),
-        "nchw weight": tma.why_not_tma(x, w.contiguous(), _geom(x, w), "fwd", "ieee"),
+        "stride": tma.why_not_tma(_geom(x, w, stride=(2, 1)), "fwd", "ieee", x=x, weight=w),
+        "dtype": tma.why_not_tma(geom, "fwd", "ieee", x=x.double(), weight=w.double()),
+        "ieee": tma.why_not_tma(geom, "fwd", "ieee", x=x.float(), weight=w.float()),
+        "nchw x": tma.why_not_tma(geom, "fwd", "ieee", x=x.contiguous(), weight=w),
+        "nchw weight": tma.why_not_tma(geom, "fwd", "ieee", x=x, weight=w.contiguous()),
         "12 channels": tma.why_not_tma(
-            torch.zeros(1, 24, 4, 4, dtype=torch.float16).contiguous(memory_format=cl),
-            torch.zeros(16, 12, 3, 3, dtype=torch.float16).contiguous(memory_format=cl),
-            common.ConvGeometry.of((1, 24, 4, 4), (16, 12, 3, 3), (1, 1), (1, 1), (1, 1), 2), "fwd", "ieee"),
-        "misaligned": tma.why_not_tma(torch.zeros(2 * 16 * 25 + 1, dtype=torch.float16)[1:].view(2, 5, 5, 16)
-                                      .permute(TO_NCHW), w, _geom(x, w), "fwd", "ieee"),
-        "row stride": tma.why_not_tma(torch.zeros(2, 5, 5, 17, dtype=torch.float16)[..., :16].permute(TO_NCHW), w,
-                                      _geom(x, w), "fwd", "ieee"),
-        "stride-0 grad": tma.why_not_tma(torch.zeros(()).half().expand(2, 16, 5, 5), w, _geom(x, w), "bwd_input",
-                                         "ieee"),
+            common.ConvGeometry.of((1, 24, 4, 4), (16, 12, 3, 3), (1, 1), (1, 1), (1, 1), 2), "fwd", "ieee",
+            x=torch.zeros(1, 24, 4, 4, dtype=torch.float16).contiguous(memory_format=cl),
+            weight=torch.zeros(16, 12, 3, 3, dtype=torch.float16).contiguous(memory_format=cl)),
+        "misaligned": tma.why_not_tma(geom, "fwd", "ieee", weight=w, x=torch.zeros(
+            2 * 16 * 25 + 1, dtype=torch.float16)[1:].view(2, 5, 5, 16).permute(TO_NCHW)),
+        "row stride": tma.why_not_tma(geom, "fwd", "ieee", weight=w,
+                                      x=torch.zeros(2, 5, 5, 17, dtype=torch.float16)[..., :16].permute(TO_NCHW)),
+        "stride-0 grad": tma.why_not_tma(geom, "bwd_input", "ieee", grad_out=torch.zeros(()).half().expand(2, 16, 5, 5),
+                                         weight=w),
+        "narrow rows": tma.why_not_tma(geom, "bwd_weight", "ieee", x=x, grad_out=x),
     }  # fmt: skip
     for name, why in refusals.items():
         assert why is not None, name
     assert "stride (2, 1)" in refusals["stride"] and "channels per group" in refusals["12 channels"]
+    assert "16-pixel segments" in refusals["narrow rows"]
     with pytest.raises(ValueError, match="tma=True, but .*channel axis"):
         grouped_conv2d_fwd(x.contiguous(), w, None, torch.empty(2, 16, 5, 5, dtype=torch.float16), stride=(1, 1),
                            padding=(1, 1), dilation=(1, 1), groups=2, tma=True)  # fmt: skip
@@ -212,26 +277,27 @@ def _fail(*args, **kwargs):
 
 @pytest.mark.parametrize("x_channels_last", [True, False])
 def test_autograd_on_a_capability_9_device_runs_tma_where_it_qualifies(monkeypatch, x_channels_last):
-    """With the device check forced on, the public op's forward and input gradient go to the TMA kernels for
-    channels_last tf32 operands (and the cp.async kernels for NCHW); values and gradients match float64 torch."""
+    """With the device check forced on, the public op's three passes go to the TMA kernels for channels_last tf32
+    operands (and the cp.async kernels for NCHW); values and gradients match float64 torch."""
     calls = []
-    for name in ("grouped_conv2d_fwd_tma", "grouped_conv2d_bwd_input_tma"):
+    for name in ("grouped_conv2d_fwd_tma", "grouped_conv2d_bwd_input_tma", "grouped_conv2d_bwd_weight_tma"):
         real = getattr(tma, name)
         monkeypatch.setattr(tma, name, lambda *a, _real=real, _name=name, **kw: calls.append(_name) or _real(*a, **kw))
     monkeypatch.setattr(tma, "use_tma", lambda device: True)
     fmt = torch.channels_last if x_channels_last else torch.contiguous_format
     gen = torch.Generator().manual_seed(6)
-    x = torch.randn(2, 8, 5, 3, generator=gen).contiguous(memory_format=fmt).requires_grad_()
+    x = torch.randn(2, 8, 3, 16, generator=gen).contiguous(memory_format=fmt).requires_grad_()
     w = torch.randn(16, 4, 3, 3, generator=gen).contiguous(memory_format=fmt).requires_grad_()
     b = torch.randn(16, generator=gen, requires_grad=True)
     y = grouped_conv2d(x, w, b, branches=2, padding=1, activation="relu", input_precision="tf32")
     (y * y).sum().backward()
-    assert calls == (["grouped_conv2d_fwd_tma", "grouped_conv2d_bwd_input_tma"] if x_channels_last else [])
+    tma_calls = ["grouped_conv2d_fwd_tma", "grouped_conv2d_bwd_input_tma", "grouped_conv2d_bwd_weight_tma"]
+    assert calls == (tma_calls if x_channels_last else [])
     refs = float64_leaves(x, w, b)
     y_ref = F.conv2d(*refs, padding=1, groups=2).relu()
     (y_ref * y_ref).sum().backward()
     assert_close(y, y_ref, torch.float32, reduction=36, what="forward")
-    for name, t, ref, reduction in zip(("dx", "dw", "db"), (x, w, b), refs, (72, 30, 30)):
+    for name, t, ref, reduction in zip(("dx", "dw", "db"), (x, w, b), refs, (72, 96, 96)):
         assert_close(t.grad, ref.grad, torch.float32, reduction=reduction, what=name)
 
 
@@ -247,9 +313,12 @@ def test_deterministic_algorithms_pin_the_launch_config(monkeypatch):
     try:
         grouped_conv2d_fwd(x, w, None, torch.empty_like(x), **kwargs)
         grouped_conv2d_bwd_input(x, w, torch.empty_like(x), **kwargs)
+        wide = torch.zeros(1, 8, 2, 16).contiguous(memory_format=torch.channels_last)
+        grouped_conv2d_bwd_weight(wide, wide, torch.empty_like(w), None, **kwargs)
     finally:
         torch.use_deterministic_algorithms(previous)
-    assert seen[0] is None and seen[1] is not None and seen[2] is not None
+    assert seen[0] is None and all(c is not None for c in seen[1:]) and len(seen) == 4
+    assert set(seen[3].kwargs) == {"BLOCK_CO", "BLOCK_CI"}
 
 
 def test_gpu_config_rules():
@@ -269,15 +338,17 @@ def test_gpu_config_rules():
 
 
 def test_autotune_keys_name_precision_groups_kernel_size_and_dilation():
-    for tuner in (tma._fwd_tma_autotuned, tma._bwd_input_tma_autotuned):
-        assert {"G", "KH", "KW", "dil_h", "dil_w", "INPUT_PRECISION", "DOT_DTYPE", "TILE_H", "TILE_W"} <= set(tuner.keys)
+    for tuner in (tma._fwd_tma_autotuned, tma._bwd_input_tma_autotuned, tma._bwd_weight_tma_autotuned):
+        tile = {"SEG_W"} if tuner is tma._bwd_weight_tma_autotuned else {"TILE_H", "TILE_W"}
+        assert {"G", "KH", "KW", "dil_h", "dil_w", "INPUT_PRECISION", "DOT_DTYPE", *tile} <= set(tuner.keys)
         assert "NB" not in tuner.keys  # the batch does not retune
 
 
 def test_compile_specs_cover_every_qualifying_stride1_layer():
-    """The report builds (``launch_cases``, listed without compiling in a subprocess without the interpreter): both
+    """The report builds (``launch_cases``, listed without compiling in a subprocess without the interpreter): the
     passes of every stride-1 channels_last layer of the split WRN-28-10 / ResNet-56 whose channels meet the 16-byte
-    rule, per tensor-core dtype, for sm_90 only, with the operand type's configs; fp32-ieee layers have none."""
+    rule (the weight gradient: rows of 16 pixels or more), per tensor-core dtype, for sm_90 only, with the operand
+    type's configs; fp32-ieee layers have none."""
     import json
     import os
     import subprocess
@@ -299,10 +370,12 @@ def test_compile_specs_cover_every_qualifying_stride1_layer():
             where = f"{variant} channels_last {s.model}/K{s.branches} {s.cin}->{s.cout} k{s.kernel}s1 {s.size}px"
             qualifies = s.stride == 1 and (s.cin * size) % 16 == 0 and (s.cout * size) % 16 == 0
             assert (f"fwd {where}" in covered) == qualifies, where
-            assert (f"bwd_input {where}" in covered) == qualifies, where
-        allowed = {tuple(str(c.kwargs[k]) for k in common.MNK_BLOCKS) for c in tma.tma_configs(dtype)}
+            assert (f"bwd_input {where}" in covered) == (qualifies and s.cin != 3), where
+            assert (f"bwd_weight {where}" in covered) == (qualifies and s.size >= tma.MIN_SEGMENT), where
+        allowed = {tuple(str(v) for v in c.kwargs.values()) for c in tma.tma_configs(dtype) + tma.wg_configs(dtype)}
         for s in (s for s in specs if s["variant"] == variant):
-            assert tuple(s["constexprs"][k] for k in common.MNK_BLOCKS) in allowed, s["name"]
+            blocks = common.MNK_BLOCKS if s["pass_name"] != "bwd_weight" else tma.WG_BLOCKS
+            assert tuple(s["constexprs"][k] for k in blocks) in allowed, s["name"]
     assert not any("fp32_ieee" in case for case in covered)
-    assert {s["pass_name"] for s in specs} == {"fwd", "bwd_input"}
+    assert {s["pass_name"] for s in specs} == {"fwd", "bwd_input", "bwd_weight"}
     assert tma.Sm90LaunchSpec.capabilities == (90,)  # the report builds them for sm_90 only
