@@ -174,7 +174,8 @@ def grouped_conv2d_bwd_input(
     launches one fixed config; without it, under ``torch.use_deterministic_algorithms(True)`` the shape's pinned
     config runs (``common.pinned_config``), otherwise the autotuner picks. ``tma``: True runs the sm_90 TMA kernel
     (``grouped_conv2d_tma.py``; an error when the operands do not qualify), False the cp.async kernel, None the TMA
-    kernel on a CUDA device of capability >= 9 when the operands qualify (stride 1, channels_last, 16-byte rules).
+    kernel on a CUDA device of capability >= 9 when the operands qualify (stride 1, channels_last, 16-byte rules)
+    and no fixed ``config`` is given (a config names one kernel's tiles).
     """
     check_launch_tensors(
         "grouped_conv2d_bwd_input", grad_out.dtype, grad_out=grad_out, weight=weight, out=out, relu_output=relu_output
@@ -191,7 +192,7 @@ def grouped_conv2d_bwd_input(
     why_not = _tma.why_not_tma(geom, "bwd_input", input_precision, grad_out=grad_out, weight=weight,
                                relu_output=relu_output)
     if tma is None:
-        tma = why_not is None and _tma.use_tma(grad_out.device)
+        tma = why_not is None and config is None and _tma.use_tma(grad_out.device)
     elif tma and why_not is not None:
         raise ValueError(f"grouped_conv2d_bwd_input: tma=True, but {why_not}")
     if tma:

@@ -185,7 +185,8 @@ def grouped_conv2d_bwd_weight(
     shape's pinned config runs (``common.pinned_config``), otherwise the autotuner picks. ``tma``: True runs the sm_90
     TMA kernel (``grouped_conv2d_tma.py``; an error when the operands do not qualify), False the cp.async kernel,
     None the TMA kernel on a CUDA device of capability >= 9 when the operands qualify (stride 1, channels_last,
-    16-byte rules, output rows of at least 16 pixels); its splits are whole row segments of about ``split_rows``.
+    16-byte rules, output rows of at least 16 pixels) and no fixed ``config`` is given (a config names one kernel's
+    tiles); its splits are whole row segments of about ``split_rows`` pixels.
     """
     check_launch_tensors(
         "grouped_conv2d_bwd_weight",
@@ -213,7 +214,7 @@ def grouped_conv2d_bwd_weight(
     why_not = _tma.why_not_tma(geom, "bwd_weight", input_precision, x=x, grad_out=grad_out,
                                relu_output=relu_output)
     if tma is None:
-        tma = why_not is None and _tma.use_tma(x.device)
+        tma = why_not is None and config is None and _tma.use_tma(x.device)
     elif tma and why_not is not None:
         raise ValueError(f"grouped_conv2d_bwd_weight: tma=True, but {why_not}")
     splits, split_segments = _tma.weight_grad_splits(geom, split_rows) if tma else (triton.cdiv(rows, split_rows), 0)

@@ -167,7 +167,8 @@ def grouped_conv2d_fwd(
     ``relu(x * pre_scale + pre_shift)`` per input channel instead of x. ``residual`` (the output's size and dtype, any
     strides) is added before the activation. ``tma``: True runs the sm_90 TMA kernel (``grouped_conv2d_tma.py``; an
     error when the operands do not qualify), False the cp.async kernel, None the TMA kernel on a CUDA device of
-    capability >= 9 when the operands qualify (stride 1, channels_last, 16-byte rules; not with the prologue).
+    capability >= 9 when the operands qualify (stride 1, channels_last, 16-byte rules; not with the prologue) and no
+    fixed ``config`` is given (a config names one kernel's tiles).
     """
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
@@ -184,7 +185,7 @@ def grouped_conv2d_fwd(
     why_not = ("the BN + ReLU prologue runs on the cp.async kernel" if pre_acc
                else _tma.why_not_tma(geom, "fwd", input_precision, x=x, weight=weight))
     if tma is None:
-        tma = why_not is None and _tma.use_tma(x.device)
+        tma = why_not is None and config is None and _tma.use_tma(x.device)
     elif tma and why_not is not None:
         raise ValueError(f"grouped_conv2d_fwd: tma=True, but {why_not}")
     if tma:

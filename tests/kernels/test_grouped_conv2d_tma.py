@@ -271,6 +271,22 @@ def test_automatic_choice_never_picks_tma_off_sm90(monkeypatch):
     assert_close(y, F.conv2d(x.double(), w.double(), padding=1, groups=2), torch.float32, reduction=36, what="y")
 
 
+def test_a_fixed_config_keeps_the_cp_async_kernel(monkeypatch):
+    """A launch with a fixed config (its tile names are one kernel's: the cp.async weight gradient's BLOCK_R) runs the
+    cp.async kernels even where TMA would be chosen."""
+    monkeypatch.setattr(tma, "use_tma", lambda device: True)
+    for name in ("grouped_conv2d_fwd_tma", "grouped_conv2d_bwd_input_tma", "grouped_conv2d_bwd_weight_tma"):
+        monkeypatch.setattr(tma, name, _fail)
+    x = torch.randn(1, 8, 2, 16).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(8, 4, 3, 3).contiguous(memory_format=torch.channels_last)
+    conv = dict(stride=(1, 1), padding=(1, 1), dilation=(1, 1), groups=2, input_precision="tf32")
+    mnk = triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16})
+    grouped_conv2d_fwd(x, w, None, torch.empty_like(x), config=mnk, **conv)
+    grouped_conv2d_bwd_input(x, w, torch.empty_like(x), config=mnk, **conv)
+    grouped_conv2d_bwd_weight(x, x, torch.empty_like(w), None, config=triton.Config(
+        {"BLOCK_CO": 16, "BLOCK_CI": 16, "BLOCK_R": 16}), **conv)
+
+
 def _fail(*args, **kwargs):
     raise AssertionError("the TMA kernel ran")
 
