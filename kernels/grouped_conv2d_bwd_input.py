@@ -191,10 +191,7 @@ def grouped_conv2d_bwd_input(
     common.check_int32_pixels("grouped_conv2d_bwd_input", mq, f"{mq} input pixels per phase")
     why_not = _tma.why_not_tma(geom, "bwd_input", input_precision, grad_out=grad_out, weight=weight,
                                relu_output=relu_output)
-    if tma is None:
-        tma = why_not is None and config is None and _tma.use_tma(grad_out.device)
-    elif tma and why_not is not None:
-        raise ValueError(f"grouped_conv2d_bwd_input: tma=True, but {why_not}")
+    tma = _tma.choose("grouped_conv2d_bwd_input", tma, why_not, config, grad_out.device)
     if tma:
         return _tma.grouped_conv2d_bwd_input_tma(grad_out, weight, out, geom, relu_output=relu_output,
                                                  input_precision=input_precision, config=config)

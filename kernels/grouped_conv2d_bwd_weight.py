@@ -213,10 +213,7 @@ def grouped_conv2d_bwd_weight(
         raise ValueError(f"grouped_conv2d_bwd_weight: split_rows must be >= 1, got {split_rows}")
     why_not = _tma.why_not_tma(geom, "bwd_weight", input_precision, x=x, grad_out=grad_out,
                                relu_output=relu_output)
-    if tma is None:
-        tma = why_not is None and config is None and _tma.use_tma(x.device)
-    elif tma and why_not is not None:
-        raise ValueError(f"grouped_conv2d_bwd_weight: tma=True, but {why_not}")
+    tma = _tma.choose("grouped_conv2d_bwd_weight", tma, why_not, config, x.device)
     splits, split_segments = _tma.weight_grad_splits(geom, split_rows) if tma else (triton.cdiv(rows, split_rows), 0)
     if splits > MAX_SPLITS:
         raise ValueError(

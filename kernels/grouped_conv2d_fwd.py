@@ -184,10 +184,7 @@ def grouped_conv2d_fwd(
     common.check_int32_pixels("grouped_conv2d_fwd", m, f"N*OH*OW = {m} output pixels")
     why_not = ("the BN + ReLU prologue runs on the cp.async kernel" if pre_acc
                else _tma.why_not_tma(geom, "fwd", input_precision, x=x, weight=weight))
-    if tma is None:
-        tma = why_not is None and config is None and _tma.use_tma(x.device)
-    elif tma and why_not is not None:
-        raise ValueError(f"grouped_conv2d_fwd: tma=True, but {why_not}")
+    tma = _tma.choose("grouped_conv2d_fwd", tma, why_not, config, x.device)
     if tma:
         return _tma.grouped_conv2d_fwd_tma(x, weight, bias, out, geom, activation=activation, residual=residual,
                                            input_precision=input_precision, config=config)

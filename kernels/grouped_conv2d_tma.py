@@ -111,6 +111,16 @@ def _pixel_tile(pid_m, NB, OH, OW, TILE_H: tl.constexpr, TILE_W: tl.constexpr, B
 
 
 @triton.jit
+def _step(it, KH: tl.constexpr, KW: tl.constexpr):
+    """(channel block, kh, kw) of iteration ``it`` of a flat loop over (channel block, tap), taps fastest; the
+    divisors are constexpr."""
+    cb = it // (KH * KW)
+    tap = it - cb * (KH * KW)
+    kh = tap // KW
+    return cb, kh, tap - kh * KW
+
+
+@triton.jit
 def _grouped_conv2d_fwd_tma_kernel(
     x_ptr, w_ptr, b_ptr, y_ptr, r_ptr,
     NB, H, W, OH, OW, RED, COLS, G, KH: tl.constexpr, KW: tl.constexpr,
@@ -150,10 +160,7 @@ def _grouped_conv2d_fwd_tma_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
     # One flat loop over (channel block, tap), taps fastest; the divisors are constexpr.
     for it in range(0, tl.cdiv(RED, BLOCK_K) * (KH * KW)):
-        cb = it // (KH * KW)
-        tap = it - cb * (KH * KW)
-        kh = tap // KW
-        kw = tap - kh * KW
+        cb, kh, kw = _step(it, KH, KW)
         x = x_desc.load([n0, oh0 + kh * dil_h - pad_h, ow0 + kw * dil_w - pad_w, cb * BLOCK_K])
         w = w_desc.load([co0, kh, kw, cb * BLOCK_K])
         a = tl.reshape(x, (BLOCK_M, BLOCK_K))
@@ -216,10 +223,7 @@ def _grouped_conv2d_bwd_input_tma_kernel(
     )  # fmt: skip
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
     for it in range(0, tl.cdiv(RED, BLOCK_K) * (KH * KW)):
-        cb = it // (KH * KW)
-        tap = it - cb * (KH * KW)
-        kh = tap // KW
-        kw = tap - kh * KW
+        cb, kh, kw = _step(it, KH, KW)
         # dx[ih, iw] gathers dy[ih + pad_h - kh*dil_h, iw + pad_w - kw*dil_w] * w[:, :, kh, kw].
         origin = [n0, ih0 + pad_h - kh * dil_h, iw0 + pad_w - kw * dil_w, cb * BLOCK_K]
         a = tl.reshape(dy_desc.load(origin), (BLOCK_M, BLOCK_K)).to(DOT_DTYPE)
@@ -444,6 +448,18 @@ def why_not_tma(
         if (channels * e) % 16:  # a group's channel offset (and the weight's row strides) in 16-byte units
             return f"{channels} {what} channels per group are {channels * e} bytes, not a multiple of 16"
     return next((why for name, t in present.items() if (why := _why_not_operand(name, t))), None)
+
+
+def choose(what: str, tma: bool | None, why_not: str | None, config: triton.Config | None,
+           device: torch.device) -> bool:
+    """The pass launchers' choice: ``tma`` True (an error naming ``why_not`` when the operands do not qualify) or
+    False as asked; None: TMA when the operands qualify, no fixed ``config`` is given (a config names one kernel's
+    tiles) and :func:`use_tma` holds for ``device``."""
+    if tma is None:
+        return why_not is None and config is None and use_tma(device)
+    if tma and why_not is not None:
+        raise ValueError(f"{what}: tma=True, but {why_not}")
+    return tma
 
 
 def use_tma(device: torch.device) -> bool:
