@@ -20,6 +20,7 @@ import triton.language as tl
 from torch import Tensor
 
 from . import _grouped_conv2d_common as common
+from . import grouped_conv2d_tma as _tma
 from ._common import autotune_configs, check_launch_tensors, launch
 from ._grouped_conv2d_common import block_range, pixel_coords, store_pixel_tile, tile_of
 
@@ -164,13 +165,17 @@ def grouped_conv2d_bwd_input(
     relu_output: Tensor | None = None,
     input_precision: str = "ieee",
     config: triton.Config | None = None,
+    tma: bool | None = None,
 ) -> Tensor:
     """Write the input gradient of ``conv2d(x, weight, groups=groups)`` into ``out`` (shaped like x) and return it.
 
     ``grad_out`` may have any strides, including the stride 0 of an expanded gradient. With ``relu_output`` (the
     forward output of a conv with ReLU epilogue) the gradient is masked by ``relu_output > 0`` first. ``config``
     launches one fixed config; without it, under ``torch.use_deterministic_algorithms(True)`` the shape's pinned
-    config runs (``common.pinned_config``), otherwise the autotuner picks.
+    config runs (``common.pinned_config``), otherwise the autotuner picks. ``tma``: True runs the sm_90 TMA kernel
+    (``grouped_conv2d_tma.py``; an error when the operands do not qualify), False the cp.async kernel, None the TMA
+    kernel on a CUDA device of capability >= 9 when the operands qualify (stride 1, channels_last, 16-byte rules)
+    and no fixed ``config`` is given (a config names one kernel's tiles).
     """
     check_launch_tensors(
         "grouped_conv2d_bwd_input", grad_out.dtype, grad_out=grad_out, weight=weight, out=out, relu_output=relu_output
@@ -184,6 +189,12 @@ def grouped_conv2d_bwd_input(
     if mq == 0:
         return out
     common.check_int32_pixels("grouped_conv2d_bwd_input", mq, f"{mq} input pixels per phase")
+    why_not = _tma.why_not_tma(geom, "bwd_input", input_precision, grad_out=grad_out, weight=weight,
+                               relu_output=relu_output)
+    tma = _tma.choose("grouped_conv2d_bwd_input", tma, why_not, config, grad_out.device)
+    if tma:
+        return _tma.grouped_conv2d_bwd_input_tma(grad_out, weight, out, geom, relu_output=relu_output,
+                                                 input_precision=input_precision, config=config)
 
     def grid(meta):
         return (triton.cdiv(mq, meta["BLOCK_M"]) * triton.cdiv(geom.cin_g, meta["BLOCK_N"]), sh * sw, groups)

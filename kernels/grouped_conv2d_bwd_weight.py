@@ -26,6 +26,7 @@ import triton.language as tl
 from torch import Tensor
 
 from . import _grouped_conv2d_common as common
+from . import grouped_conv2d_tma as _tma
 from ._common import (
     accumulator_dtype,
     autotune_configs,
@@ -174,13 +175,18 @@ def grouped_conv2d_bwd_weight(
     split_rows: int | None = None,
     input_precision: str = "ieee",
     config: triton.Config | None = None,
+    tma: bool | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """Write the weight gradient (and, with ``bias_out``, the bias gradient) of ``conv2d(x, w, groups=groups)``.
 
     ``weight_out`` has the weight's shape and any strides; ``grad_out`` may have any strides (stride 0 included).
     ``relu_output`` masks the gradient by ``relu_output > 0`` first. ``split_rows`` overrides the split size.
     ``config`` launches one fixed config; without it, under ``torch.use_deterministic_algorithms(True)`` the
-    shape's pinned config runs (``common.pinned_config``), otherwise the autotuner picks.
+    shape's pinned config runs (``common.pinned_config``), otherwise the autotuner picks. ``tma``: True runs the sm_90
+    TMA kernel (``grouped_conv2d_tma.py``; an error when the operands do not qualify), False the cp.async kernel,
+    None the TMA kernel on a CUDA device of capability >= 9 when the operands qualify (stride 1, channels_last,
+    16-byte rules, output rows of at least 16 pixels) and no fixed ``config`` is given (a config names one kernel's
+    tiles); its splits are whole row segments of about ``split_rows`` pixels.
     """
     check_launch_tensors(
         "grouped_conv2d_bwd_weight",
@@ -205,7 +211,10 @@ def grouped_conv2d_bwd_weight(
     split_rows = default_split_rows(geom, x.device) if split_rows is None else split_rows
     if split_rows < 1:
         raise ValueError(f"grouped_conv2d_bwd_weight: split_rows must be >= 1, got {split_rows}")
-    splits = triton.cdiv(rows, split_rows)
+    why_not = _tma.why_not_tma(geom, "bwd_weight", input_precision, x=x, grad_out=grad_out,
+                               relu_output=relu_output)
+    tma = _tma.choose("grouped_conv2d_bwd_weight", tma, why_not, config, x.device)
+    splits, split_segments = _tma.weight_grad_splits(geom, split_rows) if tma else (triton.cdiv(rows, split_rows), 0)
     if splits > MAX_SPLITS:
         raise ValueError(
             f"grouped_conv2d_bwd_weight: split_rows={split_rows} gives {splits} splits, more than the {MAX_SPLITS} "
@@ -243,10 +252,16 @@ def grouped_conv2d_bwd_weight(
         "RELU_GRAD": relu_output is not None,
         **common.dot_settings(x.dtype, input_precision),
     }
-    if config is None and common.configs_pinned():
-        configs = autotune_configs(BWD_WEIGHT_CONFIGS, INTERPRETER_CONFIG)
-        config = common.pinned_config(configs, BLOCKS, (geom.cout_g, geom.cin_g, min(split_rows, rows)))
-    launch(_grouped_conv2d_bwd_weight_autotuned, grid, args, constexprs, config)
+    if tma:
+        _tma.grouped_conv2d_bwd_weight_tma(
+            x, grad_out, relu_output, dw, db, dw_strides, db_strides, geom, splits=splits,
+            split_segments=split_segments, input_precision=input_precision, config=config,
+        )  # fmt: skip
+    else:
+        if config is None and common.configs_pinned():
+            configs = autotune_configs(BWD_WEIGHT_CONFIGS, INTERPRETER_CONFIG)
+            config = common.pinned_config(configs, BLOCKS, (geom.cout_g, geom.cin_g, min(split_rows, rows)))
+        launch(_grouped_conv2d_bwd_weight_autotuned, grid, args, constexprs, config)
     if splits > 1:
         # Deterministic: a fixed-order reduction over the split axis, then one cast into the caller's layout.
         weight_out.copy_(dw.sum(0))

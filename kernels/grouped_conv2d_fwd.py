@@ -14,6 +14,7 @@ import triton.language as tl
 from torch import Tensor
 
 from . import _grouped_conv2d_common as common
+from . import grouped_conv2d_tma as _tma
 from ._common import autotune_configs, check_launch_tensors, launch
 from ._grouped_conv2d_common import block_range, pixel_coords, store_pixel_tile, tile_of
 
@@ -155,6 +156,7 @@ def grouped_conv2d_fwd(
     pre_scale: Tensor | None = None,
     pre_shift: Tensor | None = None,
     residual: Tensor | None = None,
+    tma: bool | None = None,
 ) -> Tensor:
     """Write ``act(conv2d(x, weight, bias, groups=groups))`` into ``out`` (any strides) and return it.
 
@@ -163,7 +165,10 @@ def grouped_conv2d_fwd(
     ``torch.use_deterministic_algorithms(True)`` the shape's pinned config runs (``common.pinned_config``).
     ``pre_scale``/``pre_shift`` (both or neither; (C_in,), fp32, fp64 for fp64 x): the conv reads
     ``relu(x * pre_scale + pre_shift)`` per input channel instead of x. ``residual`` (the output's size and dtype, any
-    strides) is added before the activation.
+    strides) is added before the activation. ``tma``: True runs the sm_90 TMA kernel (``grouped_conv2d_tma.py``; an
+    error when the operands do not qualify), False the cp.async kernel, None the TMA kernel on a CUDA device of
+    capability >= 9 when the operands qualify (stride 1, channels_last, 16-byte rules; not with the prologue) and no
+    fixed ``config`` is given (a config names one kernel's tiles).
     """
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
@@ -177,6 +182,12 @@ def grouped_conv2d_fwd(
     if m == 0:
         return out
     common.check_int32_pixels("grouped_conv2d_fwd", m, f"N*OH*OW = {m} output pixels")
+    why_not = ("the BN + ReLU prologue runs on the cp.async kernel" if pre_acc
+               else _tma.why_not_tma(geom, "fwd", input_precision, x=x, weight=weight))
+    tma = _tma.choose("grouped_conv2d_fwd", tma, why_not, config, x.device)
+    if tma:
+        return _tma.grouped_conv2d_fwd_tma(x, weight, bias, out, geom, activation=activation, residual=residual,
+                                           input_precision=input_precision, config=config)
 
     def grid(meta):
         return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(geom.cout_g, meta["BLOCK_N"]), groups)
