@@ -197,7 +197,8 @@ def grouped_conv2d_bwd_input(
     )  # fmt: skip
     constexprs = {"RELU_GRAD": relu_output is not None, **common.dot_settings(grad_out.dtype, input_precision)}
     if config is None and common.configs_pinned():
-        configs = autotune_configs(BWD_INPUT_CONFIGS, INTERPRETER_CONFIG)
+        configs = common.within_register_budget(
+            autotune_configs(BWD_INPUT_CONFIGS, INTERPRETER_CONFIG), common.MNK_BLOCKS, constexprs)
         config = common.pinned_config(configs, common.MNK_BLOCKS, (mq, geom.cin_g, geom.cout_g))
     launch(_grouped_conv2d_bwd_input_autotuned, grid, args, constexprs, config)
     return out

@@ -50,6 +50,8 @@ BWD_WEIGHT_CONFIGS = common.tile_configs(
     ],
 )  # fmt: skip
 (INTERPRETER_CONFIG,) = common.tile_configs(BLOCKS, [(16, 16, 16, 4, 1)])
+GATHERED_STRIDES = ("sx_c", "sdy_c")
+"""Channel strides of x and dy: not 1 (NCHW), the operand tiles are gathered (common.within_register_budget)."""
 
 # Split sizing: on a GPU aim for about 4 waves of programs, never fewer than MIN_SPLIT_ROWS rows per split, and
 # keep split boundaries on multiples of the largest BLOCK_R. The interpreter uses tiny splits so that the tests
@@ -144,7 +146,8 @@ _grouped_conv2d_bwd_weight_autotuned = triton.autotune(
     # triton adds the tensors' dtypes to the key; DOT_DTYPE and INPUT_PRECISION tell fp32 from tf32 dots.
     key=["G", "CIN_G", "COUT_G", "KH", "KW", "OH", "OW", "stride_h", "stride_w", "dil_h", "dil_w", "sx_c",
          "RELU_GRAD", "HAS_BIAS", "DOT_DTYPE", "INPUT_PRECISION"],
-    prune_configs_by={"early_config_prune": common.prune_oversized(BLOCKS, ("COUT_G", "CIN_G", None))},
+    prune_configs_by={"early_config_prune": common.prune_oversized(BLOCKS, ("COUT_G", "CIN_G", None),
+                                                                   gathered=GATHERED_STRIDES)},
     cache_results=True,
 )(_grouped_conv2d_bwd_weight_kernel)
 
@@ -244,7 +247,9 @@ def grouped_conv2d_bwd_weight(
         **common.dot_settings(x.dtype, input_precision),
     }
     if config is None and common.configs_pinned():
-        configs = autotune_configs(BWD_WEIGHT_CONFIGS, INTERPRETER_CONFIG)
+        budget_args = {**constexprs, **dict(zip(GATHERED_STRIDES, (x.stride(1), grad_out.stride(1))))}
+        configs = common.within_register_budget(
+            autotune_configs(BWD_WEIGHT_CONFIGS, INTERPRETER_CONFIG), BLOCKS, budget_args, GATHERED_STRIDES)
         config = common.pinned_config(configs, BLOCKS, (geom.cout_g, geom.cin_g, min(split_rows, rows)))
     launch(_grouped_conv2d_bwd_weight_autotuned, grid, args, constexprs, config)
     if splits > 1:

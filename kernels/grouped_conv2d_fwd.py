@@ -192,7 +192,9 @@ def grouped_conv2d_fwd(
     )  # fmt: skip
     constexprs = {"HAS_BIAS": bias is not None, "ACTIVATION": activation, **common.dot_settings(x.dtype, input_precision)}
     if config is None and common.configs_pinned():
-        configs = autotune_configs(PROLOGUE_FWD_CONFIGS if pre_acc else FWD_CONFIGS, INTERPRETER_CONFIG)
+        configs = common.within_register_budget(
+            autotune_configs(PROLOGUE_FWD_CONFIGS if pre_acc else FWD_CONFIGS, INTERPRETER_CONFIG), common.MNK_BLOCKS,
+            constexprs)
         config = common.pinned_config(configs, common.MNK_BLOCKS, (m, geom.cout_g, geom.cin_g))
     kernel = _grouped_conv2d_fwd_prologue_autotuned if pre_acc else _grouped_conv2d_fwd_autotuned
     launch(kernel, grid, args, constexprs, config)
