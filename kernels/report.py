@@ -349,6 +349,10 @@ _NARROW_16 = ("the 16-wide channel tiles (the only ones that divide 80/112 chann
 _FMA_4B_SPILL = ("fp32 ieee (FMA), narrow 4-warp tiles: ptxas stores 4 B to local memory at 72-122 of 255 registers "
                  "(not register pressure: wider tiles of the same pass build without spills). Not understood, not "
                  "fixed; fp32 ieee is not the model path's default (TF32, or --amp)")
+_NCHW_FMA = ("NCHW with fp32 ieee (FMA): the gathered operand tiles sit in registers beside the FMA fragments; the "
+             "weight gradient's 64x64x32 4-warp tile spills 12 B on sm_80, the fused forward's 128x64x32 8-warp tile "
+             "takes 243 registers there. Not fixed: 64x32x32 on 4 warps builds both at 80-96 registers without spills "
+             "(measured) but is in neither pass's config list; no model launches NCHW on CUDA (see the NCHW rows)")
 
 EXPECTED_FAILURES: list[ExpectedFailure] = [
     # Real-launch builds that fail a check because of the kernel or its inputs. Rows marked inherent cannot pass in
@@ -368,6 +372,10 @@ EXPECTED_FAILURES: list[ExpectedFailure] = [
     ExpectedFailure("grouped_conv2d", "*", "*", "spills", _FMA_4B_SPILL, variant="fp32_ieee", tiles="128x16x16"),
     ExpectedFailure("grouped_conv2d", "bwd_input", "*", "spills", _FMA_4B_SPILL, variant="fp32_ieee",
                     tiles="64x32x32"),
+    ExpectedFailure("grouped_conv2d", "bwd_weight", "nchw", "spills", _NCHW_FMA, variant="fp32_ieee", capability=80,
+                    tiles="64x64x32"),
+    ExpectedFailure("grouped_conv2d_fused", "fwd_fused", "nchw", "registers", _NCHW_FMA, variant="fp32_ieee",
+                    capability=80, tiles="128x64x32"),
 ]
 
 
@@ -606,6 +614,17 @@ def _print_tables(results: list[dict], failures: list[str]) -> None:
             print(f)
 
 
+def _shard(text: str) -> tuple[int, int]:
+    """``"K/N"`` -> (K, N) with 1 <= K <= N."""
+    try:
+        k, n = (int(v) for v in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--shard takes K/N, e.g. 3/8, got {text!r}") from None
+    if not 1 <= k <= n:
+        raise argparse.ArgumentTypeError(f"--shard K/N needs 1 <= K <= N, got {text!r}")
+    return k, n
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m groupnet.kernels.report", description=__doc__.split("\n")[0])
     parser.add_argument("--check", action="store_true", help="exit 1 on compile errors, shared memory, spills, wgmma")
@@ -623,6 +642,9 @@ def main(argv: list[str] | None = None) -> int:
         help="all: every spec; ci (CI's fast check, and quick iteration): one build per kernel pass x dtype x layout "
              "and arch, the specialization most launches share with its largest tiles (see compile_jobs)",
     )  # fmt: skip
+    parser.add_argument("--shard", metavar="K/N", type=_shard,
+                        help="build only every N-th job starting at the K-th (1 <= K <= N): the full check split "
+                             "across processes or machines, each with its own exit status")
     parser.add_argument("--list", action="store_true", help="list the specs (and the launches each covers); no compile")
     parser.add_argument("--sass-summary", action="store_true",
                         help="print per kernel pass x dtype x layout the SASS load/mma classes, registers and the "
@@ -650,6 +672,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.sass_summary and 90 not in args.capabilities:
         parser.error("--sass-summary summarises the sm_90 builds: keep 90 in --capabilities")
     jobs = compile_jobs(args.capabilities, args.sm80 == "subset", args.modules, ci_subset=args.subset == "ci")
+    if args.shard:
+        k, n = args.shard
+        jobs = jobs[k - 1::n]
     if args.list:
         return _list_jobs(jobs, args.json)
     results = run_compile_jobs(jobs, args.jobs)
