@@ -325,10 +325,11 @@ class ExpectedFailure(NamedTuple):
 
 _GEMM_100_CLASSES = (
     "the classifier's 100 classes per branch: the operand whose contiguous axis is the class axis (dY in dX, dY^T "
-    "in dW) has rows 100 elements apart, which the JIT cannot mark divisible by 16. In 16-bit a 200-byte pitch puts "
-    "every other row at an 8-byte boundary, so 16-byte copies are impossible there; in fp32 (400 bytes) the rows "
-    "are aligned but no specialization shows it. On the model path this head's two backward GEMMs are a few "
-    "MFLOP of a multi-TFLOP step (estimate); with a class count divisible by 16 all three passes copy 16 B "
+    "in dW) starts each branch's block 100 elements after the last, inside rows of K*100, and 100 is not a "
+    "multiple of 16, so the JIT cannot mark the group stride divisible. In 16-bit the 200-byte group offset puts "
+    "every other branch at an 8-byte boundary, where 16-byte copies are impossible; in fp32 (400 bytes) the blocks "
+    "are aligned but no specialization shows it. On the model path these two backward GEMMs are a few MFLOP of a "
+    "multi-TFLOP step (estimate); with a class count divisible by 16 all three passes copy 16 B "
     "(tests/kernels/test_grouped_gemm_ptx.py)")
 _NCHW = ("NCHW: the reduction runs over channels, whose stride is H*W; only the width axis is contiguous, so operand "
          "tiles are gathered (2-byte synchronous loads for 16-bit, 4-byte cp.async for fp32). Inherent to the layout; "
