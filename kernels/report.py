@@ -345,8 +345,10 @@ _STEM = ("the 3-channel stem: its channel rows are 6 (16-bit) or 12 (fp32) bytes
          "inherent to 3-channel images (one conv of the network, under 1% of a WRN-28-10 step's FLOPs, estimate)")
 _NARROW_16 = ("the 16-wide channel tiles (the only ones that divide 80/112 channels without padding): a 16x16 weight "
               "tile over 128 threads is 2 elements per thread, so its copies are 4 bytes in 16-bit, 8 in fp32 (the "
-              "activation tile's stay 16 B). Not fixed: a 64-deep 16-wide tile would copy 16 B but changes which "
-              "tiles the 3-channel stem and 16-channel layers get; untested here")
+              "activation tile's stay 16 B). Not fixed: 128x16x64 on 4 warps copies 16 B everywhere (bf16, sm_90: 90 "
+              "registers, 72 KB shared, measured), but as a replacement it would leave layers of 8-16 input channels "
+              "(ResNet-56, the 16->112 convs) only padded 32-deep tiles, and as an extra config the 16-deep one "
+              "still serves them; which costs less needs a GPU")
 _FMA_4B_SPILL = ("fp32 ieee (FMA), narrow 4-warp tiles: ptxas stores 4 B to local memory at 72-122 of 255 registers "
                  "(not register pressure: wider tiles of the same pass build without spills). Not understood, not "
                  "fixed; fp32 ieee is not the model path's default (TF32, or --amp)")
