@@ -155,6 +155,17 @@ def test_expected_failures_excuse_only_their_rows():
     assert report.stale_expected_failures([_record(module="n")], table=[row]) == []
 
 
+def test_a_narrow_only_row_does_not_excuse_gathers():
+    """A row for narrow tile copies excuses a build whose tiles are all asynchronous with some 16 B, not one that
+    loads a tile synchronously (a gather, e.g. channels not divisible by 8) under the same tile size."""
+    row = report.ExpectedFailure("m", "fwd", "*", "async_copy", "narrow weight tile", narrow_only=True)
+    narrow = _record(loop_sync_tile_loads=0, tile_copy_bytes={"16": 4, "4": 4}, vector_copy_bytes={},
+                     cp_async={"16": 8, "4": 8})
+    gather = _record(loop_sync_tile_loads=2, tile_copy_bytes={}, vector_copy_bytes={}, cp_async={})
+    assert report.failures_of(narrow, table=[]) and report.failures_of(narrow, table=[row]) == []
+    assert report.failures_of(gather, table=[row])
+
+
 def test_expected_failure_rows_name_real_kernels_and_checks():
     modules = {m.rsplit(".", 1)[-1] for m in report.modules_with("compile_specs")}
     for row in report.EXPECTED_FAILURES:
