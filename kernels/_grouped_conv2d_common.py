@@ -69,19 +69,26 @@ def fits_fma_registers(config: triton.Config, blocks: tuple[str, str, str]) -> b
     return max(accumulators_per_thread(config, blocks), operands) <= FMA_ELEMENTS_PER_THREAD
 
 
+GATHERED_ACCUMULATORS_PER_THREAD = 16
+"""Register budget of a tile whose operands are gathered (NCHW: the reduction's channel axis is strided, so the
+tiles pass through registers as scalar loads instead of being copied to shared memory): at most this many
+accumulator elements per thread. With 32, offline bf16 sm_80 builds of 8x8-pixel NCHW forwards took 254-255
+registers or spilled 564-1396 B (128x64x32 / 8 warps, 128x32x32 and 64x128x32 / 4 warps); the weight gradient's
+128x128 tile took 233 on sm_90."""
+
+
 def within_register_budget(configs: list[triton.Config], blocks: tuple[str, str, str], args: dict,
                            gathered: tuple[str, ...] = ()) -> list[triton.Config]:
     """The configs of ``configs`` whose tiles fit the registers for a launch with arguments and constexprs
-    ``args`` (all of them when none does): FMA dots within :func:`fits_fma_registers`; and, when any stride named
-    by ``gathered`` is not 1 (an NCHW operand gathered through registers instead of copied to shared memory), at
-    most 32 accumulator elements per thread (the NCHW weight gradient's 128x128 tile on 8 warps took 233 registers
-    in bf16 on sm_90, 255 with spills in fp32). A config over budget is never run, so it is never built either."""
+    ``args``: FMA dots within :func:`fits_fma_registers`; and, when any stride named by ``gathered`` is not 1 (an
+    NCHW operand), within :data:`GATHERED_ACCUMULATORS_PER_THREAD`. When no config meets both, the FMA bound alone;
+    when none meets that, all configs. A config over budget is never run, so it is never built either."""
     fma = is_fma_dot(args)
     gather = any(name in args and int(args[name]) != 1 for name in gathered)
-    kept = [c for c in configs
-            if not (fma and not fits_fma_registers(c, blocks))
-            and not (gather and accumulators_per_thread(c, blocks) > FMA_ELEMENTS_PER_THREAD)]
-    return kept or list(configs)
+    fma_fit = [c for c in configs if not fma or fits_fma_registers(c, blocks)]
+    both = [c for c in fma_fit
+            if not gather or accumulators_per_thread(c, blocks) <= GATHERED_ACCUMULATORS_PER_THREAD]
+    return both or fma_fit or list(configs)
 
 
 def prune_oversized(blocks: tuple[str, str, str], size_args: tuple[str | None, str | None, str | None],

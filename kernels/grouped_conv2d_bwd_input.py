@@ -147,7 +147,8 @@ _grouped_conv2d_bwd_input_autotuned = triton.autotune(
     # triton adds the tensors' dtypes to the key; DOT_DTYPE and INPUT_PRECISION tell fp32 from tf32 dots.
     key=["G", "CIN_G", "COUT_G", "KH", "KW", "H", "W", "stride_h", "stride_w", "dil_h", "dil_w", "sdx_c",
          "RELU_GRAD", "DOT_DTYPE", "INPUT_PRECISION"],
-    prune_configs_by={"early_config_prune": common.prune_oversized(common.MNK_BLOCKS, (None, "CIN_G", "COUT_G"))},
+    prune_configs_by={"early_config_prune": common.prune_oversized(common.MNK_BLOCKS, (None, "CIN_G", "COUT_G"),
+                                                                   gathered=("sdy_c",))},
     cache_results=True,
 )(_grouped_conv2d_bwd_input_kernel)
 
@@ -198,7 +199,8 @@ def grouped_conv2d_bwd_input(
     constexprs = {"RELU_GRAD": relu_output is not None, **common.dot_settings(grad_out.dtype, input_precision)}
     if config is None and common.configs_pinned():
         configs = common.within_register_budget(
-            autotune_configs(BWD_INPUT_CONFIGS, INTERPRETER_CONFIG), common.MNK_BLOCKS, constexprs)
+            autotune_configs(BWD_INPUT_CONFIGS, INTERPRETER_CONFIG), common.MNK_BLOCKS,
+            {**constexprs, "sdy_c": grad_out.stride(1)}, ("sdy_c",))
         config = common.pinned_config(configs, common.MNK_BLOCKS, (mq, geom.cin_g, geom.cout_g))
     launch(_grouped_conv2d_bwd_input_autotuned, grid, args, constexprs, config)
     return out

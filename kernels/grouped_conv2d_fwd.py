@@ -117,7 +117,8 @@ _grouped_conv2d_fwd_autotuned = triton.autotune(
     # triton adds the tensors' dtypes to the key; DOT_DTYPE and INPUT_PRECISION tell fp32 from tf32 dots.
     key=["G", "CIN_G", "COUT_G", "KH", "KW", "OH", "OW", "stride_h", "stride_w", "dil_h", "dil_w", "sx_c",
          "HAS_BIAS", "ACTIVATION", "PRE_AFFINE_RELU", "HAS_RESIDUAL", "DOT_DTYPE", "INPUT_PRECISION"],
-    prune_configs_by={"early_config_prune": common.prune_oversized(common.MNK_BLOCKS, (None, "COUT_G", "CIN_G"))},
+    prune_configs_by={"early_config_prune": common.prune_oversized(common.MNK_BLOCKS, (None, "COUT_G", "CIN_G"),
+                                                                   gathered=("sx_c",))},
     cache_results=True,
 )(_grouped_conv2d_fwd_kernel)
 
@@ -194,7 +195,7 @@ def grouped_conv2d_fwd(
     if config is None and common.configs_pinned():
         configs = common.within_register_budget(
             autotune_configs(PROLOGUE_FWD_CONFIGS if pre_acc else FWD_CONFIGS, INTERPRETER_CONFIG), common.MNK_BLOCKS,
-            constexprs)
+            {**constexprs, "sx_c": x.stride(1)}, ("sx_c",))
         config = common.pinned_config(configs, common.MNK_BLOCKS, (m, geom.cout_g, geom.cin_g))
     kernel = _grouped_conv2d_fwd_prologue_autotuned if pre_acc else _grouped_conv2d_fwd_autotuned
     launch(kernel, grid, args, constexprs, config)

@@ -512,7 +512,7 @@ def test_prune_keeps_no_tile_that_is_mostly_padding():
 def test_register_budget_drops_fma_and_gathered_tiles_and_keeps_the_rest():
     """fp32-ieee (FMA) launches never tune or pin a tile past FMA_ELEMENTS_PER_THREAD (128x128 on 8 warps: 255
     registers with spills on sm_80); tensor-core launches keep every config; an NCHW weight gradient drops the
-    tiles with more than 32 accumulators per thread; some config always survives."""
+    tiles with more than GATHERED_ACCUMULATORS_PER_THREAD accumulators per thread; some config always survives."""
     import triton.language as tl
 
     from groupnet.kernels import grouped_conv2d_bwd_weight as bwd_weight
@@ -528,7 +528,10 @@ def test_register_budget_drops_fma_and_gathered_tiles_and_keeps_the_rest():
     assert prune(FWD_CONFIGS, {"M": 10**6, "COUT_G": 16, "CIN_G": 3}, **fma)  # the stem keeps a tile
     blocks, gathered = bwd_weight.BLOCKS, bwd_weight.GATHERED_STRIDES
     nchw = common.within_register_budget(BWD_WEIGHT_CONFIGS, blocks, {**tf32, "sx_c": 1024, "sdy_c": 1024}, gathered)
-    assert nchw and all(common.accumulators_per_thread(c, blocks) <= 32 for c in nchw)
+    assert nchw and all(common.accumulators_per_thread(c, blocks) <= common.GATHERED_ACCUMULATORS_PER_THREAD
+                        for c in nchw)
+    fma_nchw = common.within_register_budget(BWD_WEIGHT_CONFIGS, blocks, {**fma, "sx_c": 1024}, gathered)
+    assert fma_nchw and all(common.fits_fma_registers(c, blocks) for c in fma_nchw)  # FMA first, then gathers
     assert common.within_register_budget(BWD_WEIGHT_CONFIGS, blocks, {**tf32, "sx_c": 1, "sdy_c": 1},
                                          gathered) == BWD_WEIGHT_CONFIGS
     huge = common.tile_configs(blocks, [(256, 256, 128, 4, 2)])
