@@ -113,6 +113,18 @@ def prune_oversized(blocks: tuple[str, str, str], size_args: tuple[str | None, s
     return prune
 
 
+MAX_CHANNEL_ALIGNMENT = 16
+
+
+def channel_alignment(*values: int) -> int:
+    """The largest power of two up to :data:`MAX_CHANNEL_ALIGNMENT` dividing every value (a channel count and the
+    strides that step over channel rows): the ``CH_ALIGN`` constexpr of the conv kernels."""
+    align = MAX_CHANNEL_ALIGNMENT
+    while align > 1 and any(int(v) % align for v in values):
+        align //= 2
+    return align
+
+
 def configs_pinned() -> bool:
     """True when the launchers pick their config by :func:`pinned_config` instead of timing: whenever
     ``torch.use_deterministic_algorithms(True)`` is in force (a reproducible run asked for)."""

@@ -538,6 +538,15 @@ def test_register_budget_drops_fma_and_gathered_tiles_and_keeps_the_rest():
     assert common.within_register_budget(huge, blocks, fma) == huge  # nothing fits: every config stays
 
 
+def test_channel_alignment_is_the_largest_power_of_two_dividing_every_value():
+    """The conv kernels' CH_ALIGN: 24 channels in rows of 48 show 8-element (16-byte bf16) alignment, which the JIT's
+    divisibility-by-16 specialization cannot; 12 channels 4; the stem's 3 nothing; zero strides do not limit it."""
+    assert common.channel_alignment(24, 48, 48 * 16, 48 * 16 * 16) == 8
+    assert common.channel_alignment(12, 24, 24 * 32) == 4
+    assert common.channel_alignment(3, 6) == 1
+    assert common.channel_alignment(64, 0, 128) == common.MAX_CHANNEL_ALIGNMENT
+
+
 def test_autotune_keys_name_precision_groups_kernel_size_and_dilation():
     from groupnet.kernels import grouped_conv2d_bwd_input as bwd_input
     from groupnet.kernels import grouped_conv2d_bwd_weight as bwd_weight
