@@ -62,11 +62,21 @@ def accumulators_per_thread(config: triton.Config, blocks: tuple[str, str, str])
     return config.kwargs[blocks[0]] * config.kwargs[blocks[1]] / (32 * config.num_warps)
 
 
+def operands_per_thread(config: triton.Config, blocks: tuple[str, str, str]) -> float:
+    rows, cols, depth = (config.kwargs[b] for b in blocks)
+    return depth * (rows + cols) / (32 * config.num_warps)
+
+
 def fits_fma_registers(config: triton.Config, blocks: tuple[str, str, str]) -> bool:
     """``config`` keeps an FMA dot within :data:`FMA_ELEMENTS_PER_THREAD` (``blocks``: rows, columns, reduction)."""
-    rows, cols, depth = (config.kwargs[b] for b in blocks)
-    operands = depth * (rows + cols) / (32 * config.num_warps)
-    return max(accumulators_per_thread(config, blocks), operands) <= FMA_ELEMENTS_PER_THREAD
+    return max(accumulators_per_thread(config, blocks), operands_per_thread(config, blocks)) <= FMA_ELEMENTS_PER_THREAD
+
+
+def fits_gathered_registers(config: triton.Config, blocks: tuple[str, str, str]) -> bool:
+    """``config`` keeps gathered operands within :data:`GATHERED_ACCUMULATORS_PER_THREAD` and
+    :data:`GATHERED_OPERANDS_PER_THREAD`."""
+    return (accumulators_per_thread(config, blocks) <= GATHERED_ACCUMULATORS_PER_THREAD
+            and operands_per_thread(config, blocks) <= GATHERED_OPERANDS_PER_THREAD)
 
 
 GATHERED_ACCUMULATORS_PER_THREAD = 16
@@ -76,18 +86,22 @@ accumulator elements per thread. With 32, offline bf16 sm_80 builds of 8x8-pixel
 registers or spilled 564-1396 B (128x64x32 / 8 warps, 128x32x32 and 64x128x32 / 4 warps); the weight gradient's
 128x128 tile took 233 on sm_90."""
 
+GATHERED_OPERANDS_PER_THREAD = 48
+"""With gathered operands, at most this many operand elements per thread per reduction step (``BLOCK_K * (rows +
+columns)`` over the threads): the NCHW weight gradient's 64x64x128 tile on 8 warps (64) took 255 registers with 32 B
+spilled in bf16 on sm_80; 64x32x64 on 4 warps (48) took 154."""
+
 
 def within_register_budget(configs: list[triton.Config], blocks: tuple[str, str, str], args: dict,
                            gathered: tuple[str, ...] = ()) -> list[triton.Config]:
     """The configs of ``configs`` whose tiles fit the registers for a launch with arguments and constexprs
     ``args``: FMA dots within :func:`fits_fma_registers`; and, when any stride named by ``gathered`` is not 1 (an
-    NCHW operand), within :data:`GATHERED_ACCUMULATORS_PER_THREAD`. When no config meets both, the FMA bound alone;
+    NCHW operand), within :func:`fits_gathered_registers`. When no config meets both, the FMA bound alone;
     when none meets that, all configs. A config over budget is never run, so it is never built either."""
     fma = is_fma_dot(args)
     gather = any(name in args and int(args[name]) != 1 for name in gathered)
     fma_fit = [c for c in configs if not fma or fits_fma_registers(c, blocks)]
-    both = [c for c in fma_fit
-            if not gather or accumulators_per_thread(c, blocks) <= GATHERED_ACCUMULATORS_PER_THREAD]
+    both = [c for c in fma_fit if not gather or fits_gathered_registers(c, blocks)]
     return both or fma_fit or list(configs)
 
 

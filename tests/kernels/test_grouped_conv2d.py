@@ -528,8 +528,7 @@ def test_register_budget_drops_fma_and_gathered_tiles_and_keeps_the_rest():
     assert prune(FWD_CONFIGS, {"M": 10**6, "COUT_G": 16, "CIN_G": 3}, **fma)  # the stem keeps a tile
     blocks, gathered = bwd_weight.BLOCKS, bwd_weight.GATHERED_STRIDES
     nchw = common.within_register_budget(BWD_WEIGHT_CONFIGS, blocks, {**tf32, "sx_c": 1024, "sdy_c": 1024}, gathered)
-    assert nchw and all(common.accumulators_per_thread(c, blocks) <= common.GATHERED_ACCUMULATORS_PER_THREAD
-                        for c in nchw)
+    assert nchw and all(common.fits_gathered_registers(c, blocks) for c in nchw)
     fma_nchw = common.within_register_budget(BWD_WEIGHT_CONFIGS, blocks, {**fma, "sx_c": 1024}, gathered)
     assert fma_nchw and all(common.fits_fma_registers(c, blocks) for c in fma_nchw)  # FMA first, then gathers
     assert common.within_register_budget(BWD_WEIGHT_CONFIGS, blocks, {**tf32, "sx_c": 1, "sdy_c": 1},
