@@ -69,7 +69,8 @@ def operands_per_thread(config: triton.Config, blocks: tuple[str, str, str]) -> 
 
 def fits_fma_registers(config: triton.Config, blocks: tuple[str, str, str]) -> bool:
     """``config`` keeps an FMA dot within :data:`FMA_ELEMENTS_PER_THREAD` (``blocks``: rows, columns, reduction)."""
-    return max(accumulators_per_thread(config, blocks), operands_per_thread(config, blocks)) <= FMA_ELEMENTS_PER_THREAD
+    elements = max(accumulators_per_thread(config, blocks), operands_per_thread(config, blocks))
+    return elements <= FMA_ELEMENTS_PER_THREAD
 
 
 def fits_gathered_registers(config: triton.Config, blocks: tuple[str, str, str]) -> bool:

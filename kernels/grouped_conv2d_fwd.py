@@ -54,7 +54,7 @@ def _grouped_conv2d_fwd_kernel(
     HAS_RESIDUAL: r (the output's size, strided) is added before the activation: ``y = act(conv + b + r)``.
     M = N*OH*OW (< 2**31); grid = (cdiv(M, BLOCK_M) * cdiv(COUT_G, BLOCK_N), G). G only keys the autotuner.
     KH, KW are compile-time constants, so the tap of an iteration costs a multiply-shift, nothing for 1x1.
-    CH_ALIGN (a power of two) divides CIN_G and the strides that step over channel rows (the launcher checks it):
+    CH_ALIGN (a power of two) divides CIN_G and the strides that step over channel rows (the launcher computes it):
     rewritten as ``v // CH_ALIGN * CH_ALIGN`` they keep their values and show the compiler the alignment the JIT's
     divisibility-by-16 specialization cannot (24 channels: 16-byte rows of 8 bf16), so the channel loads vectorise.
     """
@@ -201,9 +201,11 @@ def grouped_conv2d_fwd(
         *(residual.stride() if residual is not None else (0, 0, 0, 0)),
         pre_acc, residual is not None,
     )  # fmt: skip
-    constexprs = {"HAS_BIAS": bias is not None, "ACTIVATION": activation, **common.dot_settings(x.dtype, input_precision),
-                  "CH_ALIGN": common.channel_alignment(geom.cin_g, x.stride(0), x.stride(2), x.stride(3),
-                                                       *weight.stride()[::2], weight.stride(3))}
+    constexprs = {
+        "HAS_BIAS": bias is not None, "ACTIVATION": activation, **common.dot_settings(x.dtype, input_precision),
+        "CH_ALIGN": common.channel_alignment(geom.cin_g, x.stride(0), x.stride(2), x.stride(3),
+                                             *weight.stride()[::2], weight.stride(3)),
+    }  # fmt: skip
     if config is None and common.configs_pinned():
         configs = common.within_register_budget(
             autotune_configs(PROLOGUE_FWD_CONFIGS if pre_acc else FWD_CONFIGS, INTERPRETER_CONFIG), common.MNK_BLOCKS,
