@@ -43,15 +43,81 @@ def padded_work(config: triton.Config, blocks: tuple[str, str, str], sizes: tupl
     return padded
 
 
-def prune_oversized(blocks: tuple[str, str, str], size_args: tuple[str | None, str | None, str | None]):
-    """An ``early_config_prune`` for ``triton.autotune``: drop the configs with a block larger than both the next
-    power of two of its axis's size and the smallest block the configs offer on that axis (such a tile is mostly
-    padding, and a smaller one does the same useful work), keeping at least the config of least padded work.
-    ``size_args`` names the kernel arguments holding the rows, columns and reduction sizes; None leaves an axis
-    alone (a size that follows the batch, which the tuning key leaves out)."""
+FMA_ELEMENTS_PER_THREAD = 32
+"""Register budget of a tile whose dot runs on the FMA units (fp32 with ``input_precision="ieee"``, fp64): at most
+this many accumulator elements per thread, and at most this many operand elements per thread per reduction step
+(``BLOCK_K * (rows + columns)`` over the threads). The FMA dot keeps the accumulator and both operand fragments
+of a step in registers; the offline sm_80 builds of the split WRN-28-10's 112-channel conv (fp32 ieee) put every
+config past either bound at 255 registers or spilling (8-900 B), every config within both at 95-220 without
+spills."""
+
+
+def is_fma_dot(args: dict) -> bool:
+    """True when the launch's ``DOT_DTYPE``/``INPUT_PRECISION`` constexprs put its dot on the FMA units."""
+    dot = args.get("DOT_DTYPE")
+    return dot == tl.float64 or (dot == tl.float32 and args.get("INPUT_PRECISION") == "ieee")
+
+
+def accumulators_per_thread(config: triton.Config, blocks: tuple[str, str, str]) -> float:
+    return config.kwargs[blocks[0]] * config.kwargs[blocks[1]] / (32 * config.num_warps)
+
+
+def operands_per_thread(config: triton.Config, blocks: tuple[str, str, str]) -> float:
+    rows, cols, depth = (config.kwargs[b] for b in blocks)
+    return depth * (rows + cols) / (32 * config.num_warps)
+
+
+def fits_fma_registers(config: triton.Config, blocks: tuple[str, str, str]) -> bool:
+    """``config`` keeps an FMA dot within :data:`FMA_ELEMENTS_PER_THREAD` (``blocks``: rows, columns, reduction)."""
+    elements = max(accumulators_per_thread(config, blocks), operands_per_thread(config, blocks))
+    return elements <= FMA_ELEMENTS_PER_THREAD
+
+
+def fits_gathered_registers(config: triton.Config, blocks: tuple[str, str, str]) -> bool:
+    """``config`` keeps gathered operands within :data:`GATHERED_ACCUMULATORS_PER_THREAD` and
+    :data:`GATHERED_OPERANDS_PER_THREAD`."""
+    return (accumulators_per_thread(config, blocks) <= GATHERED_ACCUMULATORS_PER_THREAD
+            and operands_per_thread(config, blocks) <= GATHERED_OPERANDS_PER_THREAD)
+
+
+GATHERED_ACCUMULATORS_PER_THREAD = 16
+"""Register budget of a tile whose operands are gathered (NCHW: the reduction's channel axis is strided, so the
+tiles pass through registers as scalar loads instead of being copied to shared memory): at most this many
+accumulator elements per thread. With 32, offline bf16 sm_80 builds of 8x8-pixel NCHW forwards took 254-255
+registers or spilled 564-1396 B (128x64x32 / 8 warps, 128x32x32 and 64x128x32 / 4 warps); the weight gradient's
+128x128 tile took 233 on sm_90."""
+
+GATHERED_OPERANDS_PER_THREAD = 48
+"""With gathered operands, at most this many operand elements per thread per reduction step (``BLOCK_K * (rows +
+columns)`` over the threads): the NCHW weight gradient's 64x64x128 tile on 8 warps (64) took 255 registers with 32 B
+spilled in bf16 on sm_80; 64x32x64 on 4 warps (48) took 154."""
+
+
+def within_register_budget(configs: list[triton.Config], blocks: tuple[str, str, str], args: dict,
+                           gathered: tuple[str, ...] = ()) -> list[triton.Config]:
+    """The configs of ``configs`` whose tiles fit the registers for a launch with arguments and constexprs
+    ``args``: FMA dots within :func:`fits_fma_registers`; and, when any stride named by ``gathered`` is not 1 (an
+    NCHW operand), within :func:`fits_gathered_registers`. When no config meets both, the FMA bound alone;
+    when none meets that, all configs. A config over budget is never run, so it is never built either."""
+    fma = is_fma_dot(args)
+    gather = any(name in args and int(args[name]) != 1 for name in gathered)
+    fma_fit = [c for c in configs if not fma or fits_fma_registers(c, blocks)]
+    both = [c for c in fma_fit if not gather or fits_gathered_registers(c, blocks)]
+    return both or fma_fit or list(configs)
+
+
+def prune_oversized(blocks: tuple[str, str, str], size_args: tuple[str | None, str | None, str | None],
+                    gathered: tuple[str, ...] = ()):
+    """An ``early_config_prune`` for ``triton.autotune``: keep the configs within the register budget
+    (:func:`within_register_budget`, ``gathered`` the operand strides that make a gather), then drop those with a
+    block larger than both the next power of two of its axis's size and the smallest block the configs offer on
+    that axis (such a tile is mostly padding, and a smaller one does the same useful work), keeping at least the
+    config of least padded work. ``size_args`` names the kernel arguments holding the rows, columns and reduction
+    sizes; None leaves an axis alone (a size that follows the batch, which the tuning key leaves out)."""
 
     def prune(configs: list[triton.Config], named_args: dict, **kwargs: Any) -> list[triton.Config]:
         args = {**named_args, **kwargs}
+        configs = within_register_budget(configs, blocks, args, gathered)
         sizes = tuple(2**30 if name is None else max(1, int(args[name])) for name in size_args)
         limits = [
             max(triton.next_power_of_2(n), min(c.kwargs[b] for c in configs)) for b, n in zip(blocks, sizes)
@@ -60,6 +126,18 @@ def prune_oversized(blocks: tuple[str, str, str], size_args: tuple[str | None, s
         return kept or [min(configs, key=lambda c: padded_work(c, blocks, sizes))]
 
     return prune
+
+
+MAX_CHANNEL_ALIGNMENT = 16
+
+
+def channel_alignment(*values: int) -> int:
+    """The largest power of two up to :data:`MAX_CHANNEL_ALIGNMENT` dividing every value (a channel count and the
+    strides that step over channel rows): the ``CH_ALIGN`` constexpr of the conv kernels."""
+    align = MAX_CHANNEL_ALIGNMENT
+    while align > 1 and any(int(v) % align for v in values):
+        align //= 2
+    return align
 
 
 def configs_pinned() -> bool:

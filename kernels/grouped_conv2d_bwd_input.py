@@ -58,7 +58,7 @@ def _grouped_conv2d_bwd_input_kernel(
     sy_n, sy_c, sy_h, sy_w,
     sdx_n, sdx_c, sdx_h, sdx_w,
     RELU_GRAD: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, CH_ALIGN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     """One (BLOCK_M input pixels of one phase) x (BLOCK_N input channels) tile of dx for group ``program_id(2)``.
@@ -67,7 +67,19 @@ def _grouped_conv2d_bwd_input_kernel(
     HQ = cdiv(H, stride_h), WQ = cdiv(W, stride_w), MQ = N*HQ*WQ pixels per phase;
     grid = (cdiv(MQ, BLOCK_M) * cdiv(CIN_G, BLOCK_N), stride_h*stride_w, G). G only keys the autotuner.
     The loop walks (tap, channel block) with counters, not a division per iteration.
+    CH_ALIGN: a power of two dividing the channel counts and the strides over channel rows (see the forward kernel).
     """
+    CIN_G = CIN_G // CH_ALIGN * CH_ALIGN
+    COUT_G = COUT_G // CH_ALIGN * CH_ALIGN
+    sdy_n = sdy_n // CH_ALIGN * CH_ALIGN
+    sdy_h = sdy_h // CH_ALIGN * CH_ALIGN
+    sdy_w = sdy_w // CH_ALIGN * CH_ALIGN
+    sw_o = sw_o // CH_ALIGN * CH_ALIGN
+    sw_h = sw_h // CH_ALIGN * CH_ALIGN
+    sw_w = sw_w // CH_ALIGN * CH_ALIGN
+    sy_n = sy_n // CH_ALIGN * CH_ALIGN
+    sy_h = sy_h // CH_ALIGN * CH_ALIGN
+    sy_w = sy_w // CH_ALIGN * CH_ALIGN
     pid_m, pid_n = tile_of(tl.program_id(0), CIN_G, BLOCK_N)
     phase = tl.program_id(1)
     g = tl.program_id(2).to(tl.int64)
@@ -147,8 +159,9 @@ _grouped_conv2d_bwd_input_autotuned = triton.autotune(
     configs=autotune_configs(BWD_INPUT_CONFIGS, INTERPRETER_CONFIG),
     # triton adds the tensors' dtypes to the key; DOT_DTYPE and INPUT_PRECISION tell fp32 from tf32 dots.
     key=["G", "CIN_G", "COUT_G", "KH", "KW", "H", "W", "stride_h", "stride_w", "dil_h", "dil_w", "sdx_c",
-         "RELU_GRAD", "DOT_DTYPE", "INPUT_PRECISION"],
-    prune_configs_by={"early_config_prune": common.prune_oversized(common.MNK_BLOCKS, (None, "CIN_G", "COUT_G"))},
+         "RELU_GRAD", "DOT_DTYPE", "INPUT_PRECISION", "CH_ALIGN"],
+    prune_configs_by={"early_config_prune": common.prune_oversized(common.MNK_BLOCKS, (None, "CIN_G", "COUT_G"),
+                                                                   gathered=("sdy_c",))},
     cache_results=True,
 )(_grouped_conv2d_bwd_input_kernel)
 
@@ -206,9 +219,13 @@ def grouped_conv2d_bwd_input(
         *geom.conv_args(), sh // math.gcd(sh, dh), sw // math.gcd(sw, dw),
         *grad_out.stride(), *weight.stride(), *y.stride(), *out.stride(),
     )  # fmt: skip
-    constexprs = {"RELU_GRAD": relu_output is not None, **common.dot_settings(grad_out.dtype, input_precision)}
+    constexprs = {"RELU_GRAD": relu_output is not None, **common.dot_settings(grad_out.dtype, input_precision),
+                  "CH_ALIGN": common.channel_alignment(geom.cin_g, geom.cout_g, *(
+                      t.stride(d) for t in (grad_out, weight, y) for d in (0, 2, 3)))}
     if config is None and common.configs_pinned():
-        configs = autotune_configs(BWD_INPUT_CONFIGS, INTERPRETER_CONFIG)
+        configs = common.within_register_budget(
+            autotune_configs(BWD_INPUT_CONFIGS, INTERPRETER_CONFIG), common.MNK_BLOCKS,
+            {**constexprs, "sdy_c": grad_out.stride(1)}, ("sdy_c",))
         config = common.pinned_config(configs, common.MNK_BLOCKS, (mq, geom.cin_g, geom.cout_g))
     launch(_grouped_conv2d_bwd_input_autotuned, grid, args, constexprs, config)
     return out

@@ -51,6 +51,8 @@ BWD_WEIGHT_CONFIGS = common.tile_configs(
     ],
 )  # fmt: skip
 (INTERPRETER_CONFIG,) = common.tile_configs(BLOCKS, [(16, 16, 16, 4, 1)])
+GATHERED_STRIDES = ("sx_c", "sdy_c")
+"""Channel strides of x and dy: not 1 (NCHW), the operand tiles are gathered (common.within_register_budget)."""
 
 # Split sizing: on a GPU aim for about 4 waves of programs, never fewer than MIN_SPLIT_ROWS rows per split, and
 # keep split boundaries on multiples of the largest BLOCK_R. The interpreter uses tiny splits so that the tests
@@ -72,7 +74,7 @@ def _grouped_conv2d_bwd_weight_kernel(
     sdw_s, sdw_o, sdw_i, sdw_h, sdw_w,
     sdb_s, sdb_c,
     HAS_BIAS: tl.constexpr, RELU_GRAD: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, CH_ALIGN: tl.constexpr,
     BLOCK_CO: tl.constexpr, BLOCK_CI: tl.constexpr, BLOCK_R: tl.constexpr,
 ):  # fmt: skip
     """Partial dw for one tap, a (BLOCK_CO x BLOCK_CI) tile, output pixels [split*SPLIT_ROWS, +SPLIT_ROWS), group g.
@@ -80,7 +82,19 @@ def _grouped_conv2d_bwd_weight_kernel(
     x: (N, G*CIN_G, H, W); dy, y: (N, G*COUT_G, OH, OW); dw: (splits, G*COUT_G, CIN_G, KH, KW); db: (splits, G*COUT_G).
     grid = (cdiv(COUT_G, BLOCK_CO) * cdiv(CIN_G, BLOCK_CI) * KH*KW, splits, G). The bias partial is written by the
     programs of tap 0 and channel tile 0. G and KH only key the autotuner; KW is a constant divisor.
+    CH_ALIGN: a power of two dividing the channel counts and the strides over channel rows (see the forward kernel).
     """
+    CIN_G = CIN_G // CH_ALIGN * CH_ALIGN
+    COUT_G = COUT_G // CH_ALIGN * CH_ALIGN
+    sx_n = sx_n // CH_ALIGN * CH_ALIGN
+    sx_h = sx_h // CH_ALIGN * CH_ALIGN
+    sx_w = sx_w // CH_ALIGN * CH_ALIGN
+    sdy_n = sdy_n // CH_ALIGN * CH_ALIGN
+    sdy_h = sdy_h // CH_ALIGN * CH_ALIGN
+    sdy_w = sdy_w // CH_ALIGN * CH_ALIGN
+    sy_n = sy_n // CH_ALIGN * CH_ALIGN
+    sy_h = sy_h // CH_ALIGN * CH_ALIGN
+    sy_w = sy_w // CH_ALIGN * CH_ALIGN
     pid = tl.program_id(0)
     split = tl.program_id(1)
     g = tl.program_id(2).to(tl.int64)
@@ -144,8 +158,9 @@ _grouped_conv2d_bwd_weight_autotuned = triton.autotune(
     configs=autotune_configs(BWD_WEIGHT_CONFIGS, INTERPRETER_CONFIG),
     # triton adds the tensors' dtypes to the key; DOT_DTYPE and INPUT_PRECISION tell fp32 from tf32 dots.
     key=["G", "CIN_G", "COUT_G", "KH", "KW", "OH", "OW", "stride_h", "stride_w", "dil_h", "dil_w", "sx_c",
-         "RELU_GRAD", "HAS_BIAS", "DOT_DTYPE", "INPUT_PRECISION"],
-    prune_configs_by={"early_config_prune": common.prune_oversized(BLOCKS, ("COUT_G", "CIN_G", None))},
+         "RELU_GRAD", "HAS_BIAS", "DOT_DTYPE", "INPUT_PRECISION", "CH_ALIGN"],
+    prune_configs_by={"early_config_prune": common.prune_oversized(BLOCKS, ("COUT_G", "CIN_G", None),
+                                                                   gathered=GATHERED_STRIDES)},
     cache_results=True,
 )(_grouped_conv2d_bwd_weight_kernel)
 
@@ -251,6 +266,8 @@ def grouped_conv2d_bwd_weight(
         "HAS_BIAS": bias_out is not None,
         "RELU_GRAD": relu_output is not None,
         **common.dot_settings(x.dtype, input_precision),
+        "CH_ALIGN": common.channel_alignment(geom.cin_g, geom.cout_g, *(
+            t.stride(d) for t in (x, grad_out, y) for d in (0, 2, 3))),
     }
     if tma:
         _tma.grouped_conv2d_bwd_weight_tma(
@@ -259,7 +276,9 @@ def grouped_conv2d_bwd_weight(
         )  # fmt: skip
     else:
         if config is None and common.configs_pinned():
-            configs = autotune_configs(BWD_WEIGHT_CONFIGS, INTERPRETER_CONFIG)
+            budget_args = {**constexprs, **dict(zip(GATHERED_STRIDES, (x.stride(1), grad_out.stride(1))))}
+            configs = common.within_register_budget(
+                autotune_configs(BWD_WEIGHT_CONFIGS, INTERPRETER_CONFIG), BLOCKS, budget_args, GATHERED_STRIDES)
             config = common.pinned_config(configs, BLOCKS, (geom.cout_g, geom.cin_g, min(split_rows, rows)))
         launch(_grouped_conv2d_bwd_weight_autotuned, grid, args, constexprs, config)
     if splits > 1:

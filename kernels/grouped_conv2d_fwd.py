@@ -44,7 +44,7 @@ def _grouped_conv2d_fwd_kernel(
     sy_n, sy_c, sy_h, sy_w,
     scale_ptr, shift_ptr, r_ptr, sr_n, sr_c, sr_h, sr_w, PRE_AFFINE_RELU: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
     HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, CH_ALIGN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     """One (BLOCK_M output pixels) x (BLOCK_N output channels) tile of group ``program_id(1)``.
@@ -55,7 +55,17 @@ def _grouped_conv2d_fwd_kernel(
     HAS_RESIDUAL: r (the output's size, strided) is added before the activation: ``y = act(conv + b + r)``.
     M = N*OH*OW (< 2**31); grid = (cdiv(M, BLOCK_M) * cdiv(COUT_G, BLOCK_N), G). G only keys the autotuner.
     KH, KW are compile-time constants, so the tap of an iteration costs a multiply-shift, nothing for 1x1.
+    CH_ALIGN (a power of two) divides CIN_G and the strides that step over channel rows (the launcher computes it):
+    rewritten as ``v // CH_ALIGN * CH_ALIGN`` they keep their values and show the compiler the alignment the JIT's
+    divisibility-by-16 specialization cannot (24 channels: 16-byte rows of 8 bf16), so the channel loads vectorise.
     """
+    CIN_G = CIN_G // CH_ALIGN * CH_ALIGN
+    sx_n = sx_n // CH_ALIGN * CH_ALIGN
+    sx_h = sx_h // CH_ALIGN * CH_ALIGN
+    sx_w = sx_w // CH_ALIGN * CH_ALIGN
+    sw_o = sw_o // CH_ALIGN * CH_ALIGN
+    sw_h = sw_h // CH_ALIGN * CH_ALIGN
+    sw_w = sw_w // CH_ALIGN * CH_ALIGN
     pid_m, pid_n = tile_of(tl.program_id(0), COUT_G, BLOCK_N)
     g = tl.program_id(1).to(tl.int64)
     offs_m, mask_m = block_range(pid_m, M, BLOCK_M)
@@ -117,8 +127,9 @@ _grouped_conv2d_fwd_autotuned = triton.autotune(
     configs=autotune_configs(FWD_CONFIGS, INTERPRETER_CONFIG),
     # triton adds the tensors' dtypes to the key; DOT_DTYPE and INPUT_PRECISION tell fp32 from tf32 dots.
     key=["G", "CIN_G", "COUT_G", "KH", "KW", "OH", "OW", "stride_h", "stride_w", "dil_h", "dil_w", "sx_c",
-         "HAS_BIAS", "ACTIVATION", "PRE_AFFINE_RELU", "HAS_RESIDUAL", "DOT_DTYPE", "INPUT_PRECISION"],
-    prune_configs_by={"early_config_prune": common.prune_oversized(common.MNK_BLOCKS, (None, "COUT_G", "CIN_G"))},
+         "HAS_BIAS", "ACTIVATION", "PRE_AFFINE_RELU", "HAS_RESIDUAL", "DOT_DTYPE", "INPUT_PRECISION", "CH_ALIGN"],
+    prune_configs_by={"early_config_prune": common.prune_oversized(common.MNK_BLOCKS, (None, "COUT_G", "CIN_G"),
+                                                                   gathered=("sx_c",))},
     cache_results=True,
 )(_grouped_conv2d_fwd_kernel)
 
@@ -201,9 +212,15 @@ def grouped_conv2d_fwd(
         *(residual.stride() if residual is not None else (0, 0, 0, 0)),
         pre_acc, residual is not None,
     )  # fmt: skip
-    constexprs = {"HAS_BIAS": bias is not None, "ACTIVATION": activation, **common.dot_settings(x.dtype, input_precision)}
+    constexprs = {
+        "HAS_BIAS": bias is not None, "ACTIVATION": activation, **common.dot_settings(x.dtype, input_precision),
+        "CH_ALIGN": common.channel_alignment(geom.cin_g, x.stride(0), x.stride(2), x.stride(3),
+                                             *weight.stride()[::2], weight.stride(3)),
+    }  # fmt: skip
     if config is None and common.configs_pinned():
-        configs = autotune_configs(PROLOGUE_FWD_CONFIGS if pre_acc else FWD_CONFIGS, INTERPRETER_CONFIG)
+        configs = common.within_register_budget(
+            autotune_configs(PROLOGUE_FWD_CONFIGS if pre_acc else FWD_CONFIGS, INTERPRETER_CONFIG), common.MNK_BLOCKS,
+            {**constexprs, "sx_c": x.stride(1)}, ("sx_c",))
         config = common.pinned_config(configs, common.MNK_BLOCKS, (m, geom.cout_g, geom.cin_g))
     kernel = _grouped_conv2d_fwd_prologue_autotuned if pre_acc else _grouped_conv2d_fwd_autotuned
     launch(kernel, grid, args, constexprs, config)

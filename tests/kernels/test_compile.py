@@ -88,7 +88,11 @@ def test_real_launches_pass_the_check_or_are_expected_failures(compile_report):
         if "wgmma" not in excused and r["capability"] == 90 and r["dot_dtype"] in ("fp16", "bf16"):
             assert r["wgmma"], f"{where}: 16-bit tl.dot without wgmma"
         if "async_copy" not in excused and r["has_dot"]:
-            assert r["sync_tile_loads"] == 0 and set(r["cp_async"]) | ({"16"} if r["tma"] else set()) == {"16"}, where
+            # operand tiles: none loaded synchronously in the loop, every 2-d copy 16 B; a narrower PTX copy is one
+            # of the 1-d vector copies (per-channel scale/shift), never a tile
+            assert r["loop_sync_tile_loads"] == 0 and set(r["tile_copy_bytes"]) <= {"16"}, where
+            assert set(r["cp_async"]) - {"16"} <= set(r["vector_copy_bytes"]), where
+            assert r["tma"] or r["cp_async"].get("16"), where
 
 
 def test_roofline_estimates_cover_the_split_wrn_classifier():
@@ -151,6 +155,17 @@ def test_expected_failures_excuse_only_their_rows():
     assert report.stale_expected_failures([_record(module="n")], table=[row]) == []
 
 
+def test_a_narrow_only_row_does_not_excuse_gathers():
+    """A row for narrow tile copies excuses a build whose tiles are all asynchronous with some 16 B, not one that
+    loads a tile synchronously (a gather, e.g. channels not divisible by 8) under the same tile size."""
+    row = report.ExpectedFailure("m", "fwd", "*", "async_copy", "narrow weight tile", narrow_only=True)
+    narrow = _record(loop_sync_tile_loads=0, tile_copy_bytes={"16": 4, "4": 4}, vector_copy_bytes={},
+                     cp_async={"16": 8, "4": 8})
+    gather = _record(loop_sync_tile_loads=2, tile_copy_bytes={}, vector_copy_bytes={}, cp_async={})
+    assert report.failures_of(narrow, table=[]) and report.failures_of(narrow, table=[row]) == []
+    assert report.failures_of(gather, table=[row])
+
+
 def test_expected_failure_rows_name_real_kernels_and_checks():
     modules = {m.rsplit(".", 1)[-1] for m in report.modules_with("compile_specs")}
     for row in report.EXPECTED_FAILURES:
@@ -181,7 +196,49 @@ def test_ptx_loads_reads_async_copy_sizes_tma_and_synchronous_tiles():
     )
     loads = report.ptx_loads(ptx, ttgir)
     assert loads == {"cp_async": {"16": 1, "4": 1}, "tma": 1, "ld_global": {"2": 1, "16": 1},
-                     "sync_tile_loads": 1, "async_tile_copies": 1}
+                     "sync_tile_loads": 1, "async_tile_copies": 1, "loop_sync_tile_loads": 0,
+                     "tile_copy_bytes": {"2": 1}, "vector_copy_bytes": {}}
+
+
+def test_ttgir_copies_judge_the_operand_tiles_of_the_loop():
+    """Inside the loop: a synchronous 2-d tile load counts, copies are sized by their contiguity; after the loop (an
+    epilogue's residual tile) a load is no operand; 1-d copies (per-channel vectors) are kept apart."""
+    ttgir = (
+        "  tt.func @k() {\n"
+        "    %x0 = ttg.async_copy_global_to_local %p, %s mask %m other %c {contiguity = 8 : i32} : "
+        "tensor<64x32x!tt.ptr<f16>, #blocked> -> <64x32xf16, #shared, #smem, mutable>\n"
+        "    %r:3 = scf.for %i = %c0 to %n step %c1 iter_args(%a = %z) -> (tensor<64x64xf32, #mma>) {\n"
+        "      %x = ttg.async_copy_global_to_local %p, %s mask %m other %c {contiguity = 8 : i32} : "
+        "tensor<64x32x!tt.ptr<f16>, #blocked> -> <64x32xf16, #shared, #smem, mutable>\n"
+        "      %w = ttg.async_copy_global_to_local %q, %t mask %m other %c {contiguity = 2 : i32} : "
+        "tensor<16x16x!tt.ptr<f32>, #blocked1> -> <16x16xf32, #shared1, #smem, mutable>\n"
+        "      %v = ttg.async_copy_global_to_local %u, %t mask %k other %c : tensor<32x!tt.ptr<f32>, #blocked3> -> "
+        "<32xf32, #shared2, #smem, mutable>\n"
+        "      %y = tt.load %ptrs, %mask : tensor<64x32x!tt.ptr<f16>, #blocked>\n"
+        "      scf.yield %a : tensor<64x64xf32, #mma>\n"
+        "    } loc(#loc1)\n"
+        "    %res = tt.load %rp, %rm : tensor<64x64x!tt.ptr<f16>, #blocked1>\n"
+        "  }\n"
+    )
+    assert report.ttgir_copies(ttgir) == {"loop_sync_tile_loads": 1, "tile_copy_bytes": {"16": 2, "8": 1},
+                                          "vector_copy_bytes": {"4": 1}}
+
+
+@pytest.mark.parametrize(
+    "overrides, fails",
+    [
+        (dict(), False),
+        (dict(cp_async={"16": 8, "4": 2}, vector_copy_bytes={"4": 2}), False),  # 1-d per-channel vectors
+        (dict(cp_async={"16": 8, "4": 2}), True),  # a narrow PTX copy no 1-d copy explains
+        (dict(tile_copy_bytes={"16": 4, "4": 2}, cp_async={"16": 8, "4": 2}), True),  # a narrow 2-d tile
+        (dict(loop_sync_tile_loads=1), True),  # an operand tile loaded synchronously in the loop
+        (dict(sync_tile_loads=1), False),  # a tile loaded after the loop (the epilogue's residual)
+    ],
+)
+def test_async_copy_check_reads_the_operand_tiles(overrides, fails):
+    ttgir_fields = dict(loop_sync_tile_loads=0, tile_copy_bytes={"16": 4}, vector_copy_bytes={})
+    record = _record(**{**ttgir_fields, **overrides})
+    assert bool(report.failures_of(record, table=[])) == fails
 
 
 def test_sass_summary_groups_builds_and_labels_the_estimate(capsys):

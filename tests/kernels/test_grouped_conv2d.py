@@ -509,6 +509,43 @@ def test_prune_keeps_no_tile_that_is_mostly_padding():
     assert stem and all(c.kwargs["BLOCK_K"] == 16 for c in stem)
 
 
+def test_register_budget_drops_fma_and_gathered_tiles_and_keeps_the_rest():
+    """fp32-ieee (FMA) launches never tune or pin a tile past FMA_ELEMENTS_PER_THREAD (128x128 on 8 warps: 255
+    registers with spills on sm_80); tensor-core launches keep every config; an NCHW weight gradient drops the
+    tiles with more than GATHERED_ACCUMULATORS_PER_THREAD accumulators per thread; some config always survives."""
+    import triton.language as tl
+
+    from groupnet.kernels import grouped_conv2d_bwd_weight as bwd_weight
+
+    fma = {"DOT_DTYPE": tl.float32, "INPUT_PRECISION": "ieee"}
+    tf32 = {"DOT_DTYPE": tl.float32, "INPUT_PRECISION": "tf32"}
+    kept = common.within_register_budget(FWD_CONFIGS, common.MNK_BLOCKS, fma)
+    assert kept and all(common.fits_fma_registers(c, common.MNK_BLOCKS) for c in kept)
+    assert not any(c.kwargs["BLOCK_M"] == c.kwargs["BLOCK_N"] == 128 for c in kept)
+    assert common.within_register_budget(FWD_CONFIGS, common.MNK_BLOCKS, tf32) == FWD_CONFIGS
+    prune = common.prune_oversized(common.MNK_BLOCKS, (None, "COUT_G", "CIN_G"))
+    assert prune(FWD_CONFIGS, {"M": 10**6, "COUT_G": 640, "CIN_G": 640}, **fma) == kept
+    assert prune(FWD_CONFIGS, {"M": 10**6, "COUT_G": 16, "CIN_G": 3}, **fma)  # the stem keeps a tile
+    blocks, gathered = bwd_weight.BLOCKS, bwd_weight.GATHERED_STRIDES
+    nchw = common.within_register_budget(BWD_WEIGHT_CONFIGS, blocks, {**tf32, "sx_c": 1024, "sdy_c": 1024}, gathered)
+    assert nchw and all(common.fits_gathered_registers(c, blocks) for c in nchw)
+    fma_nchw = common.within_register_budget(BWD_WEIGHT_CONFIGS, blocks, {**fma, "sx_c": 1024}, gathered)
+    assert fma_nchw and all(common.fits_fma_registers(c, blocks) for c in fma_nchw)  # FMA first, then gathers
+    assert common.within_register_budget(BWD_WEIGHT_CONFIGS, blocks, {**tf32, "sx_c": 1, "sdy_c": 1},
+                                         gathered) == BWD_WEIGHT_CONFIGS
+    huge = common.tile_configs(blocks, [(256, 256, 128, 4, 2)])
+    assert common.within_register_budget(huge, blocks, fma) == huge  # nothing fits: every config stays
+
+
+def test_channel_alignment_is_the_largest_power_of_two_dividing_every_value():
+    """The conv kernels' CH_ALIGN: 24 channels in rows of 48 show 8-element (16-byte bf16) alignment, which the JIT's
+    divisibility-by-16 specialization cannot; 12 channels 4; the stem's 3 nothing; zero strides do not limit it."""
+    assert common.channel_alignment(24, 48, 48 * 16, 48 * 16 * 16) == 8
+    assert common.channel_alignment(12, 24, 24 * 32) == 4
+    assert common.channel_alignment(3, 6) == 1
+    assert common.channel_alignment(64, 0, 128) == common.MAX_CHANNEL_ALIGNMENT
+
+
 def test_autotune_keys_name_precision_groups_kernel_size_and_dilation():
     from groupnet.kernels import grouped_conv2d_bwd_input as bwd_input
     from groupnet.kernels import grouped_conv2d_bwd_weight as bwd_weight
