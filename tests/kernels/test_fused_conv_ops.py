@@ -91,7 +91,8 @@ def test_fused_ops_match_per_branch_reference(case, pattern, activation, bias, c
     y_ref = per_branch_reference(case, x, w, b, scale, shift, residual, activation)
     assert y.shape == y_ref.shape
     assert_close(y, y_ref, kind="reference", what=f"{pattern} forward on {backend}")
-    if channels_last and backend == "triton":
+    if channels_last and backend == "triton" and not x.is_contiguous():
+        # (a 1-channel or 1x1 input is both layouts at once; torch's conv keeps NCHW for it, and so do the ops)
         assert y.is_contiguous(memory_format=torch.channels_last)
 
     grad_y = rand(*y.shape)
