@@ -326,3 +326,25 @@ def store_pixel_tile(ptr, acc, n, h, w, channels, s_n, s_c, s_h, s_w, mask_m, ma
     ptrs = ptr + off[:, None] + (channels * s_c)[None, :]
     tl.store(ptrs, acc.to(ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
+
+
+@triton.jit
+def store_weight_grad_partial(dw_ptr, db_ptr, acc, db_acc, split, g, COUT_G, offs_co, offs_ci, mask_co, mask_ci,
+                              kh, kw, tap, pid_ci, sdw_s, sdw_o, sdw_i, sdw_h, sdw_w, sdb_s, sdb_c,
+                              HAS_BIAS: tl.constexpr):
+    """Store one weight-gradient tile (``acc``: BLOCK_CO x BLOCK_CI of tap (kh, kw), group g) into split
+    ``split`` of the partial sums dW (S, G*COUT_G, CIN_G, KH, KW) and, once per output channel (tap 0, first
+    input-channel tile), the bias partial ``db_acc`` into db (S, G*COUT_G); both cast to their element types."""
+    split64 = split.to(tl.int64)
+    dw_ptrs = (
+        dw_ptr
+        + split64 * sdw_s
+        + ((g * COUT_G + offs_co) * sdw_o)[:, None]
+        + (offs_ci.to(tl.int64) * sdw_i)[None, :]
+        + kh * sdw_h
+        + kw * sdw_w
+    )
+    tl.store(dw_ptrs, acc.to(dw_ptr.dtype.element_ty), mask=mask_co[:, None] & mask_ci[None, :])
+    if HAS_BIAS:
+        db_ptrs = db_ptr + split64 * sdb_s + (g * COUT_G + offs_co) * sdb_c
+        tl.store(db_ptrs, db_acc.to(db_ptr.dtype.element_ty), mask=mask_co & (tap == 0) & (pid_ci == 0))

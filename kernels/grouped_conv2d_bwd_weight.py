@@ -34,7 +34,7 @@ from ._common import (
     launch,
     multiprocessor_count,
 )
-from ._grouped_conv2d_common import block_range, pixel_coords, split_bounds
+from ._grouped_conv2d_common import block_range, pixel_coords, split_bounds, store_weight_grad_partial
 
 BLOCKS = ("BLOCK_CO", "BLOCK_CI", "BLOCK_R")
 # (BLOCK_CO, BLOCK_CI, BLOCK_R, num_warps, num_stages). The reduction over pixels is long, so blocks of up to 128
@@ -139,19 +139,8 @@ def _grouped_conv2d_bwd_weight_kernel(
         if HAS_BIAS:
             db_acc += tl.sum(dy_t.to(ACC_DTYPE), axis=1)
 
-    split64 = split.to(tl.int64)
-    dw_ptrs = (
-        dw_ptr
-        + split64 * sdw_s
-        + ((g * COUT_G + offs_co) * sdw_o)[:, None]
-        + (offs_ci.to(tl.int64) * sdw_i)[None, :]
-        + kh * sdw_h
-        + kw * sdw_w
-    )
-    tl.store(dw_ptrs, acc.to(dw_ptr.dtype.element_ty), mask=mask_co[:, None] & mask_ci[None, :])
-    if HAS_BIAS:
-        db_ptrs = db_ptr + split64 * sdb_s + (g * COUT_G + offs_co) * sdb_c
-        tl.store(db_ptrs, db_acc.to(db_ptr.dtype.element_ty), mask=mask_co & (tap == 0) & (pid_ci == 0))
+    store_weight_grad_partial(dw_ptr, db_ptr, acc, db_acc, split, g, COUT_G, offs_co, offs_ci, mask_co, mask_ci, kh, kw,
+                              tap, pid_ci, sdw_s, sdw_o, sdw_i, sdw_h, sdw_w, sdb_s, sdb_c, HAS_BIAS)
 
 
 _grouped_conv2d_bwd_weight_autotuned = triton.autotune(

@@ -50,7 +50,7 @@ from ._common import (
     launch,
     specs_from_launches,
 )
-from ._grouped_conv2d_common import split_bounds, store_pixel_tile, tile_of
+from ._grouped_conv2d_common import split_bounds, store_pixel_tile, store_weight_grad_partial, tile_of
 
 TMA_DTYPES = ("fp16", "bf16", "fp32")
 """Operand types of the TMA conv (fp64 runs the cp.async kernel)."""
@@ -311,19 +311,8 @@ def _grouped_conv2d_bwd_weight_tma_kernel(
     offs_ci = ci0 + tl.arange(0, BLOCK_CI)
     mask_co = offs_co < COUT_G
     mask_ci = offs_ci < CIN_G
-    split64 = split.to(tl.int64)
-    dw_ptrs = (
-        dw_ptr
-        + split64 * sdw_s
-        + ((g * COUT_G + offs_co) * sdw_o)[:, None]
-        + (offs_ci.to(tl.int64) * sdw_i)[None, :]
-        + kh * sdw_h
-        + kw * sdw_w
-    )
-    tl.store(dw_ptrs, acc.to(dw_ptr.dtype.element_ty), mask=mask_co[:, None] & mask_ci[None, :])
-    if HAS_BIAS:
-        db_ptrs = db_ptr + split64 * sdb_s + (g * COUT_G + offs_co) * sdb_c
-        tl.store(db_ptrs, db_acc.to(db_ptr.dtype.element_ty), mask=mask_co & (tap == 0) & (pid_ci == 0))
+    store_weight_grad_partial(dw_ptr, db_ptr, acc, db_acc, split, g, COUT_G, offs_co, offs_ci, mask_co, mask_ci, kh, kw,
+                              tap, pid_ci, sdw_s, sdw_o, sdw_i, sdw_h, sdw_w, sdb_s, sdb_c, HAS_BIAS)
 
 
 _KEY = ["G", "RED", "COLS", "KH", "KW", "OH", "OW", "dil_h", "dil_w", "TILE_H", "TILE_W", "DOT_DTYPE",
