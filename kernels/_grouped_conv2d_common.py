@@ -235,6 +235,15 @@ class ConvGeometry:
         return (*self.stride, *self.padding, *self.dilation)
 
 
+def weight_strides(weight: Tensor) -> tuple[int, int, int, int]:
+    """The strides a conv kernel takes for ``weight`` (G*COUT_G, CIN_G, KH, KW): its own, except that a 1-wide kernel
+    axis gets stride 0. That axis's only tap is 0, so the value never addresses memory; a 1x1 weight's spatial
+    strides are 1 in NCHW, which would hide the channel alignment (``channel_alignment``, and the JIT's
+    divisibility-by-16 mark) from the compiler, while 0 shows it."""
+    so, si, sh, sw = weight.stride()
+    return so, si, 0 if weight.shape[2] == 1 else sh, 0 if weight.shape[3] == 1 else sw
+
+
 def dot_settings(dtype: torch.dtype, input_precision: str) -> dict[str, Any]:
     """Constexprs choosing the ``tl.dot`` operand dtype, accumulator dtype and fp32 input precision.
 

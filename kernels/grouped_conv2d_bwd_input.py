@@ -213,15 +213,16 @@ def grouped_conv2d_bwd_input(
         return (triton.cdiv(mq, meta["BLOCK_M"]) * triton.cdiv(geom.cin_g, meta["BLOCK_N"]), sh * sw, groups)
 
     y = relu_output if relu_output is not None else grad_out
+    w_strides = common.weight_strides(weight)
     args = (
         grad_out, weight, y, out,
         mq, hq, wq, geom.h, geom.w, geom.oh, geom.ow, geom.cin_g, geom.cout_g, groups, geom.kh, geom.kw,
         *geom.conv_args(), sh // math.gcd(sh, dh), sw // math.gcd(sw, dw),
-        *grad_out.stride(), *weight.stride(), *y.stride(), *out.stride(),
+        *grad_out.stride(), *w_strides, *y.stride(), *out.stride(),
     )  # fmt: skip
     constexprs = {"RELU_GRAD": relu_output is not None, **common.dot_settings(grad_out.dtype, input_precision),
-                  "CH_ALIGN": common.channel_alignment(geom.cin_g, geom.cout_g, *(
-                      t.stride(d) for t in (grad_out, weight, y) for d in (0, 2, 3)))}
+                  "CH_ALIGN": common.channel_alignment(geom.cin_g, geom.cout_g, *w_strides[::2], w_strides[3], *(
+                      t.stride(d) for t in (grad_out, y) for d in (0, 2, 3)))}
     if config is None and common.configs_pinned():
         configs = common.within_register_budget(
             autotune_configs(BWD_INPUT_CONFIGS, INTERPRETER_CONFIG), common.MNK_BLOCKS,

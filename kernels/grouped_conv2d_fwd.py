@@ -203,19 +203,20 @@ def grouped_conv2d_fwd(
     def grid(meta):
         return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(geom.cout_g, meta["BLOCK_N"]), groups)
 
+    w_strides = common.weight_strides(weight)
     args = (
         x, weight, bias if bias is not None else weight, out,
         m, geom.h, geom.w, geom.oh, geom.ow, geom.cin_g, geom.cout_g, groups, geom.kh, geom.kw,
         *geom.conv_args(),
-        *x.stride(), *weight.stride(), *out.stride(),
+        *x.stride(), *w_strides, *out.stride(),
         *((pre_scale, pre_shift) if pre_acc else (weight, weight)), residual if residual is not None else weight,
         *(residual.stride() if residual is not None else (0, 0, 0, 0)),
         pre_acc, residual is not None,
     )  # fmt: skip
     constexprs = {
         "HAS_BIAS": bias is not None, "ACTIVATION": activation, **common.dot_settings(x.dtype, input_precision),
-        "CH_ALIGN": common.channel_alignment(geom.cin_g, x.stride(0), x.stride(2), x.stride(3),
-                                             *weight.stride()[::2], weight.stride(3)),
+        "CH_ALIGN": common.channel_alignment(geom.cin_g, x.stride(0), x.stride(2), x.stride(3), *w_strides[::2],
+                                             w_strides[3]),
     }  # fmt: skip
     if config is None and common.configs_pinned():
         configs = common.within_register_budget(

@@ -96,6 +96,18 @@ def test_specs_carry_the_jit_specialization(listing):
     assert all("COUT_G" in _divisible(s) for s in cl)
 
 
+def test_1x1_convs_keep_the_channel_alignment(listing):
+    """A 1x1 weight's spatial strides are never used (its only tap is 0); in NCHW they are 1, which forced
+    CH_ALIGN = 1 and left the stride-2 input gradient's weight tile a synchronous 2-byte gather. The launchers pass
+    0 for them, so the 16-byte alignment of the channel counts reaches the compiler."""
+    one_by_one = [s for s in _specs(listing, "grouped_conv2d") if s["pass_name"] in ("fwd", "bwd_input")
+                  and " 112->224 k1s2" in s["cases"][0] and s["layout"] == "channels_last"]
+    assert {s["pass_name"] for s in one_by_one} == {"fwd", "bwd_input"}
+    for s in one_by_one:
+        assert s["constexprs"]["CH_ALIGN"] == "16", (s["name"], s["constexprs"])
+        assert {"sw_h", "sw_w"} <= _divisible(s), (s["name"], _divisible(s))
+
+
 def test_specs_use_only_the_autotuners_configs(listing):
     """Each spec's tile config is one its autotuner offers (after its pruning): GEMM fp32-ieee builds only the FMA
     configs, the 16-bit builds only the tensor-core ones."""
