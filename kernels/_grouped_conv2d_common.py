@@ -73,51 +73,27 @@ def fits_fma_registers(config: triton.Config, blocks: tuple[str, str, str]) -> b
     return elements <= FMA_ELEMENTS_PER_THREAD
 
 
-def fits_gathered_registers(config: triton.Config, blocks: tuple[str, str, str]) -> bool:
-    """``config`` keeps gathered operands within :data:`GATHERED_ACCUMULATORS_PER_THREAD` and
-    :data:`GATHERED_OPERANDS_PER_THREAD`."""
-    return (accumulators_per_thread(config, blocks) <= GATHERED_ACCUMULATORS_PER_THREAD
-            and operands_per_thread(config, blocks) <= GATHERED_OPERANDS_PER_THREAD)
-
-
-GATHERED_ACCUMULATORS_PER_THREAD = 16
-"""Register budget of a tile whose operands are gathered (NCHW: the reduction's channel axis is strided, so the
-tiles pass through registers as scalar loads instead of being copied to shared memory): at most this many
-accumulator elements per thread. With 32, offline bf16 sm_80 builds of 8x8-pixel NCHW forwards took 254-255
-registers or spilled 564-1396 B (128x64x32 / 8 warps, 128x32x32 and 64x128x32 / 4 warps); the weight gradient's
-128x128 tile took 233 on sm_90."""
-
-GATHERED_OPERANDS_PER_THREAD = 48
-"""With gathered operands, at most this many operand elements per thread per reduction step (``BLOCK_K * (rows +
-columns)`` over the threads): the NCHW weight gradient's 64x64x128 tile on 8 warps (64) took 255 registers with 32 B
-spilled in bf16 on sm_80; 64x32x64 on 4 warps (48) took 154."""
-
-
-def within_register_budget(configs: list[triton.Config], blocks: tuple[str, str, str], args: dict,
-                           gathered: tuple[str, ...] = ()) -> list[triton.Config]:
+def within_register_budget(configs: list[triton.Config], blocks: tuple[str, str, str],
+                           args: dict) -> list[triton.Config]:
     """The configs of ``configs`` whose tiles fit the registers for a launch with arguments and constexprs
-    ``args``: FMA dots within :func:`fits_fma_registers`; and, when any stride named by ``gathered`` is not 1 (an
-    NCHW operand), within :func:`fits_gathered_registers`. When no config meets both, the FMA bound alone;
-    when none meets that, all configs. A config over budget is never run, so it is never built either."""
-    fma = is_fma_dot(args)
-    gather = any(name in args and int(args[name]) != 1 for name in gathered)
-    fma_fit = [c for c in configs if not fma or fits_fma_registers(c, blocks)]
-    both = [c for c in fma_fit if not gather or fits_gathered_registers(c, blocks)]
-    return both or fma_fit or list(configs)
+    ``args``: FMA dots within :func:`fits_fma_registers`; when none fits, all configs. A config over budget is never
+    run, so it is never built either."""
+    if not is_fma_dot(args):
+        return list(configs)
+    return [c for c in configs if fits_fma_registers(c, blocks)] or list(configs)
 
 
-def prune_oversized(blocks: tuple[str, str, str], size_args: tuple[str | None, str | None, str | None],
-                    gathered: tuple[str, ...] = ()):
+def prune_oversized(blocks: tuple[str, str, str], size_args: tuple[str | None, str | None, str | None]):
     """An ``early_config_prune`` for ``triton.autotune``: keep the configs within the register budget
-    (:func:`within_register_budget`, ``gathered`` the operand strides that make a gather), then drop those with a
-    block larger than both the next power of two of its axis's size and the smallest block the configs offer on
-    that axis (such a tile is mostly padding, and a smaller one does the same useful work), keeping at least the
-    config of least padded work. ``size_args`` names the kernel arguments holding the rows, columns and reduction
-    sizes; None leaves an axis alone (a size that follows the batch, which the tuning key leaves out)."""
+    (:func:`within_register_budget`), then drop those with a block larger than both the next power of two of its
+    axis's size and the smallest block the configs offer on that axis (such a tile is mostly padding, and a smaller
+    one does the same useful work), keeping at least the config of least padded work. ``size_args`` names the
+    kernel arguments holding the rows, columns and reduction sizes; None leaves an axis alone (a size that follows
+    the batch, which the tuning key leaves out)."""
 
     def prune(configs: list[triton.Config], named_args: dict, **kwargs: Any) -> list[triton.Config]:
         args = {**named_args, **kwargs}
-        configs = within_register_budget(configs, blocks, args, gathered)
+        configs = within_register_budget(configs, blocks, args)
         sizes = tuple(2**30 if name is None else max(1, int(args[name])) for name in size_args)
         limits = [
             max(triton.next_power_of_2(n), min(c.kwargs[b] for c in configs)) for b, n in zip(blocks, sizes)
@@ -233,6 +209,33 @@ class ConvGeometry:
     def conv_args(self) -> tuple[int, ...]:
         """stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, in the order every kernel takes them."""
         return (*self.stride, *self.padding, *self.dilation)
+
+
+def channels_contiguous(t: Tensor | None) -> Tensor | None:
+    """``t`` itself when its channel axis (dim 1) has stride 1 or size 1, else a channels_last copy.
+
+    The conv kernels walk the channel axis inside their loops. With another channel stride (NCHW, an expanded
+    gradient) every operand tile would be a scalar gather (2-byte synchronous loads in 16-bit, no ``cp.async``)
+    and only small tiles would fit the registers, so the launchers copy such an operand once instead: the kernels
+    only ever run on channel-contiguous tensors, whatever layout the caller passes."""
+    if t is None or t.stride(1) == 1 or t.shape[1] == 1:
+        return t
+    return t.contiguous(memory_format=torch.channels_last)
+
+
+def channels_contiguous_output(out: Tensor) -> Tensor:
+    """Where a kernel writes ``out``: ``out`` itself when its channel stride is 1 (or it has one channel), else a
+    channels_last buffer of its size and dtype, copied into ``out`` by :func:`finish_output`."""
+    if out.stride(1) == 1 or out.shape[1] == 1:
+        return out
+    return torch.empty(out.shape, dtype=out.dtype, device=out.device, memory_format=torch.channels_last)
+
+
+def finish_output(out: Tensor, written: Tensor) -> Tensor:
+    """``out``, after copying ``written`` (the buffer :func:`channels_contiguous_output` gave) into it."""
+    if written is not out:
+        out.copy_(written)
+    return out
 
 
 def weight_strides(weight: Tensor) -> tuple[int, int, int, int]:

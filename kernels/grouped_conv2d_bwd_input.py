@@ -160,8 +160,7 @@ _grouped_conv2d_bwd_input_autotuned = triton.autotune(
     # triton adds the tensors' dtypes to the key; DOT_DTYPE and INPUT_PRECISION tell fp32 from tf32 dots.
     key=["G", "CIN_G", "COUT_G", "KH", "KW", "H", "W", "stride_h", "stride_w", "dil_h", "dil_w", "sdx_c",
          "RELU_GRAD", "DOT_DTYPE", "INPUT_PRECISION", "CH_ALIGN"],
-    prune_configs_by={"early_config_prune": common.prune_oversized(common.MNK_BLOCKS, (None, "CIN_G", "COUT_G"),
-                                                                   gathered=("sdy_c",))},
+    prune_configs_by={"early_config_prune": common.prune_oversized(common.MNK_BLOCKS, (None, "CIN_G", "COUT_G"))},
     cache_results=True,
 )(_grouped_conv2d_bwd_input_kernel)
 
@@ -202,12 +201,15 @@ def grouped_conv2d_bwd_input(
     if mq == 0:
         return out
     common.check_int32_pixels("grouped_conv2d_bwd_input", mq, f"{mq} input pixels per phase")
+    grad_out, weight, relu_output = (common.channels_contiguous(t) for t in (grad_out, weight, relu_output))
+    target, out = out, common.channels_contiguous_output(out)
     why_not = _tma.why_not_tma(geom, "bwd_input", input_precision, grad_out=grad_out, weight=weight,
                                relu_output=relu_output)
     tma = _tma.choose("grouped_conv2d_bwd_input", tma, why_not, config, grad_out.device)
     if tma:
-        return _tma.grouped_conv2d_bwd_input_tma(grad_out, weight, out, geom, relu_output=relu_output,
-                                                 input_precision=input_precision, config=config)
+        _tma.grouped_conv2d_bwd_input_tma(grad_out, weight, out, geom, relu_output=relu_output,
+                                          input_precision=input_precision, config=config)
+        return common.finish_output(target, out)
 
     def grid(meta):
         return (triton.cdiv(mq, meta["BLOCK_M"]) * triton.cdiv(geom.cin_g, meta["BLOCK_N"]), sh * sw, groups)
@@ -225,8 +227,7 @@ def grouped_conv2d_bwd_input(
                       t.stride(d) for t in (grad_out, y) for d in (0, 2, 3)))}
     if config is None and common.configs_pinned():
         configs = common.within_register_budget(
-            autotune_configs(BWD_INPUT_CONFIGS, INTERPRETER_CONFIG), common.MNK_BLOCKS,
-            {**constexprs, "sdy_c": grad_out.stride(1)}, ("sdy_c",))
+            autotune_configs(BWD_INPUT_CONFIGS, INTERPRETER_CONFIG), common.MNK_BLOCKS, constexprs)
         config = common.pinned_config(configs, common.MNK_BLOCKS, (mq, geom.cin_g, geom.cout_g))
     launch(_grouped_conv2d_bwd_input_autotuned, grid, args, constexprs, config)
-    return out
+    return common.finish_output(target, out)

@@ -51,8 +51,6 @@ BWD_WEIGHT_CONFIGS = common.tile_configs(
     ],
 )  # fmt: skip
 (INTERPRETER_CONFIG,) = common.tile_configs(BLOCKS, [(16, 16, 16, 4, 1)])
-GATHERED_STRIDES = ("sx_c", "sdy_c")
-"""Channel strides of x and dy: not 1 (NCHW), the operand tiles are gathered (common.within_register_budget)."""
 
 # Split sizing: on a GPU aim for about 4 waves of programs, never fewer than MIN_SPLIT_ROWS rows per split, and
 # keep split boundaries on multiples of the largest BLOCK_R. The interpreter uses tiny splits so that the tests
@@ -148,8 +146,7 @@ _grouped_conv2d_bwd_weight_autotuned = triton.autotune(
     # triton adds the tensors' dtypes to the key; DOT_DTYPE and INPUT_PRECISION tell fp32 from tf32 dots.
     key=["G", "CIN_G", "COUT_G", "KH", "KW", "OH", "OW", "stride_h", "stride_w", "dil_h", "dil_w", "sx_c",
          "RELU_GRAD", "HAS_BIAS", "DOT_DTYPE", "INPUT_PRECISION", "CH_ALIGN"],
-    prune_configs_by={"early_config_prune": common.prune_oversized(BLOCKS, ("COUT_G", "CIN_G", None),
-                                                                   gathered=GATHERED_STRIDES)},
+    prune_configs_by={"early_config_prune": common.prune_oversized(BLOCKS, ("COUT_G", "CIN_G", None))},
     cache_results=True,
 )(_grouped_conv2d_bwd_weight_kernel)
 
@@ -215,6 +212,7 @@ def grouped_conv2d_bwd_weight(
     split_rows = default_split_rows(geom, x.device) if split_rows is None else split_rows
     if split_rows < 1:
         raise ValueError(f"grouped_conv2d_bwd_weight: split_rows must be >= 1, got {split_rows}")
+    x, grad_out, relu_output = (common.channels_contiguous(t) for t in (x, grad_out, relu_output))
     why_not = _tma.why_not_tma(geom, "bwd_weight", input_precision, x=x, grad_out=grad_out,
                                relu_output=relu_output)
     tma = _tma.choose("grouped_conv2d_bwd_weight", tma, why_not, config, x.device)
@@ -225,20 +223,25 @@ def grouped_conv2d_bwd_weight(
             "a grid axis allows"
         )
 
+    # The kernel writes a weight layout with input-channel stride 1 (channels_last), whatever weight_out's: every
+    # launch then compiles the same specializations as a channels_last model's (the weight is small; a copy is cheap).
     if splits == 1:
         # One split: write the gradients in place (split stride 0), cast to their dtype at the store.
-        dw, db = weight_out, bias_out
+        dw, db = common.channels_contiguous_output(weight_out), bias_out
         dw_strides = (0, *dw.stride())
         db_strides = (0, *db.stride()) if db is not None else (0, 0)
     else:
         acc = accumulator_dtype(x.dtype)
-        # Each split's slot has weight_out's dense layout (channels_last stays channels_last).
-        slot_strides = torch.empty_like(weight_out, dtype=acc, memory_format=torch.preserve_format).stride()
+        slot_strides = torch.empty(geom.weight_size, device="meta", memory_format=torch.channels_last).stride()
         slot = weight_out.numel()
         dw = torch.empty_strided((splits, *geom.weight_size), (slot, *slot_strides), dtype=acc, device=x.device)
         db = None if bias_out is None else torch.empty((splits, groups * geom.cout_g), dtype=acc, device=x.device)
         dw_strides = dw.stride()
         db_strides = db.stride() if db is not None else (0, 0)
+
+    # a 1-wide kernel axis's only tap is 0: its stride is passed as 0 (common.weight_strides), so both layouts of a
+    # 1x1 gradient compile alike
+    dw_strides = (*dw_strides[:3], *(0 if size == 1 else st for size, st in zip((geom.kh, geom.kw), dw_strides[3:])))
 
     def grid(meta):
         tiles = triton.cdiv(geom.cout_g, meta["BLOCK_CO"]) * triton.cdiv(geom.cin_g, meta["BLOCK_CI"])
@@ -265,9 +268,8 @@ def grouped_conv2d_bwd_weight(
         )  # fmt: skip
     else:
         if config is None and common.configs_pinned():
-            budget_args = {**constexprs, **dict(zip(GATHERED_STRIDES, (x.stride(1), grad_out.stride(1))))}
             configs = common.within_register_budget(
-                autotune_configs(BWD_WEIGHT_CONFIGS, INTERPRETER_CONFIG), BLOCKS, budget_args, GATHERED_STRIDES)
+                autotune_configs(BWD_WEIGHT_CONFIGS, INTERPRETER_CONFIG), BLOCKS, constexprs)
             config = common.pinned_config(configs, BLOCKS, (geom.cout_g, geom.cin_g, min(split_rows, rows)))
         launch(_grouped_conv2d_bwd_weight_autotuned, grid, args, constexprs, config)
     if splits > 1:
@@ -275,4 +277,6 @@ def grouped_conv2d_bwd_weight(
         weight_out.copy_(dw.sum(0))
         if bias_out is not None:
             bias_out.copy_(db.sum(0))
+    else:
+        common.finish_output(weight_out, dw)
     return weight_out, bias_out

@@ -2,8 +2,10 @@
 
 Per group g: GEMM rows M = N*OH*OW output pixels, columns Cout_g, reduction Cin_g*KH*KW, walked BLOCK_K input
 channels at a time and, within each channel block, tap by tap (kh, kw). Every tensor is addressed through its own
-strides, so NCHW, channels_last and strided views work without copies (channels_last makes the channel loads
-contiguous; NCHW compiles to gathers, so the Triton path converts models to channels_last at their boundary).
+strides; the launchers of all three passes copy an operand whose channel stride is not 1 (NCHW, an expanded
+gradient) to channels_last first (``common.channels_contiguous``), so the loops always read channel-contiguous tiles
+with 16-byte copies and never compile to gathers. The models avoid even that copy on the Triton path: they convert
+to channels_last once, at their boundary.
 """
 
 from __future__ import annotations
@@ -128,8 +130,7 @@ _grouped_conv2d_fwd_autotuned = triton.autotune(
     # triton adds the tensors' dtypes to the key; DOT_DTYPE and INPUT_PRECISION tell fp32 from tf32 dots.
     key=["G", "CIN_G", "COUT_G", "KH", "KW", "OH", "OW", "stride_h", "stride_w", "dil_h", "dil_w", "sx_c",
          "HAS_BIAS", "ACTIVATION", "PRE_AFFINE_RELU", "HAS_RESIDUAL", "DOT_DTYPE", "INPUT_PRECISION", "CH_ALIGN"],
-    prune_configs_by={"early_config_prune": common.prune_oversized(common.MNK_BLOCKS, (None, "COUT_G", "CIN_G"),
-                                                                   gathered=("sx_c",))},
+    prune_configs_by={"early_config_prune": common.prune_oversized(common.MNK_BLOCKS, (None, "COUT_G", "CIN_G"))},
     cache_results=True,
 )(_grouped_conv2d_fwd_kernel)
 
@@ -193,12 +194,15 @@ def grouped_conv2d_fwd(
     if m == 0:
         return out
     common.check_int32_pixels("grouped_conv2d_fwd", m, f"N*OH*OW = {m} output pixels")
+    x, weight, residual = (common.channels_contiguous(t) for t in (x, weight, residual))
+    target, out = out, common.channels_contiguous_output(out)
     why_not = ("the BN + ReLU prologue runs on the cp.async kernel" if pre_acc
                else _tma.why_not_tma(geom, "fwd", input_precision, x=x, weight=weight))
     tma = _tma.choose("grouped_conv2d_fwd", tma, why_not, config, x.device)
     if tma:
-        return _tma.grouped_conv2d_fwd_tma(x, weight, bias, out, geom, activation=activation, residual=residual,
-                                           input_precision=input_precision, config=config)
+        _tma.grouped_conv2d_fwd_tma(x, weight, bias, out, geom, activation=activation, residual=residual,
+                                    input_precision=input_precision, config=config)
+        return common.finish_output(target, out)
 
     def grid(meta):
         return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(geom.cout_g, meta["BLOCK_N"]), groups)
@@ -221,11 +225,11 @@ def grouped_conv2d_fwd(
     if config is None and common.configs_pinned():
         configs = common.within_register_budget(
             autotune_configs(PROLOGUE_FWD_CONFIGS if pre_acc else FWD_CONFIGS, INTERPRETER_CONFIG), common.MNK_BLOCKS,
-            {**constexprs, "sx_c": x.stride(1)}, ("sx_c",))
+            constexprs)
         config = common.pinned_config(configs, common.MNK_BLOCKS, (m, geom.cout_g, geom.cin_g))
     kernel = _grouped_conv2d_fwd_prologue_autotuned if pre_acc else _grouped_conv2d_fwd_autotuned
     launch(kernel, grid, args, constexprs, config)
-    return out
+    return common.finish_output(target, out)
 
 
 def _check_fusion_operands(

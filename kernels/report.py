@@ -323,6 +323,7 @@ class ExpectedFailure(NamedTuple):
     where: str = "*"
     tiles: str = "*"  # the build's BLOCK sizes as its name gives them ("128x16x16"); "*": any
     narrow_only: bool = False  # only builds that copy every 2-d tile asynchronously, some 16 B (narrow, not gathers)
+    small_tiles: bool = False  # only builds with an operand tile under 16 B per thread (operand_tile_bytes_per_thread)
 
 
 _GEMM_100_CLASSES = (
@@ -333,11 +334,6 @@ _GEMM_100_CLASSES = (
     "are aligned but no specialization shows it. On the model path these two backward GEMMs are a few MFLOP of a "
     "multi-TFLOP step (estimate); with a class count divisible by 16 all three passes copy 16 B "
     "(tests/kernels/test_grouped_gemm_ptx.py)")
-_NCHW = ("NCHW: the reduction runs over channels, whose stride is H*W; only the width axis is contiguous, so operand "
-         "tiles are gathered (2-byte synchronous loads for 16-bit, 4-byte cp.async for fp32). Inherent to the layout; "
-         "on CUDA with the Triton backend the trainer converts the model and each batch to channels_last and the zoo "
-         "models convert an NCHW input at their boundary (groupnet.ops.prefers_channels_last), so no model launches "
-         "these builds; they serve direct callers with NCHW tensors")
 _TF32_K_MAJOR = ("tf32 wgmma reads both operands K-major from shared memory (the PTX ISA allows the transposed "
                  "layouts for 16-bit types only); this pass's operand is contiguous along M/N (channels), so Triton "
                  "copies it 4 bytes at a time. sm_80's mma.sync path copies 16 B. The model path takes these builds "
@@ -347,16 +343,28 @@ _STEM = ("the 3-channel stem: its channel rows are 6 (16-bit) or 12 (fp32) bytes
          "inherent to 3-channel images (one conv of the network, under 1% of a WRN-28-10 step's FLOPs, estimate)")
 _12_CHANNELS = ("12 channels per branch (ResNet-56 at K=2) in 16-bit: 24-byte channel rows, so 8-byte copies at best; "
                 "inherent to the channel count (fp32's 48-byte rows copy 16 B)")
-_NARROW_16 = ("the 16-wide channel tiles (the only ones that divide 80/112 channels without padding): a 16x16 weight "
-              "tile over 128 threads is 2 elements per thread, so its copies are 4 bytes in 16-bit, 8 in fp32 (the "
-              "activation tile's stay 16 B). Not fixed: 128x16x64 on 4 warps copies 16 B everywhere (bf16, sm_90: 90 "
-              "registers, 72 KB shared, measured), but as a replacement it would leave layers of 8-16 input channels "
-              "(ResNet-56, the 16->112 convs) only padded 32-deep tiles, and as an extra config the 16-deep one "
-              "still serves them; which costs less needs a GPU")
-_NCHW_FMA = ("NCHW weight gradient with fp32 ieee (FMA): no config meets both the FMA and the gather budget, so the "
-             "FMA budget alone applies, and its 64x64x32 4-warp tile spills 12 B on sm_80. Not fixed: 64x32x32 on 4 "
-             "warps builds at 96 registers without spills (measured) but is not in the weight gradient's config "
-             "list; no model launches NCHW on CUDA (see the NCHW rows)")
+_SMALL_TILES = ("an operand tile with fewer than 16 bytes per thread (depth x the narrower of rows and columns x the "
+                "element size, over the block's threads): Triton spreads each tile over every thread, so its copies "
+                "cannot be 16 bytes wide. The 16-wide channel tiles (128x16x16 on 4 warps: a 16x16 weight tile is 2 "
+                "elements per thread, 4 B in 16-bit, 8 B in fp32) are the only ones that divide 80/112 channels and "
+                "fit 8-16-channel layers without padding; the 256-row tiles' 16-deep reduction (256x64x16 on 8 warps: "
+                "4 elements per thread, 8 B in 16-bit) keeps fp32 within the registers. The other operand's tile stays "
+                "16 B. Not fixed: deeper or narrower-thread tiles exist (128x16x64 on 4 warps copies 16 B throughout: "
+                "bf16, sm_90, 90 registers, 72 KB shared, measured) but would pad the narrow layers; which costs less "
+                "needs a GPU")
+
+
+def operand_tile_bytes_per_thread(record: dict) -> float | None:
+    """The smaller operand tile of a conv build in bytes per thread: depth x min(rows, columns) x element size over
+    32 x warps, from the build's name (``..._RxCxD_wW_...``: rows, columns, reduction depth) and dtype variant; None
+    for a name without three block sizes."""
+    match = re.search(r"_(\d+)x(\d+)x(\d+)_w(\d+)_s\d+$", record["name"])
+    if match is None:
+        return None
+    rows, cols, depth, warps = (int(v) for v in match.groups())
+    element = 4 if record.get("variant", "").startswith("fp32") else 2
+    return depth * min(rows, cols) * element / (32 * warps)
+
 
 EXPECTED_FAILURES: list[ExpectedFailure] = [
     # Real-launch builds that fail a check because of the kernel or its inputs. Rows marked inherent cannot pass in
@@ -364,8 +372,6 @@ EXPECTED_FAILURES: list[ExpectedFailure] = [
     # rows here; the report names rows that went stale.
     ExpectedFailure("grouped_gemm", "backward_input", "-", "async_copy", _GEMM_100_CLASSES),
     ExpectedFailure("grouped_gemm", "backward_weight", "-", "async_copy", _GEMM_100_CLASSES),
-    ExpectedFailure("grouped_conv2d", "*", "nchw", "async_copy", _NCHW),
-    ExpectedFailure("grouped_conv2d_fused", "*", "nchw", "async_copy", _NCHW),
     ExpectedFailure("grouped_conv2d", "bwd_input", "channels_last", "async_copy", _TF32_K_MAJOR, variant="fp32_tf32",
                     capability=90),
     ExpectedFailure("grouped_conv2d", "bwd_weight", "channels_last", "async_copy", _TF32_K_MAJOR, variant="fp32_tf32",
@@ -373,12 +379,10 @@ EXPECTED_FAILURES: list[ExpectedFailure] = [
     ExpectedFailure("grouped_conv2d", "*", "*", "async_copy", _STEM, where=" 3->"),
     ExpectedFailure("grouped_conv2d", "*", "channels_last", "async_copy", _12_CHANNELS, where="K2 12->"),
     ExpectedFailure("grouped_conv2d_fused", "*", "channels_last", "async_copy", _12_CHANNELS, where="K2 12->"),
-    ExpectedFailure("grouped_conv2d", "*", "channels_last", "async_copy", _NARROW_16, tiles="128x16x16",
-                    narrow_only=True),
-    ExpectedFailure("grouped_conv2d_fused", "*", "channels_last", "async_copy", _NARROW_16, tiles="128x16x16",
-                    narrow_only=True),
-    ExpectedFailure("grouped_conv2d", "bwd_weight", "nchw", "spills", _NCHW_FMA, variant="fp32_ieee", capability=80,
-                    tiles="64x64x32"),
+    ExpectedFailure("grouped_conv2d", "*", "channels_last", "async_copy", _SMALL_TILES, narrow_only=True,
+                    small_tiles=True),
+    ExpectedFailure("grouped_conv2d_fused", "*", "channels_last", "async_copy", _SMALL_TILES, narrow_only=True,
+                    small_tiles=True),
 ]
 
 
@@ -431,6 +435,7 @@ def _matches(row: ExpectedFailure, record: dict, check: str) -> bool:
         and row.capability in (0, record["capability"])
         and (row.where == "*" or all(row.where in label for label in record.get("labels", ())))
         and (row.tiles == "*" or f"_{row.tiles}_w" in record["name"])
+        and (not row.small_tiles or (operand_tile_bytes_per_thread(record) or 16) < 16)
         and (not row.narrow_only or (record.get("loop_sync_tile_loads", 1) == 0
                                      and "16" in record.get("tile_copy_bytes", {})))
         and row.check == check
@@ -472,7 +477,8 @@ def stale_expected_failures(results: list[dict], table: list[ExpectedFailure] | 
         and row.layout in ("*", r.get("layout")) and row.variant in ("*", r.get("variant"))
         and row.capability in (0, r["capability"])
         and (row.where == "*" or all(row.where in label for label in r.get("labels", ())))
-        and (row.tiles == "*" or f"_{row.tiles}_w" in r["name"]) for r in compiled)]
+        and (row.tiles == "*" or f"_{row.tiles}_w" in r["name"])
+        and (not row.small_tiles or (operand_tile_bytes_per_thread(r) or 16) < 16) for r in compiled)]
 
 
 def run_compile_jobs(jobs: list[tuple[str, int, int]], workers: int) -> list[dict]:

@@ -509,10 +509,9 @@ def test_prune_keeps_no_tile_that_is_mostly_padding():
     assert stem and all(c.kwargs["BLOCK_K"] == 16 for c in stem)
 
 
-def test_register_budget_drops_fma_and_gathered_tiles_and_keeps_the_rest():
+def test_register_budget_drops_fma_tiles_and_keeps_the_rest():
     """fp32-ieee (FMA) launches never tune or pin a tile past FMA_ELEMENTS_PER_THREAD (128x128 on 8 warps: 255
-    registers with spills on sm_80); tensor-core launches keep every config; an NCHW weight gradient drops the
-    tiles with more than GATHERED_ACCUMULATORS_PER_THREAD accumulators per thread; some config always survives."""
+    registers with spills on sm_80); tensor-core launches keep every config; some config always survives."""
     import triton.language as tl
 
     from groupnet.kernels import grouped_conv2d_bwd_weight as bwd_weight
@@ -526,15 +525,37 @@ def test_register_budget_drops_fma_and_gathered_tiles_and_keeps_the_rest():
     prune = common.prune_oversized(common.MNK_BLOCKS, (None, "COUT_G", "CIN_G"))
     assert prune(FWD_CONFIGS, {"M": 10**6, "COUT_G": 640, "CIN_G": 640}, **fma) == kept
     assert prune(FWD_CONFIGS, {"M": 10**6, "COUT_G": 16, "CIN_G": 3}, **fma)  # the stem keeps a tile
-    blocks, gathered = bwd_weight.BLOCKS, bwd_weight.GATHERED_STRIDES
-    nchw = common.within_register_budget(BWD_WEIGHT_CONFIGS, blocks, {**tf32, "sx_c": 1024, "sdy_c": 1024}, gathered)
-    assert nchw and all(common.fits_gathered_registers(c, blocks) for c in nchw)
-    fma_nchw = common.within_register_budget(BWD_WEIGHT_CONFIGS, blocks, {**fma, "sx_c": 1024}, gathered)
-    assert fma_nchw and all(common.fits_fma_registers(c, blocks) for c in fma_nchw)  # FMA first, then gathers
-    assert common.within_register_budget(BWD_WEIGHT_CONFIGS, blocks, {**tf32, "sx_c": 1, "sdy_c": 1},
-                                         gathered) == BWD_WEIGHT_CONFIGS
+    blocks = bwd_weight.BLOCKS
+    fma_weight = common.within_register_budget(BWD_WEIGHT_CONFIGS, blocks, fma)
+    assert fma_weight and all(common.fits_fma_registers(c, blocks) for c in fma_weight)
+    assert common.within_register_budget(BWD_WEIGHT_CONFIGS, blocks, tf32) == BWD_WEIGHT_CONFIGS
     huge = common.tile_configs(blocks, [(256, 256, 128, 4, 2)])
     assert common.within_register_budget(huge, blocks, fma) == huge  # nothing fits: every config stays
+
+
+def test_launchers_run_the_kernels_on_channel_contiguous_tensors_only():
+    """An operand whose channel stride is not 1 (NCHW, an expanded gradient) is copied to channels_last before the
+    launch, and an NCHW output is written through a channels_last buffer, so no kernel gathers channels; the
+    captured launches of every pass, given NCHW tensors and an expanded gradient, carry channel stride 1."""
+    from groupnet.kernels._common import capture_launches
+
+    def meta(*size):
+        return torch.empty(size, dtype=torch.bfloat16, device="meta")
+
+    x, w = meta(2, 32, 8, 8), meta(32, 16, 3, 3)  # NCHW, 2 groups of 16 channels
+    grad = meta(2, 32, 1, 1).expand(2, 32, 8, 8)  # channel stride 1, spatial strides 0: kept as it is
+    grad_nchw = meta(2, 1, 8, 8).expand(2, 32, 8, 8)  # channel stride 0: copied
+    conv = dict(stride=(1, 1), padding=(1, 1), dilation=(1, 1), groups=2)
+    with capture_launches() as records:
+        grouped_conv2d_fwd(x, w, None, meta(2, 32, 8, 8), **conv, tma=False)
+        grouped_conv2d_bwd_input(grad_nchw, w, meta(2, 32, 8, 8), **conv, tma=False)
+        grouped_conv2d_bwd_weight(x, grad, meta(32, 16, 3, 3), **conv, split_rows=128, tma=False)
+    assert len(records) == 3
+    launched = [dict(zip(kernel.arg_names, args)) for kernel, args, _constexprs, _config in records]
+    for args in launched:
+        channel_strides = {k: v for k, v in args.items() if k in ("sx_c", "sdy_c", "sy_c", "sdx_c", "sw_i")}
+        assert len(channel_strides) >= 3 and all(v == 1 for v in channel_strides.values()), args
+    assert launched[2]["sdy_h"] == launched[2]["sdy_w"] == 0  # a channel-contiguous expanded gradient stays
 
 
 def test_channel_alignment_is_the_largest_power_of_two_dividing_every_value():

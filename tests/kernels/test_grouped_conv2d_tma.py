@@ -249,8 +249,11 @@ def test_shapes_that_do_not_qualify_are_refused_with_a_reason():
         assert why is not None, name
     assert "stride (2, 1)" in refusals["stride"] and "channels per group" in refusals["12 channels"]
     assert "16-pixel segments" in refusals["narrow rows"]
-    with pytest.raises(ValueError, match="tma=True, but .*channel axis"):
-        grouped_conv2d_fwd(x.contiguous(), w, None, torch.empty(2, 16, 5, 5, dtype=torch.float16), stride=(1, 1),
+    # (an NCHW operand is no refusal at the launchers: they copy it to channels_last first; a misaligned
+    # channels_last view stays as it is, and is refused)
+    misaligned = torch.zeros(2 * 16 * 25 + 1, dtype=torch.float16)[1:].view(2, 5, 5, 16).permute(TO_NCHW)
+    with pytest.raises(ValueError, match="tma=True, but "):
+        grouped_conv2d_fwd(misaligned, w, None, torch.empty(2, 16, 5, 5, dtype=torch.float16), stride=(1, 1),
                            padding=(1, 1), dilation=(1, 1), groups=2, tma=True)  # fmt: skip
     with pytest.raises(ValueError, match="tma=True, but stride"):
         grouped_conv2d_bwd_input(torch.zeros(2, 16, 3, 3, dtype=torch.float16), w, torch.zeros_like(x),
@@ -294,7 +297,8 @@ def _fail(*args, **kwargs):
 @pytest.mark.parametrize("x_channels_last", [True, False])
 def test_autograd_on_a_capability_9_device_runs_tma_where_it_qualifies(monkeypatch, x_channels_last):
     """With the device check forced on, the public op's three passes go to the TMA kernels for channels_last tf32
-    operands (and the cp.async kernels for NCHW); values and gradients match float64 torch."""
+    operands, NCHW ones included (the launchers copy them to channels_last first); values and gradients match
+    float64 torch, and the gradients keep the layout of their tensors."""
     calls = []
     for name in ("grouped_conv2d_fwd_tma", "grouped_conv2d_bwd_input_tma", "grouped_conv2d_bwd_weight_tma"):
         real = getattr(tma, name)
@@ -308,13 +312,14 @@ def test_autograd_on_a_capability_9_device_runs_tma_where_it_qualifies(monkeypat
     y = grouped_conv2d(x, w, b, branches=2, padding=1, activation="relu", input_precision="tf32")
     (y * y).sum().backward()
     tma_calls = ["grouped_conv2d_fwd_tma", "grouped_conv2d_bwd_input_tma", "grouped_conv2d_bwd_weight_tma"]
-    assert calls == (tma_calls if x_channels_last else [])
+    assert calls == tma_calls
     refs = float64_leaves(x, w, b)
     y_ref = F.conv2d(*refs, padding=1, groups=2).relu()
     (y_ref * y_ref).sum().backward()
     assert_close(y, y_ref, torch.float32, reduction=36, what="forward")
     for name, t, ref, reduction in zip(("dx", "dw", "db"), (x, w, b), refs, (72, 96, 96)):
         assert_close(t.grad, ref.grad, torch.float32, reduction=reduction, what=name)
+    assert x.grad.is_contiguous(memory_format=fmt) and y.is_contiguous(memory_format=fmt)
 
 
 def test_deterministic_algorithms_pin_the_launch_config(monkeypatch):
