@@ -143,11 +143,39 @@ def _prologue_fits(config: triton.Config) -> bool:
 
 
 PROLOGUE_FWD_CONFIGS = [c for c in FWD_CONFIGS if _prologue_fits(c)]
+
+PROLOGUE_FP32_ACCUMULATORS_PER_THREAD = 32
+"""With the prologue and fp32 operands (tf32 dots), at most this many accumulator elements per thread: the affine +
+ReLU tile is fp32 in registers beside the accumulator, and on sm_80 the 64-per-thread tiles (128x128x32 and
+64x256x32 on 8 warps) took 240-254 registers at the split WRN-28-10's 448 channels (offline builds)."""
+
+PROLOGUE_FMA_ACCUMULATORS_PER_THREAD = 16
+"""With the prologue and an FMA dot (fp32 ieee), at most this many accumulator elements per thread: within the plain
+FMA budget, 64x64x32 on 4 warps spilled 12 B and 128x64x32 on 8 warps took 255 registers with 8 B spilled on sm_80
+(offline builds)."""
+
+
+def within_prologue_budget(configs: list[triton.Config], args: dict) -> list[triton.Config]:
+    """The configs that keep a prologue launch with 32-bit operands within the registers
+    (:data:`PROLOGUE_FP32_ACCUMULATORS_PER_THREAD`, :data:`PROLOGUE_FMA_ACCUMULATORS_PER_THREAD`); all of
+    ``configs`` for 16-bit operands, or when none fits."""
+    dot = args.get("DOT_DTYPE")
+    if dot not in (tl.float32, tl.float64):
+        return list(configs)
+    limit = PROLOGUE_FMA_ACCUMULATORS_PER_THREAD if common.is_fma_dot(args) else PROLOGUE_FP32_ACCUMULATORS_PER_THREAD
+    return [c for c in configs if common.accumulators_per_thread(c, common.MNK_BLOCKS) <= limit] or list(configs)
+
+
+def _prune_prologue(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+    return _grouped_conv2d_fwd_autotuned.early_config_prune(
+        within_prologue_budget(configs, {**named_args, **kwargs}), named_args, **kwargs)
+
+
 # The same kernel, key and pruning as the plain forward, tuned over the configs the prologue fits in.
 _grouped_conv2d_fwd_prologue_autotuned = triton.autotune(
     configs=autotune_configs(PROLOGUE_FWD_CONFIGS, INTERPRETER_CONFIG),
     key=_grouped_conv2d_fwd_autotuned.keys,
-    prune_configs_by={"early_config_prune": _grouped_conv2d_fwd_autotuned.early_config_prune},
+    prune_configs_by={"early_config_prune": _prune_prologue},
     cache_results=True,
 )(_grouped_conv2d_fwd_kernel)
 
@@ -226,6 +254,7 @@ def grouped_conv2d_fwd(
         configs = common.within_register_budget(
             autotune_configs(PROLOGUE_FWD_CONFIGS if pre_acc else FWD_CONFIGS, INTERPRETER_CONFIG), common.MNK_BLOCKS,
             constexprs)
+        configs = within_prologue_budget(configs, constexprs) if pre_acc else configs
         config = common.pinned_config(configs, common.MNK_BLOCKS, (m, geom.cout_g, geom.cin_g))
     kernel = _grouped_conv2d_fwd_prologue_autotuned if pre_acc else _grouped_conv2d_fwd_autotuned
     launch(kernel, grid, args, constexprs, config)

@@ -533,6 +533,24 @@ def test_register_budget_drops_fma_tiles_and_keeps_the_rest():
     assert common.within_register_budget(huge, blocks, fma) == huge  # nothing fits: every config stays
 
 
+def test_prologue_budget_drops_wide_fp32_tiles_only():
+    """The fused BN + ReLU prologue holds an fp32 input tile in registers: with 32-bit operands it keeps at most
+    PROLOGUE_FP32_ACCUMULATORS_PER_THREAD (tf32) or PROLOGUE_FMA_ACCUMULATORS_PER_THREAD (ieee) accumulators per
+    thread, 16-bit operands keep every prologue config, and the autotuner's pruning and the pinned path agree."""
+    from groupnet.kernels import grouped_conv2d_fwd as fwd
+
+    configs = fwd.PROLOGUE_FWD_CONFIGS
+    assert fwd.within_prologue_budget(configs, {"DOT_DTYPE": tl.bfloat16, "INPUT_PRECISION": "ieee"}) == configs
+    for precision, limit in (("tf32", fwd.PROLOGUE_FP32_ACCUMULATORS_PER_THREAD),
+                             ("ieee", fwd.PROLOGUE_FMA_ACCUMULATORS_PER_THREAD)):
+        args = {"DOT_DTYPE": tl.float32, "INPUT_PRECISION": precision}
+        kept = fwd.within_prologue_budget(configs, args)
+        assert kept and len(kept) < len(configs)
+        assert all(common.accumulators_per_thread(c, common.MNK_BLOCKS) <= limit for c in kept)
+        pruned = fwd._prune_prologue(configs, {"M": 10**6, "COUT_G": 448, "CIN_G": 448}, **args)
+        assert pruned and all(c in kept for c in pruned)
+
+
 def test_launchers_run_the_kernels_on_channel_contiguous_tensors_only():
     """An operand whose channel stride is not 1 (NCHW, an expanded gradient) is copied to channels_last before the
     launch, and an NCHW output is written through a channels_last buffer, so no kernel gathers channels; the
