@@ -125,12 +125,36 @@ def _grouped_conv2d_fwd_kernel(
     store_pixel_tile(y_ptr, acc, n, oh, ow, g * COUT_G + offs_n, sy_n, sy_c, sy_h, sy_w, mask_m, mask_n)
 
 
+TF32_OPERANDS_PER_THREAD = 32
+"""With tf32 dots, 8-warp forward tiles keep at most this many operand elements per thread per reduction step
+(``BLOCK_K * (BLOCK_M + BLOCK_N)`` over the threads): on sm_80 the 40- and 48-element tiles (256x64x32, 64x256x32,
+128x64x64) took 174-234 registers in the plain and fused forwards, at or past the 232 of headroom, where the
+32-element ones (128x128x32, 128x64x32) took 128-208 (offline builds of the full check)."""
+
+
+def within_tf32_budget(configs: list[triton.Config], args: dict) -> list[triton.Config]:
+    """The configs that keep a tf32 forward within :data:`TF32_OPERANDS_PER_THREAD` on 8 warps; all of ``configs``
+    for other dots, or when none fits."""
+    if not (args.get("DOT_DTYPE") == tl.float32 and args.get("INPUT_PRECISION") == "tf32"):
+        return list(configs)
+    kept = [c for c in configs
+            if c.num_warps < 8 or common.operands_per_thread(c, common.MNK_BLOCKS) <= TF32_OPERANDS_PER_THREAD]
+    return kept or list(configs)
+
+
+_prune_sizes = common.prune_oversized(common.MNK_BLOCKS, (None, "COUT_G", "CIN_G"))
+
+
+def _prune_forward(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+    return _prune_sizes(within_tf32_budget(configs, {**named_args, **kwargs}), named_args, **kwargs)
+
+
 _grouped_conv2d_fwd_autotuned = triton.autotune(
     configs=autotune_configs(FWD_CONFIGS, INTERPRETER_CONFIG),
     # triton adds the tensors' dtypes to the key; DOT_DTYPE and INPUT_PRECISION tell fp32 from tf32 dots.
     key=["G", "CIN_G", "COUT_G", "KH", "KW", "OH", "OW", "stride_h", "stride_w", "dil_h", "dil_w", "sx_c",
          "HAS_BIAS", "ACTIVATION", "PRE_AFFINE_RELU", "HAS_RESIDUAL", "DOT_DTYPE", "INPUT_PRECISION", "CH_ALIGN"],
-    prune_configs_by={"early_config_prune": common.prune_oversized(common.MNK_BLOCKS, (None, "COUT_G", "CIN_G"))},
+    prune_configs_by={"early_config_prune": _prune_forward},
     cache_results=True,
 )(_grouped_conv2d_fwd_kernel)
 
@@ -254,7 +278,7 @@ def grouped_conv2d_fwd(
         configs = common.within_register_budget(
             autotune_configs(PROLOGUE_FWD_CONFIGS if pre_acc else FWD_CONFIGS, INTERPRETER_CONFIG), common.MNK_BLOCKS,
             constexprs)
-        configs = within_prologue_budget(configs, constexprs) if pre_acc else configs
+        configs = within_tf32_budget(within_prologue_budget(configs, constexprs) if pre_acc else configs, constexprs)
         config = common.pinned_config(configs, common.MNK_BLOCKS, (m, geom.cout_g, geom.cin_g))
     kernel = _grouped_conv2d_fwd_prologue_autotuned if pre_acc else _grouped_conv2d_fwd_autotuned
     launch(kernel, grid, args, constexprs, config)

@@ -188,14 +188,38 @@ def bundled_tool(name: str) -> str | None:
     return path if os.path.exists(path) else None
 
 
-SASS_OPCODES = ("LDG", "LDGSTS", "UTMALDG", "LDS", "LDSM", "STG", "HMMA", "HGMMA", "FFMA", "DFMA")
+SASS_OPCODES = ("LDG", "LDGSTS", "UTMALDG", "LDS", "LDSM", "STG", "HMMA", "HGMMA", "FFMA", "DFMA", "STL", "LDL")
 SASS_OPCODE_RE = re.compile(r"^\s*/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)((?:\.[A-Z0-9_]+)*)",
                             re.MULTILINE)
 
 
+SASS_LINE_RE = re.compile(r"^\s*/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)[^;\n]*", re.MULTILINE)
+SASS_BRANCH_TARGET_RE = re.compile(r"\bBRA(?:\.[A-Z0-9_]+)*\s+0x([0-9a-f]+)")
+
+
+def local_memory_ops_in_loops(sass: str) -> int | None:
+    """How many local-memory instructions (``STL``/``LDL``: register spills) of ``sass`` lie inside a loop, i.e.
+    between a backward branch's target and the branch; None when a branch target cannot be read (``nvdisasm``'s
+    labels). A spill stored before the loop and reloaded after it costs one access each per launch; one inside the
+    loop costs one per iteration."""
+    lines = [(int(addr, 16), opcode, line.group(0)) for line in SASS_LINE_RE.finditer(sass)
+             for addr, opcode in [line.groups()]]
+    loops = []
+    for addr, opcode, text in lines:
+        if opcode == "BRA":
+            target = SASS_BRANCH_TARGET_RE.search(text)
+            if target is None:
+                return None
+            if int(target.group(1), 16) < addr:
+                loops.append((int(target.group(1), 16), addr))
+    return sum(1 for addr, opcode, _ in lines
+               if opcode in ("STL", "LDL") and any(start <= addr <= end for start, end in loops))
+
+
 def sass_counts(cubin_path: str) -> dict | None:
     """Instruction counts of the cubin's SASS (``cuobjdump -sass``, or ``nvdisasm``), by opcode of SASS_OPCODES;
-    ``LDG``/``LDGSTS`` also by width (``LDG.128``: 16-byte loads; a bare ``LDG``: 4 bytes; ``.U16`` two)."""
+    ``LDG``/``LDGSTS`` also by width (``LDG.128``: 16-byte loads; a bare ``LDG``: 4 bytes; ``.U16`` two); and
+    ``LOCAL_IN_LOOPS``, the spill instructions inside loops (:func:`local_memory_ops_in_loops`) when known."""
     tool = bundled_tool("cuobjdump")
     cmd = [tool, "-sass", cubin_path] if tool else None
     if cmd is None and bundled_tool("nvdisasm"):
@@ -215,6 +239,9 @@ def sass_counts(cubin_path: str) -> dict | None:
             width = next((m for m in mods if m in ("64", "128", "U16", "S16", "U8", "S8")), "32")
             key = f"{opcode}.{width}"
             counts[key] = counts.get(key, 0) + 1
+    in_loops = local_memory_ops_in_loops(run.stdout)
+    if in_loops is not None:
+        counts["LOCAL_IN_LOOPS"] = in_loops
     return counts
 
 
@@ -324,6 +351,7 @@ class ExpectedFailure(NamedTuple):
     tiles: str = "*"  # the build's BLOCK sizes as its name gives them ("128x16x16"); "*": any
     narrow_only: bool = False  # only builds that copy every 2-d tile asynchronously, some 16 B (narrow, not gathers)
     small_tiles: bool = False  # only builds with an operand tile under 16 B per thread (operand_tile_bytes_per_thread)
+    spills_outside_loops: bool = False  # only builds whose spill instructions all lie outside loops (from the SASS)
 
 
 _GEMM_100_CLASSES = (
@@ -366,6 +394,13 @@ def operand_tile_bytes_per_thread(record: dict) -> float | None:
     return depth * min(rows, cols) * element / (32 * warps)
 
 
+_SPILLS_OUTSIDE_LOOPS = ("ptxas keeps a few bytes (4-20 B per thread, at 96 or 128 registers) in local memory, "
+                         "stored before the main loop and reloaded after it: no spill instruction lies inside a "
+                         "loop (read from the SASS), so it costs one local store and load per thread per launch, "
+                         "not per iteration. ptxas's own choice, not the register file's limit: the same PTX "
+                         "compiled with -maxrregcount=255 spills the same (fwd fp16 64x64x32 / 4 warps on sm_80: "
+                         "96 registers, 4 B, STL before the loop and LDL.LU after it)")
+
 EXPECTED_FAILURES: list[ExpectedFailure] = [
     # Real-launch builds that fail a check because of the kernel or its inputs. Rows marked inherent cannot pass in
     # Triton 3.8 for that layout or shape; the others are named as not fixed. Fixing a kernel means deleting its
@@ -379,6 +414,8 @@ EXPECTED_FAILURES: list[ExpectedFailure] = [
     ExpectedFailure("grouped_conv2d", "*", "*", "async_copy", _STEM, where=" 3->"),
     ExpectedFailure("grouped_conv2d", "*", "channels_last", "async_copy", _12_CHANNELS, where="K2 12->"),
     ExpectedFailure("grouped_conv2d_fused", "*", "channels_last", "async_copy", _12_CHANNELS, where="K2 12->"),
+    ExpectedFailure("grouped_conv2d", "*", "*", "spills", _SPILLS_OUTSIDE_LOOPS, spills_outside_loops=True),
+    ExpectedFailure("grouped_conv2d_fused", "*", "*", "spills", _SPILLS_OUTSIDE_LOOPS, spills_outside_loops=True),
     ExpectedFailure("grouped_conv2d", "*", "channels_last", "async_copy", _SMALL_TILES, narrow_only=True,
                     small_tiles=True),
     ExpectedFailure("grouped_conv2d_fused", "*", "channels_last", "async_copy", _SMALL_TILES, narrow_only=True,
@@ -436,6 +473,7 @@ def _matches(row: ExpectedFailure, record: dict, check: str) -> bool:
         and (row.where == "*" or all(row.where in label for label in record.get("labels", ())))
         and (row.tiles == "*" or f"_{row.tiles}_w" in record["name"])
         and (not row.small_tiles or (operand_tile_bytes_per_thread(record) or 16) < 16)
+        and (not row.spills_outside_loops or (record.get("sass") or {}).get("LOCAL_IN_LOOPS") == 0)
         and (not row.narrow_only or (record.get("loop_sync_tile_loads", 1) == 0
                                      and "16" in record.get("tile_copy_bytes", {})))
         and row.check == check
@@ -478,7 +516,8 @@ def stale_expected_failures(results: list[dict], table: list[ExpectedFailure] | 
         and row.capability in (0, r["capability"])
         and (row.where == "*" or all(row.where in label for label in r.get("labels", ())))
         and (row.tiles == "*" or f"_{row.tiles}_w" in r["name"])
-        and (not row.small_tiles or (operand_tile_bytes_per_thread(r) or 16) < 16) for r in compiled)]
+        and (not row.small_tiles or (operand_tile_bytes_per_thread(r) or 16) < 16)
+        and (not row.spills_outside_loops or (r.get("sass") or {}).get("LOCAL_IN_LOOPS") == 0) for r in compiled)]
 
 
 def run_compile_jobs(jobs: list[tuple[str, int, int]], workers: int) -> list[dict]:

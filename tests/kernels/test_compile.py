@@ -166,6 +166,36 @@ def test_a_narrow_only_row_does_not_excuse_gathers():
     assert report.failures_of(gather, table=[row])
 
 
+_LOOP_SASS = """
+        /*0100*/                   STL [R1], R5 ;
+        /*0110*/               @!P0 BRA 0x0200 ;
+        /*0120*/                   HMMA.16816.F32 R4, R8, R12, R4 ;
+        /*0130*/                   {inside} ;
+        /*0140*/               @P0 BRA 0x0120 ;
+        /*0150*/                   LDL.LU R5, [R1] ;
+        /*0200*/                   EXIT ;
+        /*0210*/                   BRA 0x0210;
+"""
+
+
+def test_spill_instructions_are_located_inside_or_outside_the_loops():
+    """A spill stored before the loop and reloaded after it is outside every loop (0); one between a backward
+    branch's target and the branch is inside; an unreadable branch target gives None."""
+    assert report.local_memory_ops_in_loops(_LOOP_SASS.format(inside="FFMA R4, R4, R4, R4")) == 0
+    assert report.local_memory_ops_in_loops(_LOOP_SASS.format(inside="LDL R7, [R1+0x4]")) == 1
+    assert report.local_memory_ops_in_loops(_LOOP_SASS.format(inside="STL.64 [R1+0x8], R6")) == 1
+    assert report.local_memory_ops_in_loops("        /*0010*/   @P0 BRA `(.L_x_1) ;") is None
+
+
+def test_a_spills_outside_loops_row_excuses_only_spills_outside_loops():
+    row = report.ExpectedFailure("m", "*", "*", "spills", "outside the loop", spills_outside_loops=True)
+    outside = _record(spill_stores=4, spill_loads=4, sass={"STL": 1, "LDL": 1, "LOCAL_IN_LOOPS": 0})
+    inside = _record(spill_stores=4, spill_loads=4, sass={"STL": 1, "LDL": 1, "LOCAL_IN_LOOPS": 1})
+    unknown = _record(spill_stores=4, spill_loads=4, sass={"STL": 1, "LDL": 1})
+    assert report.failures_of(outside, table=[]) and report.failures_of(outside, table=[row]) == []
+    assert report.failures_of(inside, table=[row]) and report.failures_of(unknown, table=[row])
+
+
 def test_expected_failure_rows_name_real_kernels_and_checks():
     modules = {m.rsplit(".", 1)[-1] for m in report.modules_with("compile_specs")}
     for row in report.EXPECTED_FAILURES:

@@ -551,6 +551,23 @@ def test_prologue_budget_drops_wide_fp32_tiles_only():
         assert pruned and all(c in kept for c in pruned)
 
 
+def test_tf32_forward_budget_drops_wide_operand_tiles_on_8_warps_only():
+    """tf32 forwards never tune or pin an 8-warp tile past TF32_OPERANDS_PER_THREAD (256x64x32: 234 registers on
+    sm_80); 4-warp tiles, 16-bit and fp32-ieee launches are left to the other budgets."""
+    from groupnet.kernels import grouped_conv2d_fwd as fwd
+
+    tf32 = {"DOT_DTYPE": tl.float32, "INPUT_PRECISION": "tf32"}
+    kept = fwd.within_tf32_budget(FWD_CONFIGS, tf32)
+    dropped = [c for c in FWD_CONFIGS if c not in kept]
+    assert dropped and all(c.num_warps == 8 for c in dropped)
+    assert any(c.kwargs == {"BLOCK_M": 256, "BLOCK_N": 64, "BLOCK_K": 32} for c in dropped)
+    assert all(c.num_warps < 8 or common.operands_per_thread(c, common.MNK_BLOCKS) <= fwd.TF32_OPERANDS_PER_THREAD
+               for c in kept)
+    assert fwd.within_tf32_budget(FWD_CONFIGS, {"DOT_DTYPE": tl.bfloat16, "INPUT_PRECISION": "ieee"}) == FWD_CONFIGS
+    pruned = fwd._prune_forward(FWD_CONFIGS, {"M": 10**6, "COUT_G": 448, "CIN_G": 448}, **tf32)
+    assert pruned and all(c in kept for c in pruned)
+
+
 def test_launchers_run_the_kernels_on_channel_contiguous_tensors_only():
     """An operand whose channel stride is not 1 (NCHW, an expanded gradient) is copied to channels_last before the
     launch, and an NCHW output is written through a channels_last buffer, so no kernel gathers channels; the
