@@ -62,25 +62,47 @@ def accumulators_per_thread(config: triton.Config, blocks: tuple[str, str, str])
     return config.kwargs[blocks[0]] * config.kwargs[blocks[1]] / (32 * config.num_warps)
 
 
-def operands_per_thread(config: triton.Config, blocks: tuple[str, str, str]) -> float:
+def operands_per_thread(config: triton.Config, blocks: tuple[str, str, str], row_tiles: int = 1) -> float:
+    """Operand elements per thread per reduction step; ``row_tiles`` row-operand tiles are loaded per step."""
     rows, cols, depth = (config.kwargs[b] for b in blocks)
-    return depth * (rows + cols) / (32 * config.num_warps)
+    return depth * (row_tiles * rows + cols) / (32 * config.num_warps)
 
 
-def fits_fma_registers(config: triton.Config, blocks: tuple[str, str, str]) -> bool:
-    """``config`` keeps an FMA dot within :data:`FMA_ELEMENTS_PER_THREAD` (``blocks``: rows, columns, reduction)."""
-    elements = max(accumulators_per_thread(config, blocks), operands_per_thread(config, blocks))
+def fits_fma_registers(config: triton.Config, blocks: tuple[str, str, str], row_tiles: int = 1) -> bool:
+    """``config`` keeps an FMA dot within :data:`FMA_ELEMENTS_PER_THREAD` (``blocks``: rows, columns, reduction;
+    ``row_tiles``: as :func:`operands_per_thread`)."""
+    elements = max(accumulators_per_thread(config, blocks), operands_per_thread(config, blocks, row_tiles))
     return elements <= FMA_ELEMENTS_PER_THREAD
+
+
+MIN_FMA_REDUCTION_BLOCK = 16
 
 
 def within_register_budget(configs: list[triton.Config], blocks: tuple[str, str, str],
                            args: dict) -> list[triton.Config]:
     """The configs of ``configs`` whose tiles fit the registers for a launch with arguments and constexprs
-    ``args``: FMA dots within :func:`fits_fma_registers`; when none fits, all configs. A config over budget is never
-    run, so it is never built either."""
+    ``args``: FMA dots within :func:`fits_fma_registers`. A ReLU-gradient launch (``RELU_GRAD``) loads the saved
+    output beside the gradient, a second row-operand tile per step; when none of its configs fits, it takes the
+    configs that fit without that tile with their reduction block halved (down to :data:`MIN_FMA_REDUCTION_BLOCK`)
+    until they fit. Failing both, all configs. A config over budget is never run, so it is never built either."""
     if not is_fma_dot(args):
         return list(configs)
-    return [c for c in configs if fits_fma_registers(c, blocks)] or list(configs)
+    row_tiles = 2 if args.get("RELU_GRAD") else 1
+    kept = [c for c in configs if fits_fma_registers(c, blocks, row_tiles)]
+    if kept or row_tiles == 1:
+        return kept or list(configs)
+    shrunk: dict[tuple, triton.Config] = {}
+    for c in configs:
+        if not fits_fma_registers(c, blocks):
+            continue
+        depth = c.kwargs[blocks[2]]
+        while depth > MIN_FMA_REDUCTION_BLOCK and \
+                operands_per_thread(c, blocks, row_tiles) * depth / c.kwargs[blocks[2]] > FMA_ELEMENTS_PER_THREAD:
+            depth //= 2
+        small = triton.Config({**c.kwargs, blocks[2]: depth}, num_warps=c.num_warps, num_stages=c.num_stages)
+        if fits_fma_registers(small, blocks, row_tiles):
+            shrunk.setdefault((tuple(sorted(small.kwargs.items())), small.num_warps, small.num_stages), small)
+    return list(shrunk.values()) or list(configs)
 
 
 def prune_oversized(blocks: tuple[str, str, str], size_args: tuple[str | None, str | None, str | None]):
@@ -238,13 +260,14 @@ def finish_output(out: Tensor, written: Tensor) -> Tensor:
     return out
 
 
-def weight_strides(weight: Tensor) -> tuple[int, int, int, int]:
-    """The strides a conv kernel takes for ``weight`` (G*COUT_G, CIN_G, KH, KW): its own, except that a 1-wide kernel
-    axis gets stride 0. That axis's only tap is 0, so the value never addresses memory; a 1x1 weight's spatial
-    strides are 1 in NCHW, which would hide the channel alignment (``channel_alignment``, and the JIT's
-    divisibility-by-16 mark) from the compiler, while 0 shows it."""
-    so, si, sh, sw = weight.stride()
-    return so, si, 0 if weight.shape[2] == 1 else sh, 0 if weight.shape[3] == 1 else sw
+def weight_strides(strides: tuple[int, ...], kernel_size: tuple[int, int]) -> tuple[int, ...]:
+    """The strides a conv kernel takes for a weight (or weight-gradient) layout whose last two axes are the kernel
+    taps (KH, KW): ``strides`` as given, except that a 1-wide kernel axis gets stride 0. That axis's only tap is 0,
+    so the value never addresses memory; a 1x1 weight's spatial strides are 1 in NCHW, which would hide the channel
+    alignment (``channel_alignment``, and the JIT's divisibility-by-16 mark) from the compiler, while 0 shows it."""
+    *lead, sh, sw = strides
+    kh, kw = kernel_size
+    return (*lead, 0 if kh == 1 else sh, 0 if kw == 1 else sw)
 
 
 def dot_settings(dtype: torch.dtype, input_precision: str) -> dict[str, Any]:

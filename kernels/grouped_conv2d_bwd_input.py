@@ -215,7 +215,7 @@ def grouped_conv2d_bwd_input(
         return (triton.cdiv(mq, meta["BLOCK_M"]) * triton.cdiv(geom.cin_g, meta["BLOCK_N"]), sh * sw, groups)
 
     y = relu_output if relu_output is not None else grad_out
-    w_strides = common.weight_strides(weight)
+    w_strides = common.weight_strides(weight.stride(), weight.shape[2:])
     args = (
         grad_out, weight, y, out,
         mq, hq, wq, geom.h, geom.w, geom.oh, geom.ow, geom.cin_g, geom.cout_g, groups, geom.kh, geom.kw,

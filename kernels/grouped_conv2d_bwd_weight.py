@@ -239,9 +239,7 @@ def grouped_conv2d_bwd_weight(
         dw_strides = dw.stride()
         db_strides = db.stride() if db is not None else (0, 0)
 
-    # a 1-wide kernel axis's only tap is 0: its stride is passed as 0 (common.weight_strides), so both layouts of a
-    # 1x1 gradient compile alike
-    dw_strides = (*dw_strides[:3], *(0 if size == 1 else st for size, st in zip((geom.kh, geom.kw), dw_strides[3:])))
+    dw_strides = common.weight_strides(dw_strides, (geom.kh, geom.kw))  # both layouts of a 1x1 gradient compile alike
 
     def grid(meta):
         tiles = triton.cdiv(geom.cout_g, meta["BLOCK_CO"]) * triton.cdiv(geom.cin_g, meta["BLOCK_CI"])

@@ -259,7 +259,7 @@ def grouped_conv2d_fwd(
     def grid(meta):
         return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(geom.cout_g, meta["BLOCK_N"]), groups)
 
-    w_strides = common.weight_strides(weight)
+    w_strides = common.weight_strides(weight.stride(), weight.shape[2:])
     args = (
         x, weight, bias if bias is not None else weight, out,
         m, geom.h, geom.w, geom.oh, geom.ow, geom.cin_g, geom.cout_g, groups, geom.kh, geom.kw,

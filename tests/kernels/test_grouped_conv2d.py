@@ -533,6 +533,43 @@ def test_register_budget_drops_fma_tiles_and_keeps_the_rest():
     assert common.within_register_budget(huge, blocks, fma) == huge  # nothing fits: every config stays
 
 
+@given(rows=st.sampled_from([16, 32, 64, 128, 256]), cols=st.sampled_from([16, 32, 64, 128]),
+       depth=st.sampled_from([16, 32, 64, 128]), warps=st.sampled_from([4, 8]), relu=st.booleans())
+@settings(max_examples=60, deadline=None)
+def test_register_budget_counts_the_relu_mask_and_halves_the_reduction_block(rows, cols, depth, warps, relu):
+    """A ReLU-gradient FMA launch loads the saved output beside the gradient (two row tiles per step), so its tiles
+    are judged with both; when no config fits, a config that fits without the mask comes back with a halved
+    reduction block (the split WRN-28-10's 112-channel weight gradient with bias+ReLU spilled inside its loop on
+    sm_80 at 128x64x32 and 64x64x32, and built without spills at 128x64x16 and 64x64x16)."""
+    import triton.language as tl
+
+    from groupnet.kernels import grouped_conv2d_bwd_weight as bwd_weight
+
+    blocks = bwd_weight.BLOCKS
+    args = {"DOT_DTYPE": tl.float32, "INPUT_PRECISION": "ieee", "RELU_GRAD": relu}
+    row_tiles = 2 if relu else 1
+    (config,) = common.tile_configs(blocks, [(rows, cols, depth, warps, 3)])
+    kept = common.within_register_budget([config], blocks, args)
+    assert len(kept) == 1
+    (got,) = kept
+    assert (got.num_warps, got.num_stages) == (config.num_warps, config.num_stages)
+    assert all(got.kwargs[b] == config.kwargs[b] for b in blocks[:2])
+    if common.fits_fma_registers(config, blocks, row_tiles):
+        assert got is config
+    elif not common.fits_fma_registers(config, blocks):
+        assert got is config  # over budget even without the mask: nothing fits, every config stays
+    elif got is config:  # not even the smallest reduction block fits
+        (smallest,) = common.tile_configs(blocks, [(rows, cols, common.MIN_FMA_REDUCTION_BLOCK, warps, 3)])
+        assert not common.fits_fma_registers(smallest, blocks, row_tiles)
+    else:  # the largest halving of the reduction block that fits
+        assert got.kwargs[blocks[2]] < depth and common.fits_fma_registers(got, blocks, row_tiles)
+        (doubled,) = common.tile_configs(blocks, [(rows, cols, 2 * got.kwargs[blocks[2]], warps, 3)])
+        assert not common.fits_fma_registers(doubled, blocks, row_tiles)
+    # the configs the weight gradient tunes over for the split WRN-28-10's bias+ReLU layer fit with the mask
+    wrn = common.within_register_budget(BWD_WEIGHT_CONFIGS, blocks, {**args, "RELU_GRAD": True})
+    assert wrn and all(common.fits_fma_registers(c, blocks, 2) for c in wrn)
+
+
 def test_prologue_budget_drops_wide_fp32_tiles_only():
     """The fused BN + ReLU prologue holds an fp32 input tile in registers: with 32-bit operands it keeps at most
     PROLOGUE_FP32_ACCUMULATORS_PER_THREAD (tf32) or PROLOGUE_FMA_ACCUMULATORS_PER_THREAD (ieee) accumulators per
