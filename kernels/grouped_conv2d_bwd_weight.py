@@ -50,6 +50,11 @@ BWD_WEIGHT_CONFIGS = common.tile_configs(
         (256, 64, 16, 8, 4), (64, 128, 64, 8, 3), (64, 64, 128, 8, 2), (64, 16, 64, 4, 3),
     ],
 )  # fmt: skip
+# FMA dots (fp32 ieee, fp64) need no 64-row tiles (wgmma's minimum), so these serve FMA launches only: a layer of
+# few channels per group (ResNet-56 split in two: 12-48) gets a tile near its size instead of a 64x64 tile that is
+# mostly padding (and that spilled inside its loop on sm_80 at 12 and 24 channels).
+BWD_WEIGHT_FMA_CONFIGS = common.tile_configs(BLOCKS, [(32, 32, 32, 4, 3), (16, 16, 64, 4, 3)])
+MIN_TENSOR_CORE_ROWS = 64
 (INTERPRETER_CONFIG,) = common.tile_configs(BLOCKS, [(16, 16, 16, 4, 1)])
 
 # Split sizing: on a GPU aim for about 4 waves of programs, never fewer than MIN_SPLIT_ROWS rows per split, and
@@ -141,12 +146,27 @@ def _grouped_conv2d_bwd_weight_kernel(
                               tap, pid_ci, sdw_s, sdw_o, sdw_i, sdw_h, sdw_w, sdb_s, sdb_c, HAS_BIAS)
 
 
+def within_dot_kind(configs: list[triton.Config], args: dict) -> list[triton.Config]:
+    """The configs a launch with constexprs ``args`` may run: all for an FMA dot; for a tensor-core dot those of at
+    least :data:`MIN_TENSOR_CORE_ROWS` rows (the FMA-only tiles dropped), or all when none has."""
+    if common.is_fma_dot(args):
+        return list(configs)
+    return [c for c in configs if c.kwargs["BLOCK_CO"] >= MIN_TENSOR_CORE_ROWS] or list(configs)
+
+
+_prune_sizes = common.prune_oversized(BLOCKS, ("COUT_G", "CIN_G", None))
+
+
+def _prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+    return _prune_sizes(within_dot_kind(configs, {**named_args, **kwargs}), named_args, **kwargs)
+
+
 _grouped_conv2d_bwd_weight_autotuned = triton.autotune(
-    configs=autotune_configs(BWD_WEIGHT_CONFIGS, INTERPRETER_CONFIG),
+    configs=autotune_configs(BWD_WEIGHT_CONFIGS + BWD_WEIGHT_FMA_CONFIGS, INTERPRETER_CONFIG),
     # triton adds the tensors' dtypes to the key; DOT_DTYPE and INPUT_PRECISION tell fp32 from tf32 dots.
     key=["G", "CIN_G", "COUT_G", "KH", "KW", "OH", "OW", "stride_h", "stride_w", "dil_h", "dil_w", "sx_c",
          "RELU_GRAD", "HAS_BIAS", "DOT_DTYPE", "INPUT_PRECISION", "CH_ALIGN"],
-    prune_configs_by={"early_config_prune": common.prune_oversized(BLOCKS, ("COUT_G", "CIN_G", None))},
+    prune_configs_by={"early_config_prune": _prune},
     cache_results=True,
 )(_grouped_conv2d_bwd_weight_kernel)
 
@@ -266,8 +286,9 @@ def grouped_conv2d_bwd_weight(
         )  # fmt: skip
     else:
         if config is None and common.configs_pinned():
-            configs = common.within_register_budget(
-                autotune_configs(BWD_WEIGHT_CONFIGS, INTERPRETER_CONFIG), BLOCKS, constexprs)
+            configs = common.within_register_budget(within_dot_kind(
+                autotune_configs(BWD_WEIGHT_CONFIGS + BWD_WEIGHT_FMA_CONFIGS, INTERPRETER_CONFIG), constexprs),
+                BLOCKS, constexprs)
             config = common.pinned_config(configs, BLOCKS, (geom.cout_g, geom.cin_g, min(split_rows, rows)))
         launch(_grouped_conv2d_bwd_weight_autotuned, grid, args, constexprs, config)
     if splits > 1:

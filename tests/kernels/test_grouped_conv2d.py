@@ -26,7 +26,11 @@ from groupnet.kernels import grouped_conv2d as conv_module
 from groupnet.kernels._grouped_conv2d_common import ConvGeometry
 from groupnet.kernels.grouped_conv2d import grouped_conv2d, roofline_cases
 from groupnet.kernels.grouped_conv2d_bwd_input import BWD_INPUT_CONFIGS, grouped_conv2d_bwd_input
-from groupnet.kernels.grouped_conv2d_bwd_weight import BWD_WEIGHT_CONFIGS, grouped_conv2d_bwd_weight
+from groupnet.kernels.grouped_conv2d_bwd_weight import (
+    BWD_WEIGHT_CONFIGS,
+    BWD_WEIGHT_FMA_CONFIGS,
+    grouped_conv2d_bwd_weight,
+)
 from groupnet.kernels.grouped_conv2d_fwd import FWD_CONFIGS, grouped_conv2d_fwd
 
 TO_NHWC, TO_NCHW = (0, 2, 3, 1), (0, 3, 1, 2)
@@ -407,7 +411,7 @@ def test_the_pixel_check_keeps_one_tile_of_headroom():
 
 def test_every_conv_config_fits_the_pixel_headroom():
     blocks = [c.kwargs["BLOCK_M"] for c in (*FWD_CONFIGS, *BWD_INPUT_CONFIGS)]
-    blocks += [c.kwargs["BLOCK_R"] for c in BWD_WEIGHT_CONFIGS]
+    blocks += [c.kwargs["BLOCK_R"] for c in (*BWD_WEIGHT_CONFIGS, *BWD_WEIGHT_FMA_CONFIGS)]
     assert max(blocks) <= common.MAX_PIXEL_BLOCK
 
 
@@ -447,6 +451,40 @@ def test_every_gpu_config_shape_under_the_interpreter(configs):
         case, dtype=torch.float32, bias=True, relu=False, channels_last=True, split_rows=None, seed=3,
         configs=configs,
     )  # fmt: skip
+
+
+@pytest.mark.parametrize("weight_config", BWD_WEIGHT_FMA_CONFIGS, ids=lambda c: "x".join(map(str, c.kwargs.values())))
+def test_fma_only_weight_tiles_under_the_interpreter(weight_config):
+    """The weight-gradient tiles only FMA launches take, forced, with the fused bias and ReLU mask, on channel
+    counts that leave masked tails."""
+    case = dict(
+        n=1, k=2, groups=1, cin_g=20, cout_g=18, kh=3, kw=3, h=5, w=4,
+        stride=(1, 1), padding=(1, 1), dilation=(1, 1),
+    )  # fmt: skip
+    check_all_passes(
+        case, dtype=torch.float32, bias=True, relu=True, channels_last=True, split_rows=None, seed=5,
+        configs=(FWD_CONFIGS[-1], BWD_INPUT_CONFIGS[-1], weight_config),
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("channels", [12, 24, 48, 112])
+@pytest.mark.parametrize("relu", [False, True])
+def test_weight_gradient_tiles_follow_the_dot_kind(channels, relu):
+    """FMA launches of few channels per group tune over tiles near their size (no 64x64 tile for 12 or 24
+    channels) within the FMA register budget; tensor-core launches never take a tile under 64 rows (wgmma's
+    minimum on sm_90)."""
+    from groupnet.kernels import grouped_conv2d_bwd_weight as bwd_weight
+
+    configs = BWD_WEIGHT_CONFIGS + BWD_WEIGHT_FMA_CONFIGS
+    sizes = {"COUT_G": channels, "CIN_G": channels}
+    fma = {"DOT_DTYPE": tl.float32, "INPUT_PRECISION": "ieee", "RELU_GRAD": relu}
+    kept = bwd_weight._prune(configs, sizes, **fma)
+    assert kept and all(common.fits_fma_registers(c, bwd_weight.BLOCKS, 2 if relu else 1) for c in kept)
+    bound = max(triton.next_power_of_2(channels), 16)
+    assert all(c.kwargs["BLOCK_CO"] <= bound and c.kwargs["BLOCK_CI"] <= bound for c in kept)
+    for dot in ({"DOT_DTYPE": tl.bfloat16}, {"DOT_DTYPE": tl.float32, "INPUT_PRECISION": "tf32"}):
+        tensor_core = bwd_weight._prune(configs, sizes, RELU_GRAD=relu, **dot)
+        assert tensor_core and all(c.kwargs["BLOCK_CO"] >= bwd_weight.MIN_TENSOR_CORE_ROWS for c in tensor_core)
 
 
 def test_config_lists_align_by_position():
