@@ -521,12 +521,22 @@ def stale_expected_failures(results: list[dict], table: list[ExpectedFailure] | 
 
 
 def run_compile_jobs(jobs: list[tuple[str, int, int]], workers: int) -> list[dict]:
+    """Compile ``jobs`` (in ``workers`` spawned processes when more than one). Raises when a worker compiled another
+    spec than this process's list names at that index: a kernel module changed while the check ran."""
     if workers <= 1:
-        return [_compile_one(job) for job in jobs]
-    import multiprocessing
+        results = [_compile_one(job) for job in jobs]
+    else:
+        import multiprocessing
 
-    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        return list(pool.map(_compile_one, jobs, chunksize=max(1, len(jobs) // (4 * workers))))
+        with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            results = list(pool.map(_compile_one, jobs, chunksize=max(1, len(jobs) // (4 * workers))))
+    for (module, index, capability), record in zip(jobs, results):
+        expected = importlib.import_module(module).compile_specs()[index].name
+        if record["name"] != expected:
+            raise RuntimeError(
+                f"spec {index} of {module} (sm_{capability}) is {expected} here, but the worker compiled "
+                f"{record['name']}: the kernel modules changed while the check ran; rerun it without editing them")
+    return results
 
 
 TILES_128_WITH_VECTORS = "LDGSTS.128 tiles + narrow 1-d vectors"

@@ -296,3 +296,19 @@ def test_expected_failures_can_name_the_launches():
     assert report.failures_of(_record(sync_tile_loads=1, labels=["fwd bf16 nchw wrn/K2 3->16 k3s1"]), [stem]) == []
     assert len(report.failures_of(_record(sync_tile_loads=1, labels=["fwd bf16 nchw wrn/K2 16->112 k3s1"]),
                                   [stem])) == 1
+
+
+def test_a_worker_compiling_another_spec_stops_the_check(monkeypatch):
+    """When the kernel modules change while a check runs, a worker's spec at an index is not the parent's: the
+    report stops with a message naming both instead of recording the wrong build under that job."""
+    from types import SimpleNamespace
+
+    specs = [SimpleNamespace(name="spec_a"), SimpleNamespace(name="spec_b")]
+    monkeypatch.setitem(sys.modules, "kernels_under_check", SimpleNamespace(compile_specs=lambda: specs))
+    jobs = [("kernels_under_check", 0, 90), ("kernels_under_check", 1, 80)]
+    monkeypatch.setattr(report, "_compile_one", lambda job: {"name": specs[job[1]].name})
+    assert report.run_compile_jobs(jobs, 1) == [{"name": "spec_a"}, {"name": "spec_b"}]
+    monkeypatch.setattr(report, "_compile_one", lambda job: {"name": specs[-1 - job[1]].name})
+    with pytest.raises(RuntimeError, match=r"spec 0 of kernels_under_check \(sm_90\) is spec_a here, but the worker "
+                                           r"compiled spec_b: the kernel modules changed"):
+        report.run_compile_jobs(jobs, 1)
