@@ -434,36 +434,25 @@ def test_constexpr_kernel_sizes(kh, kw, stride, dilation, channels_last):
 
 
 # The GPU configs of each pass, by position: every tile shape a GPU launch can pick (forward, input gradient and
-# weight gradient configs share positions; the lists have equal length).
-GPU_CONFIG_ROWS = list(zip(FWD_CONFIGS, BWD_INPUT_CONFIGS, BWD_WEIGHT_CONFIGS))
+# weight gradient configs share positions; the lists have equal length), then the weight-gradient tiles that only
+# FMA launches take.
+GPU_CONFIG_ROWS = list(zip(FWD_CONFIGS, BWD_INPUT_CONFIGS, BWD_WEIGHT_CONFIGS)) + [
+    (FWD_CONFIGS[-1], BWD_INPUT_CONFIGS[-1], weight) for weight in BWD_WEIGHT_FMA_CONFIGS]
 
 
 @pytest.mark.parametrize("configs", GPU_CONFIG_ROWS, ids=lambda c: "-".join(
     "x".join(str(v) for v in cfg.kwargs.values()) for cfg in c))
 def test_every_gpu_config_shape_under_the_interpreter(configs):
-    """Each GPU tile shape (256-row and 256-column tiles, reduction blocks of 64 and 128, 16-wide blocks), forced,
-    on channel counts that leave a masked tail in the 16-wide blocks and pad the wide ones."""
+    """Each GPU tile shape (256-row and 256-column tiles, reduction blocks of 64 and 128, 16-wide blocks, the
+    FMA-only weight-gradient tiles), forced, with the fused bias and ReLU mask, on channel counts that leave a masked
+    tail in the 16-wide blocks and pad the wide ones."""
     case = dict(
         n=1, k=2, groups=1, cin_g=20, cout_g=18, kh=3, kw=3, h=5, w=4,
         stride=(1, 1), padding=(1, 1), dilation=(1, 1),
     )  # fmt: skip
     check_all_passes(
-        case, dtype=torch.float32, bias=True, relu=False, channels_last=True, split_rows=None, seed=3,
+        case, dtype=torch.float32, bias=True, relu=True, channels_last=True, split_rows=None, seed=3,
         configs=configs,
-    )  # fmt: skip
-
-
-@pytest.mark.parametrize("weight_config", BWD_WEIGHT_FMA_CONFIGS, ids=lambda c: "x".join(map(str, c.kwargs.values())))
-def test_fma_only_weight_tiles_under_the_interpreter(weight_config):
-    """The weight-gradient tiles only FMA launches take, forced, with the fused bias and ReLU mask, on channel
-    counts that leave masked tails."""
-    case = dict(
-        n=1, k=2, groups=1, cin_g=20, cout_g=18, kh=3, kw=3, h=5, w=4,
-        stride=(1, 1), padding=(1, 1), dilation=(1, 1),
-    )  # fmt: skip
-    check_all_passes(
-        case, dtype=torch.float32, bias=True, relu=True, channels_last=True, split_rows=None, seed=5,
-        configs=(FWD_CONFIGS[-1], BWD_INPUT_CONFIGS[-1], weight_config),
     )  # fmt: skip
 
 
