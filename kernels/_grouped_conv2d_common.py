@@ -89,20 +89,23 @@ def within_register_budget(configs: list[triton.Config], blocks: tuple[str, str,
         return list(configs)
     row_tiles = 2 if args.get("RELU_GRAD") else 1
     kept = [c for c in configs if fits_fma_registers(c, blocks, row_tiles)]
-    if kept or row_tiles == 1:
-        return kept or list(configs)
-    shrunk: dict[tuple, triton.Config] = {}
+    if not kept and row_tiles > 1:
+        kept = _halve_reduction_to_fit([c for c in configs if fits_fma_registers(c, blocks)], blocks, row_tiles)
+    return kept or list(configs)
+
+
+def _halve_reduction_to_fit(configs: list[triton.Config], blocks: tuple[str, str, str],
+                            row_tiles: int) -> list[triton.Config]:
+    """Each config with its reduction block halved until it fits with ``row_tiles`` row tiles (distinct ones; a
+    config that does not fit at :data:`MIN_FMA_REDUCTION_BLOCK` is left out)."""
+    out: dict[tuple, triton.Config] = {}
     for c in configs:
-        if not fits_fma_registers(c, blocks):
-            continue
-        depth = c.kwargs[blocks[2]]
-        while depth > MIN_FMA_REDUCTION_BLOCK and \
-                operands_per_thread(c, blocks, row_tiles) * depth / c.kwargs[blocks[2]] > FMA_ELEMENTS_PER_THREAD:
-            depth //= 2
-        small = triton.Config({**c.kwargs, blocks[2]: depth}, num_warps=c.num_warps, num_stages=c.num_stages)
-        if fits_fma_registers(small, blocks, row_tiles):
-            shrunk.setdefault((tuple(sorted(small.kwargs.items())), small.num_warps, small.num_stages), small)
-    return list(shrunk.values()) or list(configs)
+        while not fits_fma_registers(c, blocks, row_tiles) and c.kwargs[blocks[2]] > MIN_FMA_REDUCTION_BLOCK:
+            c = triton.Config({**c.kwargs, blocks[2]: c.kwargs[blocks[2]] // 2},
+                              num_warps=c.num_warps, num_stages=c.num_stages)
+        if fits_fma_registers(c, blocks, row_tiles):
+            out.setdefault((tuple(sorted(c.kwargs.items())), c.num_warps, c.num_stages), c)
+    return list(out.values())
 
 
 def prune_oversized(blocks: tuple[str, str, str], size_args: tuple[str | None, str | None, str | None]):

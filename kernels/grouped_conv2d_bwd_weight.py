@@ -161,8 +161,9 @@ def _prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[tri
     return _prune_sizes(within_dot_kind(configs, {**named_args, **kwargs}), named_args, **kwargs)
 
 
+_TUNED_CONFIGS = autotune_configs(BWD_WEIGHT_CONFIGS + BWD_WEIGHT_FMA_CONFIGS, INTERPRETER_CONFIG)
 _grouped_conv2d_bwd_weight_autotuned = triton.autotune(
-    configs=autotune_configs(BWD_WEIGHT_CONFIGS + BWD_WEIGHT_FMA_CONFIGS, INTERPRETER_CONFIG),
+    configs=_TUNED_CONFIGS,
     # triton adds the tensors' dtypes to the key; DOT_DTYPE and INPUT_PRECISION tell fp32 from tf32 dots.
     key=["G", "CIN_G", "COUT_G", "KH", "KW", "OH", "OW", "stride_h", "stride_w", "dil_h", "dil_w", "sx_c",
          "RELU_GRAD", "HAS_BIAS", "DOT_DTYPE", "INPUT_PRECISION", "CH_ALIGN"],
@@ -286,9 +287,7 @@ def grouped_conv2d_bwd_weight(
         )  # fmt: skip
     else:
         if config is None and common.configs_pinned():
-            configs = common.within_register_budget(within_dot_kind(
-                autotune_configs(BWD_WEIGHT_CONFIGS + BWD_WEIGHT_FMA_CONFIGS, INTERPRETER_CONFIG), constexprs),
-                BLOCKS, constexprs)
+            configs = common.within_register_budget(within_dot_kind(_TUNED_CONFIGS, constexprs), BLOCKS, constexprs)
             config = common.pinned_config(configs, BLOCKS, (geom.cout_g, geom.cin_g, min(split_rows, rows)))
         launch(_grouped_conv2d_bwd_weight_autotuned, grid, args, constexprs, config)
     if splits > 1:
