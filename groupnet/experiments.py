@@ -5,8 +5,9 @@ of each K > 1 against K = 1, of each co-training weight against 0 and, with seve
 against the first.
 
 Every cell is one trainer run in ``OUT/<dataset>-<model>-k<K>-cot<w>-s<seed>`` (``-<recipe>`` appended when
-``--recipes`` is given); its final test metrics are appended to ``OUT/results.jsonl``. Rerunning the same command skips finished cells and resumes an interrupted one, so a long
-grid can be stopped and continued. Trainer options after ``--`` apply to every cell, e.g.
+``--recipes`` is given); its final test metrics are appended to ``OUT/results.jsonl``. Rerunning the same command
+skips finished cells and resumes an interrupted one, so a long grid can be stopped and continued. Trainer options
+after ``--`` apply to every cell, e.g.
 ``python -m groupnet.experiments --branches 1 2 4 --seeds 0 1 2 3 4 -- --epochs 30``.
 """
 
@@ -135,17 +136,26 @@ def welch_p(a: list[float], b: list[float]) -> float:
     return float(ttest_ind(a, b, equal_var=False).pvalue)
 
 
+def recipes_of(results: list[dict[str, Any]]) -> list[str]:
+    """The augmentation recipes of ``results`` in the order first seen; a result without one trained with ``basic``."""
+    return list(dict.fromkeys(recipe_of(r) for r in results))
+
+
+def recipe_of(result: dict[str, Any]) -> str:
+    return result.get("recipe", "basic")
+
+
 def summary_table(results: list[dict[str, Any]]) -> str:
     """Markdown: one row per (data set, model, recipe, K, co-training weight), mean +- std over seeds, and p-values.
 
     With more than one augmentation recipe among ``results`` (a result without one trained with ``basic``) the table
     has a recipe column and Welch's test of each recipe against the first one seen, at the same data set, model, K
     and weight."""
-    recipes = list(dict.fromkeys(r.get("recipe", "basic") for r in results))
+    recipes = recipes_of(results)
     several = len(recipes) > 1
     groups: dict[tuple, list[dict[str, Any]]] = {}
     for r in results:
-        key = (r["dataset"], r["model"], recipes.index(r.get("recipe", "basic")), r["branches"], r["cot_weight"])
+        key = (r["dataset"], r["model"], recipes.index(recipe_of(r)), r["branches"], r["cot_weight"])
         groups.setdefault(key, []).append(r)
     head = ["data set", "model", *(["recipe"] if several else []), "K", "cot w", "seeds", *[t for _, t in METRICS],
             "p acc vs K=1", "p NLL vs K=1", "p acc vs w=0",
@@ -184,7 +194,7 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    recipes = list(dict.fromkeys(r.get("recipe", "basic") for r in results))
+    recipes = recipes_of(results)
     panels = sorted({(r["dataset"], r["model"]) for r in results})
     fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.6), squeeze=False)
     for ax, (dataset, model) in zip(axes[0], panels):
@@ -192,7 +202,7 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
         for recipe, w in itertools.product(recipes, sorted({r["cot_weight"] for r in results})):
             for metric, style in (("ensemble_acc", "o-"), ("mean_branch_acc", "s--")):
                 values = [[r[metric] for r in results if (r["dataset"], r["model"], r["branches"]) ==
-                           (dataset, model, k) and r.get("recipe", "basic") == recipe
+                           (dataset, model, k) and recipe_of(r) == recipe
                            and (k == 1 or r["cot_weight"] == w)] for k in ks]
                 if not all(values):
                     continue  # a weight or recipe this panel's grid did not run at every K

@@ -145,8 +145,16 @@ def within_tf32_budget(configs: list[triton.Config], args: dict) -> list[triton.
 _prune_sizes = common.prune_oversized(common.MNK_BLOCKS, (None, "COUT_G", "CIN_G"))
 
 
+def within_forward_budgets(configs: list[triton.Config], args: dict, prologue: bool) -> list[triton.Config]:
+    """The configs a forward launch with constexprs ``args`` may run, by the register budgets alone (no size
+    pruning): the prologue's (with ``prologue``), tf32's and the FMA one. The autotuner's pruning and the pinned
+    path both start from these."""
+    configs = within_prologue_budget(configs, args) if prologue else configs
+    return common.within_register_budget(within_tf32_budget(configs, args), common.MNK_BLOCKS, args)
+
+
 def _prune_forward(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
-    return _prune_sizes(within_tf32_budget(configs, {**named_args, **kwargs}), named_args, **kwargs)
+    return _prune_sizes(within_forward_budgets(configs, {**named_args, **kwargs}, prologue=False), named_args, **kwargs)
 
 
 _grouped_conv2d_fwd_autotuned = triton.autotune(
@@ -191,8 +199,7 @@ def within_prologue_budget(configs: list[triton.Config], args: dict) -> list[tri
 
 
 def _prune_prologue(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
-    return _grouped_conv2d_fwd_autotuned.early_config_prune(
-        within_prologue_budget(configs, {**named_args, **kwargs}), named_args, **kwargs)
+    return _prune_sizes(within_forward_budgets(configs, {**named_args, **kwargs}, prologue=True), named_args, **kwargs)
 
 
 # The same kernel, key and pruning as the plain forward, tuned over the configs the prologue fits in.
@@ -275,10 +282,9 @@ def grouped_conv2d_fwd(
                                              w_strides[3]),
     }  # fmt: skip
     if config is None and common.configs_pinned():
-        configs = common.within_register_budget(
-            autotune_configs(PROLOGUE_FWD_CONFIGS if pre_acc else FWD_CONFIGS, INTERPRETER_CONFIG), common.MNK_BLOCKS,
-            constexprs)
-        configs = within_tf32_budget(within_prologue_budget(configs, constexprs) if pre_acc else configs, constexprs)
+        configs = within_forward_budgets(
+            autotune_configs(PROLOGUE_FWD_CONFIGS if pre_acc else FWD_CONFIGS, INTERPRETER_CONFIG), constexprs,
+            prologue=bool(pre_acc))
         config = common.pinned_config(configs, common.MNK_BLOCKS, (m, geom.cout_g, geom.cin_g))
     kernel = _grouped_conv2d_fwd_prologue_autotuned if pre_acc else _grouped_conv2d_fwd_autotuned
     launch(kernel, grid, args, constexprs, config)

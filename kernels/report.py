@@ -463,7 +463,9 @@ def _check_failures(record: dict) -> list[tuple[str, str]]:
     return out
 
 
-def _matches(row: ExpectedFailure, record: dict, check: str) -> bool:
+def _covers(row: ExpectedFailure, record: dict) -> bool:
+    """``row`` names ``record``'s build: module, pass, layout, variant, arch, launches, tiles and the build facts the
+    row asks for (small tiles, spills outside loops); which check and which load classes it excuses aside."""
     return (
         row.module == record["module"]
         and row.pass_name in ("*", record.get("pass_name"))
@@ -474,6 +476,12 @@ def _matches(row: ExpectedFailure, record: dict, check: str) -> bool:
         and (row.tiles == "*" or f"_{row.tiles}_w" in record["name"])
         and (not row.small_tiles or (operand_tile_bytes_per_thread(record) or 16) < 16)
         and (not row.spills_outside_loops or (record.get("sass") or {}).get("LOCAL_IN_LOOPS") == 0)
+    )
+
+
+def _matches(row: ExpectedFailure, record: dict, check: str) -> bool:
+    return (
+        _covers(row, record)
         and (not row.narrow_only or (record.get("loop_sync_tile_loads", 1) == 0
                                      and "16" in record.get("tile_copy_bytes", {})))
         and row.check == check
@@ -510,14 +518,7 @@ def stale_expected_failures(results: list[dict], table: list[ExpectedFailure] | 
     used = {row for r in results for check, _ in _check_failures(r)
             if (row := expected_failure_of(r, check, rows)) is not None}
     compiled = [r for r in results if not r["error"]]
-    return [row for row in rows if row not in used and any(
-        row.module == r["module"] and row.pass_name in ("*", r.get("pass_name"))
-        and row.layout in ("*", r.get("layout")) and row.variant in ("*", r.get("variant"))
-        and row.capability in (0, r["capability"])
-        and (row.where == "*" or all(row.where in label for label in r.get("labels", ())))
-        and (row.tiles == "*" or f"_{row.tiles}_w" in r["name"])
-        and (not row.small_tiles or (operand_tile_bytes_per_thread(r) or 16) < 16)
-        and (not row.spills_outside_loops or (r.get("sass") or {}).get("LOCAL_IN_LOOPS") == 0) for r in compiled)]
+    return [row for row in rows if row not in used and any(_covers(row, r) for r in compiled)]
 
 
 def run_compile_jobs(jobs: list[tuple[str, int, int]], workers: int) -> list[dict]:

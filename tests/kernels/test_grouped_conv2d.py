@@ -568,8 +568,6 @@ def test_register_budget_counts_the_relu_mask_and_halves_the_reduction_block(row
     are judged with both; when no config fits, a config that fits without the mask comes back with a halved
     reduction block (the split WRN-28-10's 112-channel weight gradient with bias+ReLU spilled inside its loop on
     sm_80 at 128x64x32 and 64x64x32, and built without spills at 128x64x16 and 64x64x16)."""
-    import triton.language as tl
-
     from groupnet.kernels import grouped_conv2d_bwd_weight as bwd_weight
 
     blocks = bwd_weight.BLOCKS
